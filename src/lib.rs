@@ -1,0 +1,152 @@
+//! # rabbitry
+//!
+//! Typed, event-driven workers on RabbitMQ. Producers publish events to a topic exchange;
+//! workers subscribe to event types, and the runtime does the rest: it declares the
+//! topology, consumes with manual acknowledgements and bounded concurrency, retries
+//! failures with exponential backoff held in the broker, dead-letters what cannot succeed
+//! with the reason attached, reconnects by itself, and shuts down without losing a message.
+//!
+//! ## A worker
+//!
+//! A [`Worker`] takes one event type and returns an [`Outcome`]: `Ok(())` acknowledges the
+//! message, an error retries it (any error converts with `?`), and [`Failure::reject`] sends
+//! it to the dead-letter queue at once. A panic counts as a transient failure; it never takes
+//! the worker down.
+//!
+//! ```
+//! use rabbitry::prelude::*;
+//! use serde::{Deserialize, Serialize};
+//! use std::time::Duration;
+//!
+//! #[derive(Debug, Serialize, Deserialize)]
+//! struct OrderPlaced {
+//!     order_id: u64,
+//!     items: Vec<Item>,
+//! }
+//! #[derive(Debug, Serialize, Deserialize)]
+//! struct Item {
+//!     sku: String,
+//!     qty: i64,
+//! }
+//! impl Event for OrderPlaced {
+//!     const TYPE: &'static str = "order.placed";
+//! }
+//!
+//! #[derive(Serialize)]
+//! struct StockReserved {
+//!     order_id: u64,
+//! }
+//! impl Event for StockReserved {
+//!     const TYPE: &'static str = "stock.reserved";
+//! }
+//!
+//! struct Inventory;
+//!
+//! impl Worker for Inventory {
+//!     type Event = OrderPlaced;
+//!
+//!     fn subscription(&self) -> Subscription {
+//!         Subscription::new("orders.inventory")
+//!             .bind("order.placed")
+//!             .prefetch(50)
+//!             .concurrency(10)
+//!             .retry(RetryPolicy::exponential(Duration::from_secs(1)).max_attempts(5))
+//!     }
+//!
+//!     async fn handle(&self, order: Delivery<OrderPlaced>, ctx: &Context) -> Outcome {
+//!         if order.items.iter().any(|i| i.qty <= 0) {
+//!             return Err(Failure::reject("every item needs a positive quantity"));
+//!         }
+//!         // A follow-up event, correlated with this one.
+//!         ctx.publish(&StockReserved { order_id: order.order_id }).await?;
+//!         Ok(())
+//!     }
+//! }
+//! ```
+//!
+//! ## Running workers
+//!
+//! ```no_run
+//! # use rabbitry::prelude::*;
+//! # struct Inventory;
+//! # impl Worker for Inventory {
+//! #     type Event = serde_json::Value;
+//! #     fn subscription(&self) -> Subscription { Subscription::new("q").bind("#") }
+//! #     async fn handle(&self, _: Delivery<serde_json::Value>, _: &Context) -> Outcome { Ok(()) }
+//! # }
+//! #[tokio::main]
+//! async fn main() -> rabbitry::Result<()> {
+//!     Runtime::builder()
+//!         .url("amqp://guest:guest@127.0.0.1:5672/%2f") // default: $AMQP_URL
+//!         .worker(Inventory)
+//!         .run_until_signal() // graceful shutdown on SIGINT / SIGTERM
+//!         .await
+//! }
+//! ```
+//!
+//! [`RuntimeBuilder::start`] returns a [`Runtime`] handle instead, to add, remove, pause
+//! and resume workers while it runs, to publish through its connection, and to shut down.
+//!
+//! ## Publishing
+//!
+//! [`Publisher::publish`] sends an event with routing key [`Event::TYPE`] and returns once
+//! the broker has confirmed it. A message no queue is bound for is an
+//! [`Error::Unroutable`], not a silent drop. [`Publisher::publish_batch`] keeps many
+//! confirms in flight at once.
+//!
+//! ## On the broker
+//!
+//! For a worker on queue `q` and the exchange `events`, the runtime declares (see
+//! [`Topology`], which prints the plan without connecting):
+//!
+//! | what | name |
+//! |---|---|
+//! | topic exchange | `events` |
+//! | dead-letter exchange (direct) | `events.dlx` |
+//! | worker queue, bound to the worker's patterns | `q` |
+//! | one retry queue per delay, whose messages expire back into `q` only | `q.retry.<ms>` |
+//! | dead-letter queue | `q.dlq` |
+//!
+//! A failed message is copied to the retry queue of its delay (or to the dead-letter
+//! queue) with the failure headers in [`headers`], the copy is confirmed, and only then is
+//! the original acknowledged. Delivery is therefore at least once: after a crash a message
+//! can be handled twice, so handlers that must not repeat effects should key them on
+//! [`Delivery::message_id`], which stays the same across retries.
+//!
+//! ## Bad input
+//!
+//! A body that is not JSON, does not fit the event type, is over the size limit, or has a
+//! content type or encoding other than plain JSON is dead-lettered at once with the reason
+//! in `x-exception-message`; the worker carries on with the next message.
+#![warn(missing_docs)]
+
+mod broker;
+mod context;
+mod error;
+mod event;
+pub mod headers;
+mod outcome;
+mod publisher;
+mod retry;
+mod runtime;
+mod topology;
+mod worker;
+
+pub use broker::redact_url;
+pub use context::Context;
+pub use error::{BrokerError, Error, Result};
+pub use event::{Delivery, Event};
+pub use outcome::{Failure, FailureKind, Outcome};
+pub use publisher::{Message, Publisher, PublisherBuilder};
+pub use retry::RetryPolicy;
+pub use runtime::{DEFAULT_URL, Runtime, RuntimeBuilder, WorkerStatus};
+pub use topology::Topology;
+pub use worker::{QueueType, Subscription, Worker};
+
+/// The types most workers need: `use rabbitry::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        Context, Delivery, Event, Failure, Outcome, Publisher, RetryPolicy, Runtime, Subscription,
+        Worker,
+    };
+}

@@ -1,0 +1,584 @@
+//! Publishing events with publisher confirms.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+
+use crate::broker::{self, Channel, Confirm, Connection, NOT_FOUND};
+use crate::error::{BrokerError, Error, Result};
+use crate::event::Event;
+use crate::headers;
+
+/// Confirms kept in flight at once by [`Publisher::publish_batch`].
+const BATCH_WINDOW: usize = 1000;
+/// Returned-message ids kept for the publish they belong to (see [`Publisher`] docs).
+const MAX_ORPHANS: usize = 1024;
+
+/// Publishes events to a topic exchange and waits for the broker's confirm.
+///
+/// Every message is persistent and `mandatory`, and carries a UUID v7 message id, its event
+/// type, a timestamp, `application/json` and its event version. A publish returns once the
+/// broker has taken responsibility for the message; an unroutable message (no queue bound for
+/// its type) is an [`Error::Unroutable`], not a silent drop.
+///
+/// `Publisher` is cheap to clone and safe to share: concurrent publishes pipeline on the same
+/// channel, each waiting only for its own confirm. It keeps its own connections (a
+/// `deadpool-lapin` pool, one confirm channel per connection) and reopens them when they fail.
+///
+/// ```no_run
+/// # use rabbitry::{Event, Publisher};
+/// # #[derive(serde::Serialize)] struct OrderPlaced { order_id: u64 }
+/// # impl Event for OrderPlaced { const TYPE: &'static str = "order.placed"; }
+/// # async fn run() -> rabbitry::Result<()> {
+/// let publisher = Publisher::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+/// let id = publisher.publish(&OrderPlaced { order_id: 1001 }).await?;
+/// publisher.message(&OrderPlaced { order_id: 1002 }).priority(9).send().await?;
+/// # Ok(()) }
+/// ```
+///
+/// Known limit: when a routable and an unroutable message on the same connection are
+/// confirmed by the same multiple-acknowledgement, the AMQP client may hand the returned
+/// message to the wrong confirm. rabbitry matches returns by message id, so a routable message
+/// is never reported unroutable, but in that race an unroutable one can be reported as sent.
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    url: String,
+    pool: deadpool_lapin::Pool,
+    slots: Vec<tokio::sync::Mutex<Option<Slot>>>,
+    next: AtomicUsize,
+    exchange: String,
+    timeout: Duration,
+    max_body: usize,
+    app_id: Option<ShortString>,
+    orphans: Mutex<VecDeque<String>>,
+}
+
+struct Slot {
+    /// Keeps the pooled connection checked out for this slot.
+    connection: Connection,
+    channel: Channel,
+}
+
+/// Configures a [`Publisher`].
+#[derive(Debug, Clone)]
+pub struct PublisherBuilder {
+    url: String,
+    exchange: String,
+    timeout: Duration,
+    connections: usize,
+    max_body: usize,
+    app_id: Option<String>,
+    name: String,
+}
+
+impl PublisherBuilder {
+    /// Publish to this exchange (default `events`).
+    pub fn exchange(mut self, exchange: impl Into<String>) -> Self {
+        self.exchange = exchange.into();
+        self
+    }
+
+    /// Fail a publish that is not confirmed within `timeout` (default 10 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Number of connections, each with one confirm channel (default 1, which keeps
+    /// messages from one task in order).
+    pub fn connections(mut self, connections: usize) -> Self {
+        self.connections = connections;
+        self
+    }
+
+    /// Refuse bodies larger than this many bytes (default 16 MiB, RabbitMQ 4's default
+    /// `max_message_size`).
+    pub fn max_body_bytes(mut self, max: usize) -> Self {
+        self.max_body = max;
+        self
+    }
+
+    /// The `app_id` property (default: the executable's name).
+    pub fn app_id(mut self, app_id: impl Into<String>) -> Self {
+        self.app_id = Some(app_id.into());
+        self
+    }
+
+    /// The connection name shown in the management UI (default `rabbitry-publisher`).
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Check the settings and connect.
+    pub async fn connect(self) -> Result<Publisher> {
+        if self.connections == 0 {
+            return Err(Error::Config(
+                "publisher connections must be at least 1".into(),
+            ));
+        }
+        if self.timeout.is_zero() {
+            return Err(Error::Config(
+                "publish timeout must be longer than zero".into(),
+            ));
+        }
+        broker::short("exchange name", &self.exchange)?;
+        let app_id = match self.app_id.or_else(executable_name) {
+            Some(id) => Some(broker::short("app_id", &id)?),
+            None => None,
+        };
+        let uri = broker::parse_url(&self.url)?;
+        let name = self.name.clone();
+        let config = deadpool_lapin::Config {
+            url: Some(uri.to_string()),
+            pool: Some(deadpool_lapin::PoolConfig::new(self.connections)),
+        };
+        let pool = config
+            .create_pool(
+                move || {
+                    lapin::ConnectionProperties::default().with_connection_name(name.clone().into())
+                },
+                deadpool_lapin::Runtime::Tokio1,
+            )
+            .map_err(|e| {
+                Error::Config(format!(
+                    "cannot create the publisher's connection pool: {e}"
+                ))
+            })?;
+        let publisher = Publisher {
+            inner: Arc::new(Inner {
+                url: broker::redact_url(&self.url),
+                pool,
+                slots: (0..self.connections)
+                    .map(|_| tokio::sync::Mutex::new(None))
+                    .collect(),
+                next: AtomicUsize::new(0),
+                exchange: self.exchange,
+                timeout: self.timeout,
+                max_body: self.max_body,
+                app_id,
+                orphans: Mutex::new(VecDeque::new()),
+            }),
+        };
+        // Connect now, so that a wrong URL or a stopped broker is reported here.
+        publisher.inner.channel(0).await?;
+        Ok(publisher)
+    }
+}
+
+fn executable_name() -> Option<String> {
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.file_stem()?.to_string_lossy().into_owned())
+}
+
+impl Publisher {
+    /// A publisher with default settings for the broker at `url`.
+    pub async fn connect(url: &str) -> Result<Publisher> {
+        Publisher::builder(url).connect().await
+    }
+
+    /// Configure a publisher for the broker at `url`.
+    pub fn builder(url: impl Into<String>) -> PublisherBuilder {
+        PublisherBuilder {
+            url: url.into(),
+            exchange: "events".into(),
+            timeout: Duration::from_secs(10),
+            connections: 1,
+            max_body: 16 * 1024 * 1024,
+            app_id: None,
+            name: "rabbitry-publisher".into(),
+        }
+    }
+
+    /// The exchange events are published to.
+    pub fn exchange(&self) -> &str {
+        &self.inner.exchange
+    }
+
+    /// Publish `event` with routing key `E::TYPE` and wait for the broker's confirm.
+    /// Returns the message id.
+    pub async fn publish<E: Event>(&self, event: &E) -> Result<String> {
+        self.message(event).send().await
+    }
+
+    /// Start a message with options: priority, correlation id, headers, routing key.
+    pub fn message<'a, E: Event>(&'a self, event: &'a E) -> Message<'a, E> {
+        Message {
+            publisher: self,
+            event,
+            options: MessageOptions::default(),
+        }
+    }
+
+    /// Publish many events with their confirms in flight together (up to 1000 at a time)
+    /// instead of one round trip each. Nothing is sent if any event fails to serialize or is
+    /// too large. Returns the message ids in order; [`Error::Batch`] lists what failed.
+    pub async fn publish_batch<'e, E: Event + 'e>(
+        &self,
+        events: impl IntoIterator<Item = &'e E>,
+    ) -> Result<Vec<String>> {
+        let prepared = events
+            .into_iter()
+            .map(|e| {
+                let (body, props, id) = self.prepare(e, &MessageOptions::default())?;
+                Ok((body, props, id))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let total = prepared.len();
+        let exchange = self.inner.exchange.as_str();
+        let ch = self.inner.channel(self.inner.pick()).await?;
+        let mut ids = Vec::with_capacity(total);
+        let mut failures = Vec::new();
+        let mut in_flight = FuturesUnordered::new();
+        for (i, (body, props, id)) in prepared.into_iter().enumerate() {
+            while in_flight.len() >= BATCH_WINDOW {
+                if let Some((j, Err(e))) = in_flight.next().await {
+                    failures.push((j, e));
+                }
+            }
+            let confirm = ch.publish(exchange, E::TYPE, &body, props).await;
+            let inner = &self.inner;
+            match confirm {
+                Ok(confirm) => {
+                    let id = id.clone();
+                    in_flight.push(async move {
+                        let settled = inner.settle(exchange, E::TYPE, &id, confirm);
+                        let result = tokio::time::timeout(inner.timeout, settled)
+                            .await
+                            .unwrap_or_else(|_| Err(inner.timeout_error(exchange, E::TYPE)));
+                        (i, result)
+                    });
+                }
+                Err(e) => failures.push((i, self.inner.publish_error(exchange, E::TYPE, e))),
+            }
+            ids.push(id);
+        }
+        while let Some((j, r)) = in_flight.next().await {
+            if let Err(e) = r {
+                failures.push((j, e));
+            }
+        }
+        if failures.is_empty() {
+            Ok(ids)
+        } else {
+            failures.sort_by_key(|(i, _)| *i);
+            Err(Error::Batch { total, failures })
+        }
+    }
+
+    fn prepare<E: Event>(
+        &self,
+        event: &E,
+        options: &MessageOptions,
+    ) -> Result<(Vec<u8>, BasicProperties, String)> {
+        let body = serde_json::to_vec(event).map_err(Error::Serialize)?;
+        self.inner.check_size(body.len())?;
+        let id = match &options.message_id {
+            Some(id) => id.clone(),
+            None => uuid::Uuid::now_v7().to_string(),
+        };
+        let mut headers = options.headers.clone();
+        headers::set(
+            &mut headers,
+            headers::EVENT_VERSION,
+            AMQPValue::LongLongInt(E::VERSION.into()),
+        );
+        let mut props = BasicProperties::default()
+            .with_message_id(broker::short("message id", &id)?)
+            .with_type(broker::short("event type", E::TYPE)?)
+            .with_timestamp(unix_seconds())
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        if let Some(c) = &options.correlation_id {
+            props = props.with_correlation_id(broker::short("correlation id", c)?);
+        }
+        if let Some(p) = options.priority {
+            props = props.with_priority(p);
+        }
+        if let Some(app) = &self.inner.app_id {
+            props = props.with_app_id(app.clone());
+        }
+        Ok((body, props, id))
+    }
+
+    /// Publish a prepared message and wait for its confirm (used for retries and
+    /// dead-letters, which copy a received message).
+    pub(crate) async fn send_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<()> {
+        self.inner.check_size(body.len())?;
+        let id = properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.to_string())
+            .unwrap_or_default();
+        let inner = &self.inner;
+        let attempt = async {
+            let ch = inner.channel(inner.pick()).await?;
+            let confirm = ch
+                .publish(exchange, routing_key, body, properties)
+                .await
+                .map_err(|e| inner.publish_error(exchange, routing_key, e))?;
+            inner.settle(exchange, routing_key, &id, confirm).await
+        };
+        tokio::time::timeout(inner.timeout, attempt)
+            .await
+            .unwrap_or_else(|_| Err(inner.timeout_error(exchange, routing_key)))
+    }
+
+    /// A channel on the publisher's connection, for declarations made on demand.
+    pub(crate) async fn declaring_channel(&self) -> Result<Channel> {
+        self.connection().await?.channel().await
+    }
+
+    /// The publisher's first connection (opened if needed).
+    pub(crate) async fn connection(&self) -> Result<Connection> {
+        Ok(self.inner.slot(0).await?.1)
+    }
+
+    /// Close the publisher's connections. Publishes already confirmed are unaffected.
+    pub async fn close(&self) {
+        for slot in &self.inner.slots {
+            if let Some(s) = slot.lock().await.take() {
+                s.channel.close().await;
+                s.connection.close().await;
+            }
+        }
+        self.inner.pool.close();
+    }
+}
+
+impl Inner {
+    fn pick(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()
+    }
+
+    fn check_size(&self, size: usize) -> Result<()> {
+        if size > self.max_body {
+            return Err(Error::BodyTooLarge {
+                size,
+                limit: self.max_body,
+            });
+        }
+        Ok(())
+    }
+
+    /// The confirm channel of slot `i`.
+    async fn channel(&self, i: usize) -> Result<Channel> {
+        Ok(self.slot(i).await?.0)
+    }
+
+    /// The confirm channel of slot `i` and its connection, reopened (on a fresh pooled
+    /// connection) if the channel died.
+    async fn slot(&self, i: usize) -> Result<(Channel, Connection)> {
+        let mut slot = self.slots[i].lock().await;
+        if let Some(s) = slot.as_ref()
+            && s.channel.is_open()
+        {
+            return Ok((s.channel.clone(), s.connection.clone()));
+        }
+        // Give a dead connection back; the pool's recycle check discards it.
+        *slot = None;
+        let pooled = self.pool.get().await.map_err(|e| {
+            let source = match e {
+                deadpool_lapin::PoolError::Backend(e) => BrokerError(e),
+                other => BrokerError(lapin::Error::from(std::io::Error::other(other.to_string()))),
+            };
+            Error::Connect {
+                url: self.url.clone(),
+                source,
+            }
+        })?;
+        let conn = Connection::pooled(pooled);
+        let channel = conn.channel().await?;
+        channel.confirm_select().await?;
+        *slot = Some(Slot {
+            connection: conn.clone(),
+            channel: channel.clone(),
+        });
+        Ok((channel, conn))
+    }
+
+    async fn settle(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        id: &str,
+        confirm: impl Future<Output = lapin::Result<Confirm>>,
+    ) -> Result<()> {
+        let returned = match confirm.await {
+            Ok(Confirm::Ack { returned }) => returned,
+            Ok(Confirm::Nack) => {
+                return Err(Error::Nacked {
+                    exchange: exchange.to_owned(),
+                    routing_key: routing_key.to_owned(),
+                });
+            }
+            Err(e) => return Err(self.publish_error(exchange, routing_key, e)),
+        };
+        let unroutable = match returned {
+            Some(Some(returned_id)) if returned_id == id => true,
+            Some(Some(other)) => {
+                // Handed to the wrong confirm; keep it for its owner.
+                let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+                if orphans.len() == MAX_ORPHANS {
+                    orphans.pop_front();
+                }
+                orphans.push_back(other);
+                self.claim_orphan(id)
+            }
+            _ => self.claim_orphan(id),
+        };
+        if unroutable {
+            return Err(Error::Unroutable {
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn claim_orphan(&self, id: &str) -> bool {
+        let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+        if orphans.is_empty() {
+            return false;
+        }
+        match orphans.iter().position(|o| o == id) {
+            Some(i) => orphans.remove(i).is_some(),
+            None => false,
+        }
+    }
+
+    fn timeout_error(&self, exchange: &str, routing_key: &str) -> Error {
+        Error::PublishTimeout {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            timeout: self.timeout,
+        }
+    }
+
+    fn publish_error(&self, exchange: &str, routing_key: &str, e: lapin::Error) -> Error {
+        if broker::reply_code(&e) == Some(NOT_FOUND) {
+            return Error::ExchangeNotFound {
+                exchange: exchange.to_owned(),
+            };
+        }
+        Error::NotConfirmed {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            source: BrokerError(e),
+        }
+    }
+}
+
+fn unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct MessageOptions {
+    pub(crate) priority: Option<u8>,
+    pub(crate) correlation_id: Option<String>,
+    pub(crate) message_id: Option<String>,
+    pub(crate) routing_key: Option<String>,
+    pub(crate) headers: FieldTable,
+    /// A header key that AMQP cannot carry, reported by `send`.
+    pub(crate) bad_header: Option<String>,
+}
+
+/// A message being prepared by [`Publisher::message`] or
+/// [`Context::message`](crate::Context::message); [`send`](Message::send) publishes it.
+#[must_use = "a message is only published by .send().await"]
+pub struct Message<'a, E> {
+    publisher: &'a Publisher,
+    event: &'a E,
+    options: MessageOptions,
+}
+
+impl<'a, E: Event> Message<'a, E> {
+    pub(crate) fn with_options(
+        publisher: &'a Publisher,
+        event: &'a E,
+        options: MessageOptions,
+    ) -> Self {
+        Message {
+            publisher,
+            event,
+            options,
+        }
+    }
+
+    /// The message priority (0..=255; a priority queue caps it at its `max_priority`).
+    pub fn priority(mut self, priority: u8) -> Self {
+        self.options.priority = Some(priority);
+        self
+    }
+
+    /// The correlation id (at most 255 bytes).
+    pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.options.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Use this message id instead of a generated UUID v7 (at most 255 bytes), for example
+    /// to make a re-publish recognisable as a duplicate.
+    pub fn message_id(mut self, id: impl Into<String>) -> Self {
+        self.options.message_id = Some(id.into());
+        self
+    }
+
+    /// Route with this key instead of the event type (for example `order.placed.eu`).
+    pub fn routing_key(mut self, key: impl Into<String>) -> Self {
+        self.options.routing_key = Some(key.into());
+        self
+    }
+
+    /// Add a string header (the key may be at most 255 bytes, or `send` fails).
+    pub fn header(mut self, key: &str, value: impl AsRef<str>) -> Self {
+        match ShortString::try_new(key) {
+            Ok(k) => {
+                self.options
+                    .headers
+                    .insert(k, headers::string(value.as_ref()));
+            }
+            Err(_) => self.options.bad_header = Some(key.to_owned()),
+        }
+        self
+    }
+
+    /// Publish and wait for the broker's confirm; returns the message id.
+    pub async fn send(self) -> Result<String> {
+        if let Some(key) = &self.options.bad_header {
+            return Err(Error::Config(format!(
+                "header key '{}…' is {} bytes; AMQP allows at most 255",
+                key.chars().take(32).collect::<String>(),
+                key.len()
+            )));
+        }
+        let routing_key = self.options.routing_key.as_deref().unwrap_or(E::TYPE);
+        broker::short("routing key", routing_key)?;
+        let (body, props, id) = self.publisher.prepare(self.event, &self.options)?;
+        self.publisher
+            .send_raw(self.publisher.exchange(), routing_key, &body, props)
+            .await?;
+        Ok(id)
+    }
+}

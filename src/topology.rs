@@ -1,0 +1,388 @@
+//! What to declare on the broker for a set of workers, and the declaring of it.
+
+use std::fmt;
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+
+use crate::broker::{self, Channel, Confirm, Connection, PRECONDITION_FAILED};
+use crate::error::{BrokerError, Error, Result};
+use crate::worker::{QueueType, Subscription};
+
+/// The dead-letter exchange of `exchange`.
+pub(crate) fn dlx_name(exchange: &str) -> String {
+    format!("{exchange}.dlx")
+}
+
+/// The dead-letter queue of worker queue `queue`.
+pub(crate) fn dlq_name(queue: &str) -> String {
+    format!("{queue}.dlq")
+}
+
+/// The retry tier of worker queue `queue` that holds messages for `delay_ms`.
+pub(crate) fn retry_queue_name(queue: &str, delay_ms: u64) -> String {
+    format!("{queue}.retry.{delay_ms}")
+}
+
+/// Everything rabbitry declares for a set of workers: exchanges, queues with their
+/// arguments, and bindings. Printing it shows the plan without touching the broker:
+///
+/// ```
+/// use rabbitry::{RetryPolicy, Subscription, Topology};
+/// use std::time::Duration;
+///
+/// let email = Subscription::new("orders.email")
+///     .bind("order.placed")
+///     .max_priority(10)
+///     .retry(RetryPolicy::exponential(Duration::from_secs(1)).max_attempts(3));
+/// let plan = Topology::new("events", [&email]);
+/// let text = plan.to_string();
+/// assert!(text.contains("queue orders.email.retry.2000"));
+/// assert!(plan.queues().any(|q| q == "orders.email.dlq"));
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Topology {
+    exchanges: Vec<(String, &'static str)>,
+    queues: Vec<QueueSpec>,
+    bindings: Vec<BindingSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct QueueSpec {
+    name: String,
+    queue_type: QueueType,
+    args: Vec<(&'static str, Arg)>,
+    /// A quorum queue asking for priority: RabbitMQ ≥ 4.0 gives it two levels without
+    /// an argument; older brokers cannot, which is checked before declaring.
+    quorum_priority: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Arg {
+    Str(String),
+    Int(i64),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct BindingSpec {
+    exchange: String,
+    queue: String,
+    key: String,
+}
+
+impl Topology {
+    /// The plan for `subscriptions` on the topic exchange `exchange`.
+    pub fn new<'a>(
+        exchange: &str,
+        subscriptions: impl IntoIterator<Item = &'a Subscription>,
+    ) -> Topology {
+        let mut plan = Topology {
+            exchanges: vec![
+                (exchange.to_owned(), "topic"),
+                (dlx_name(exchange), "direct"),
+            ],
+            queues: Vec::new(),
+            bindings: Vec::new(),
+        };
+        for s in subscriptions {
+            plan.add(exchange, s);
+        }
+        plan
+    }
+
+    fn add(&mut self, exchange: &str, s: &Subscription) {
+        let dlx = dlx_name(exchange);
+        let mut args = vec![
+            ("x-queue-type", Arg::Str(s.queue_type.as_str().to_owned())),
+            // Messages the broker itself dead-letters (rejected by another client,
+            // expired, over a length limit, over a quorum delivery limit) reach the DLQ too.
+            ("x-dead-letter-exchange", Arg::Str(dlx.clone())),
+            ("x-dead-letter-routing-key", Arg::Str(s.queue.clone())),
+        ];
+        let mut quorum_priority = false;
+        match (s.max_priority, s.queue_type) {
+            (Some(max), QueueType::Classic) => args.push(("x-max-priority", Arg::Int(max.into()))),
+            (Some(_), QueueType::Quorum) => quorum_priority = true,
+            (None, _) => {}
+        }
+        self.queues.push(QueueSpec {
+            name: s.queue.clone(),
+            queue_type: s.queue_type,
+            args,
+            quorum_priority,
+        });
+        for key in &s.bindings {
+            self.bindings.push(BindingSpec {
+                exchange: exchange.to_owned(),
+                queue: s.queue.clone(),
+                key: key.clone(),
+            });
+        }
+        for tier in s.retry.tiers() {
+            self.queues.push(retry_tier(&s.queue, tier));
+        }
+        let dlq = dlq_name(&s.queue);
+        self.queues.push(QueueSpec {
+            name: dlq.clone(),
+            queue_type: QueueType::Classic,
+            args: vec![("x-queue-type", Arg::Str("classic".into()))],
+            quorum_priority: false,
+        });
+        self.bindings.push(BindingSpec {
+            exchange: dlx,
+            queue: dlq,
+            key: s.queue.clone(),
+        });
+    }
+
+    /// The names of every queue in the plan.
+    pub fn queues(&self) -> impl Iterator<Item = &str> {
+        self.queues.iter().map(|q| q.name.as_str())
+    }
+
+    /// The names of every exchange in the plan.
+    pub fn exchanges(&self) -> impl Iterator<Item = &str> {
+        self.exchanges.iter().map(|(name, _)| name.as_str())
+    }
+
+    /// Declare everything on the broker. Idempotent: declaring the same plan again changes
+    /// nothing. A conflicting existing declaration is an [`Error::TopologyConflict`].
+    pub(crate) async fn declare(&self, conn: &Connection) -> Result<()> {
+        if let Some(q) = self.queues.iter().find(|q| q.quorum_priority) {
+            check_quorum_priority(conn, &q.name).await?;
+        }
+        let ch = conn.channel().await?;
+        for (name, kind) in &self.exchanges {
+            ch.declare_exchange(name, kind)
+                .await
+                .map_err(|e| declare_error("exchange", name, e))?;
+        }
+        for q in &self.queues {
+            ch.declare_queue(&q.name, q.field_table())
+                .await
+                .map_err(|e| declare_error("queue", &q.name, e))?;
+        }
+        for b in &self.bindings {
+            ch.bind(&b.queue, &b.exchange, &b.key).await.map_err(|e| {
+                declare_error(
+                    "binding",
+                    &format!("{} -> {} ({})", b.exchange, b.queue, b.key),
+                    e,
+                )
+            })?;
+        }
+        ch.close().await;
+        Ok(())
+    }
+}
+
+fn retry_tier(queue: &str, delay_ms: u64) -> QueueSpec {
+    QueueSpec {
+        name: retry_queue_name(queue, delay_ms),
+        queue_type: QueueType::Classic,
+        args: vec![
+            ("x-queue-type", Arg::Str("classic".into())),
+            ("x-message-ttl", Arg::Int(delay_ms as i64)),
+            // Expired messages go back to the failing worker's queue only, via the default exchange.
+            ("x-dead-letter-exchange", Arg::Str(String::new())),
+            ("x-dead-letter-routing-key", Arg::Str(queue.to_owned())),
+        ],
+        quorum_priority: false,
+    }
+}
+
+/// Declare one retry tier on demand (for a `retry_after` delay no policy tier covers).
+pub(crate) async fn declare_retry_tier(ch: &Channel, queue: &str, delay_ms: u64) -> Result<()> {
+    let spec = retry_tier(queue, delay_ms);
+    ch.declare_queue(&spec.name, spec.field_table())
+        .await
+        .map(drop)
+        .map_err(|e| declare_error("queue", &spec.name, e))
+}
+
+impl QueueSpec {
+    fn field_table(&self) -> FieldTable {
+        let mut t = FieldTable::default();
+        for (k, v) in &self.args {
+            let v = match v {
+                Arg::Str(s) => AMQPValue::LongString(LongString::from(s.as_bytes())),
+                Arg::Int(i) => AMQPValue::LongLongInt(*i),
+            };
+            t.insert((*k).into(), v);
+        }
+        t
+    }
+}
+
+/// Map a failed declaration to an error that names what conflicts.
+fn declare_error(kind: &'static str, name: &str, e: lapin::Error) -> Error {
+    if broker::reply_code(&e) == Some(PRECONDITION_FAILED) {
+        let detail = BrokerError(e).to_string();
+        // "… inequivalent arg 'x-max-priority' for queue …" / "… invalid arg 'x-max-priority' …"
+        let argument = detail
+            .split_once(" arg '")
+            .and_then(|(_, rest)| rest.split_once('\''))
+            .map(|(arg, _)| arg.to_owned());
+        return Error::TopologyConflict {
+            kind,
+            name: name.to_owned(),
+            argument,
+            detail,
+        };
+    }
+    Error::Declare {
+        kind,
+        name: name.to_owned(),
+        source: BrokerError(e),
+    }
+}
+
+/// Quorum queues honour priorities from RabbitMQ 4.0 (two levels) and ignore them before.
+/// lapin does not expose the server version, so ask the broker by behaviour: a high-priority
+/// message published after a normal one must be delivered first.
+async fn check_quorum_priority(conn: &Connection, queue: &str) -> Result<()> {
+    let probe = format!("rabbitry.probe.{}", uuid::Uuid::now_v7());
+    let ch = conn.channel().await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
+    let supported = async {
+        ch.declare_queue(&probe, args).await?;
+        ch.confirm_select().await?;
+        for priority in [0u8, 9] {
+            let props = BasicProperties::default()
+                .with_priority(priority)
+                .with_message_id(priority.to_string().into());
+            let confirm = ch.publish("", &probe, b"{}", props).await?;
+            if !matches!(confirm.await?, Confirm::Ack { returned: None }) {
+                return Ok(None);
+            }
+        }
+        let first = ch.get_message_id(&probe).await?;
+        ch.delete_queue(&probe).await?;
+        Ok::<_, lapin::Error>(Some(first.as_deref() == Some("9")))
+    }
+    .await;
+    ch.close().await;
+    match supported {
+        Ok(Some(true)) => Ok(()),
+        Ok(Some(false)) => Err(Error::Unsupported {
+            worker: queue.to_owned(),
+            reason: "quorum queues honour message priority only from RabbitMQ 4.0; \
+                     use QueueType::Classic for a priority queue on this broker"
+                .into(),
+        }),
+        Ok(None) => Err(Error::Unsupported {
+            worker: queue.to_owned(),
+            reason: format!("the broker refused the probe messages sent to '{probe}'"),
+        }),
+        Err(e) => Err(declare_error("queue", &probe, e)),
+    }
+}
+
+impl fmt::Display for Topology {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (name, kind) in &self.exchanges {
+            writeln!(f, "exchange {name} ({kind}, durable)")?;
+        }
+        for q in &self.queues {
+            write!(f, "queue {} ({}, durable)", q.name, q.queue_type.as_str())?;
+            for (k, v) in q.args.iter().filter(|(k, _)| *k != "x-queue-type") {
+                match v {
+                    Arg::Str(s) => write!(f, " {k}={s:?}")?,
+                    Arg::Int(i) => write!(f, " {k}={i}")?,
+                }
+            }
+            if q.quorum_priority {
+                write!(f, " (two-level priority, RabbitMQ 4.0+)")?;
+            }
+            writeln!(f)?;
+            for b in self.bindings.iter().filter(|b| b.queue == q.name) {
+                writeln!(f, "  bound to {} with key {:?}", b.exchange, b.key)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RetryPolicy;
+    use std::time::Duration;
+
+    fn email() -> Subscription {
+        Subscription::new("orders.email")
+            .bind("order.placed")
+            .max_priority(10)
+            .retry(RetryPolicy::exponential(Duration::from_millis(100)).max_attempts(3))
+    }
+
+    #[test]
+    fn plan_follows_the_design_table() {
+        let plan = Topology::new("events", [&email()]);
+        let text = plan.to_string();
+        let expected = [
+            "exchange events (topic, durable)",
+            "exchange events.dlx (direct, durable)",
+            "queue orders.email (classic, durable) x-dead-letter-exchange=\"events.dlx\" \
+             x-dead-letter-routing-key=\"orders.email\" x-max-priority=10",
+            "  bound to events with key \"order.placed\"",
+            "queue orders.email.retry.100 (classic, durable) x-message-ttl=100 \
+             x-dead-letter-exchange=\"\" x-dead-letter-routing-key=\"orders.email\"",
+            "queue orders.email.retry.200 (classic, durable) x-message-ttl=200",
+            "queue orders.email.dlq (classic, durable)",
+            "  bound to events.dlx with key \"orders.email\"",
+        ];
+        for line in expected {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert_eq!(
+            plan.queues().collect::<Vec<_>>(),
+            [
+                "orders.email",
+                "orders.email.retry.100",
+                "orders.email.retry.200",
+                "orders.email.dlq"
+            ]
+        );
+    }
+
+    #[test]
+    fn quorum_priority_sends_no_max_priority_argument() {
+        let s = email().queue_type(QueueType::Quorum);
+        let plan = Topology::new("events", [&s]);
+        let q = &plan.queues[0];
+        assert!(q.quorum_priority);
+        assert!(q.args.iter().all(|(k, _)| *k != "x-max-priority"));
+        assert!(
+            plan.to_string()
+                .contains("queue orders.email (quorum, durable)")
+        );
+    }
+
+    #[test]
+    fn conflict_errors_name_the_argument() {
+        let e = lapin::Error::from(lapin::ErrorKind::ProtocolError(lapin::protocol::AMQPError::new(
+            lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::PRECONDITIONFAILED),
+            "PRECONDITION_FAILED - inequivalent arg 'x-max-priority' for queue 'q' in vhost '/': \
+             received the value '10' of type 'long' but current is none"
+                .into(),
+        )));
+        match declare_error("queue", "q", e) {
+            Error::TopologyConflict {
+                kind,
+                name,
+                argument,
+                ..
+            } => {
+                assert_eq!((kind, name.as_str()), ("queue", "q"));
+                assert_eq!(argument.as_deref(), Some("x-max-priority"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
