@@ -1,0 +1,761 @@
+//! Core behaviour against a real RabbitMQ: routing, acknowledgements, retries, dead-letters,
+//! priority, publishing errors, topology conflicts, and interop with bare AMQP clients.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use rabbitry::prelude::*;
+use rabbitry::{Error, QueueType, headers};
+use serde_json::json;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_fan_out_to_every_matching_binding() {
+    let env = TestEnv::new("fanout");
+    let sub = |name: &str, key: &str| Subscription::new(env.queue(name)).bind(key);
+    let (exact, mut exact_rx) = env.probe(sub("exact", "order.placed"), |_| Ok(()));
+    let (star, mut star_rx) = env.probe(sub("star", "order.*"), |_| Ok(()));
+    let (hash, mut hash_rx) = env.probe(sub("all", "#"), |_| Ok(()));
+    let (users, mut users_rx) = env.probe(sub("users", "user.*"), |_| Ok(()));
+    let rt = env
+        .builder()
+        .worker(exact)
+        .worker(star)
+        .worker(hash)
+        .worker(users)
+        .start()
+        .await
+        .unwrap();
+
+    let publisher = env.publisher().await;
+    publisher.publish(&order(1)).await.unwrap();
+    for (key, id) in [("order.shipped", 2), ("user.registered", 3)] {
+        publisher
+            .message(&order(id))
+            .routing_key(key)
+            .send()
+            .await
+            .unwrap();
+    }
+
+    let ids = |seen: Vec<Seen>| {
+        let mut v: Vec<u64> = seen
+            .iter()
+            .map(|s| s.body["order_id"].as_u64().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids(exact_rx.take(1).await), [1]);
+    assert_eq!(ids(star_rx.take(2).await), [1, 2]);
+    assert_eq!(ids(hash_rx.take(3).await), [1, 2, 3]);
+    assert_eq!(ids(users_rx.take(1).await), [3]);
+
+    rt.shutdown().await;
+    // Nothing more arrived, and everything handled was acknowledged.
+    for (name, rx) in [
+        ("exact", &mut exact_rx),
+        ("star", &mut star_rx),
+        ("all", &mut hash_rx),
+        ("users", &mut users_rx),
+    ] {
+        assert!(rx.drain().is_empty(), "{name} saw an extra delivery");
+        assert_eq!(
+            env.ready(&env.queue(name)).await,
+            0,
+            "{name} left messages unacknowledged"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_handled_message_is_acknowledged_exactly_once() {
+    let env = TestEnv::new("ack");
+    let queue = env.queue("acks");
+    let (probe, mut seen) = env.probe(
+        Subscription::new(&queue)
+            .bind("order.placed")
+            .prefetch(10)
+            .concurrency(4),
+        |_| Ok(()),
+    );
+    let rt = env.builder().worker(probe).start().await.unwrap();
+    let orders: Vec<_> = (0..200).map(order).collect();
+    let publisher = env.publisher().await;
+    let ids = publisher.publish_batch(&orders).await.unwrap();
+    assert_eq!(ids.len(), 200);
+
+    let mut handled: Vec<u64> = seen
+        .take(200)
+        .await
+        .iter()
+        .map(|s| s.body["order_id"].as_u64().unwrap())
+        .collect();
+    rt.shutdown().await;
+    handled.sort();
+    assert_eq!(handled, (0..200).collect::<Vec<_>>());
+    assert!(seen.drain().is_empty(), "a message was handled twice");
+    // A graceful shutdown returns unacknowledged messages to the queue: none are there.
+    assert_eq!(env.ready(&queue).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_follow_the_exponential_policy_then_dead_letter_with_headers() {
+    let env = TestEnv::new("retry");
+    let queue = env.queue("flaky");
+    let policy = RetryPolicy::exponential(Duration::from_millis(100))
+        .factor(2.0)
+        .max_attempts(4);
+    let (probe, mut seen) = env.probe(
+        Subscription::new(&queue)
+            .bind("order.placed")
+            .retry(policy.clone()),
+        |_| Err(Failure::retry("stock service unavailable")),
+    );
+    let rt = env.builder().worker(probe).start().await.unwrap();
+    let publisher = env.publisher().await;
+    let id = publisher
+        .message(&order(7))
+        .priority(3)
+        .correlation_id("corr-7")
+        .send()
+        .await
+        .unwrap();
+
+    let attempts = seen.take(4).await;
+    assert_eq!(
+        attempts.iter().map(|s| s.attempt).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    for s in &attempts {
+        assert_eq!(s.message_id, id, "the message id is stable across retries");
+        assert_eq!(
+            s.exchange, env.exchange,
+            "the original exchange is restored"
+        );
+        assert_eq!(
+            s.routing_key, "order.placed",
+            "the original routing key is restored"
+        );
+        assert_eq!(s.priority, Some(3), "retries keep the priority");
+        assert_eq!(s.correlation_id.as_deref(), Some("corr-7"));
+    }
+    // Each retry waited in the broker at least as long as the policy says.
+    for (n, pair) in attempts.windows(2).enumerate() {
+        let waited = pair[1].at - pair[0].at;
+        let wanted = policy.delay_before_retry(n as u32 + 1);
+        assert!(
+            waited >= wanted,
+            "retry {} came after {waited:?}, before {wanted:?}",
+            n + 1
+        );
+    }
+
+    let dead = env.take(&format!("{queue}.dlq"), 1).await.remove(0);
+    rt.shutdown().await;
+    assert!(seen.drain().is_empty(), "no attempt after the last one");
+    assert_eq!(dead.properties.message_id().as_ref().unwrap().as_str(), id);
+    let body: OrderPlaced = serde_json::from_slice(&dead.data).unwrap();
+    assert_eq!(body, order(7), "the dead-lettered body is the original");
+    assert_eq!(header_int(&dead, headers::RETRY_COUNT), Some(3));
+    assert_eq!(
+        header_str(&dead, headers::EXCEPTION_KIND).as_deref(),
+        Some("transient")
+    );
+    assert_eq!(
+        header_str(&dead, headers::EXCEPTION_MESSAGE).as_deref(),
+        Some("stock service unavailable")
+    );
+    assert!(
+        header_str(&dead, headers::HANDLER)
+            .unwrap()
+            .ends_with("Probe")
+    );
+    assert_eq!(
+        header_str(&dead, headers::ORIGINAL_EXCHANGE),
+        Some(env.exchange.clone())
+    );
+    assert_eq!(
+        header_str(&dead, headers::ORIGINAL_ROUTING_KEY).as_deref(),
+        Some("order.placed")
+    );
+    assert_eq!(
+        header_str(&dead, headers::ORIGINAL_QUEUE),
+        Some(queue.clone())
+    );
+    let first = header_str(&dead, headers::FIRST_FAILURE_AT).unwrap();
+    let last = header_str(&dead, headers::LAST_FAILURE_AT).unwrap();
+    let parse = |s: &str| humantime::parse_rfc3339(s).unwrap();
+    assert!(parse(&last) > parse(&first), "{first} .. {last}");
+    assert_eq!(header_int(&dead, headers::EVENT_VERSION), Some(2));
+    assert_eq!(env.ready(&queue).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_go_straight_to_the_dead_letter_queue() {
+    let env = TestEnv::new("reject");
+    let queue = env.queue("strict");
+    let (probe, mut seen) = env.probe(Subscription::new(&queue).bind("order.placed"), |s| {
+        Err(Failure::reject(format!(
+            "order {} has no items",
+            s.body["order_id"]
+        )))
+    });
+    let rt = env.builder().worker(probe).start().await.unwrap();
+    env.publisher().await.publish(&order(9)).await.unwrap();
+    assert_eq!(seen.next().await.attempt, 1);
+    let dead = env.take(&format!("{queue}.dlq"), 1).await.remove(0);
+    rt.shutdown().await;
+    assert!(seen.drain().is_empty(), "a rejected message is not retried");
+    assert_eq!(
+        header_str(&dead, headers::EXCEPTION_KIND).as_deref(),
+        Some("rejected")
+    );
+    assert_eq!(
+        header_str(&dead, headers::EXCEPTION_MESSAGE).as_deref(),
+        Some("order 9 has no items")
+    );
+    assert_eq!(header_int(&dead, headers::RETRY_COUNT), Some(0));
+}
+
+/// A worker with a typed event, to check decoding.
+struct Typed {
+    queue: String,
+    seen: tokio::sync::mpsc::UnboundedSender<OrderPlaced>,
+}
+
+impl Worker for Typed {
+    type Event = OrderPlaced;
+    fn subscription(&self) -> Subscription {
+        Subscription::new(&self.queue).bind("order.placed")
+    }
+    async fn handle(&self, order: Delivery<OrderPlaced>, _: &Context) -> Outcome {
+        self.seen.send(order.into_payload()).unwrap();
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_payloads_are_dead_lettered_with_the_reason_and_good_ones_still_flow() {
+    let env = TestEnv::new("decode");
+    let queue = env.queue("typed");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let worker = Typed {
+        queue: queue.clone(),
+        seen: tx,
+    };
+    env.track(&worker.subscription());
+    let rt = env.builder().worker(worker).start().await.unwrap();
+
+    let plain = BasicProperties::default();
+    env.publish_bare("order.placed", b"{not json", plain.clone())
+        .await;
+    env.publish_bare("order.placed", br#"{"order_id": "seven"}"#, plain.clone())
+        .await;
+    env.publish_bare("order.placed", br#"{"order_id":1001,"user_id":42,"total":59.9,"items":[{"sku":"BOOK-1","qty":2}],"coupon":"X"}"#, plain.clone()).await;
+    env.publish_bare(
+        "order.placed",
+        b"<order/>",
+        plain.clone().with_content_type("application/xml".into()),
+    )
+    .await;
+
+    let good = tokio::time::timeout(PATIENCE, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(good.order_id, 1001, "unknown fields are ignored");
+    let dead = env.take(&format!("{queue}.dlq"), 3).await;
+    rt.shutdown().await;
+    assert!(
+        rx.try_recv().is_err(),
+        "the handler never saw a bad message"
+    );
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|d| header_str(d, headers::EXCEPTION_MESSAGE).unwrap())
+        .collect();
+    assert!(
+        dead.iter()
+            .all(|d| header_str(d, headers::EXCEPTION_KIND).as_deref() == Some("undecodable"))
+    );
+    assert!(
+        reasons[0].contains("cannot decode") && reasons[0].contains("OrderPlaced"),
+        "{}",
+        reasons[0]
+    );
+    assert!(
+        reasons[1].contains("invalid type: string \"seven\""),
+        "{}",
+        reasons[1]
+    );
+    assert!(reasons[2].contains("application/xml"), "{}", reasons[2]);
+    assert_eq!(dead[0].data, b"{not json", "the body is kept as received");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_reaches_only_the_worker_that_failed() {
+    let env = TestEnv::new("isolation");
+    let policy = RetryPolicy::exponential(Duration::from_millis(50)).max_attempts(3);
+    let sub = |n: &str| {
+        Subscription::new(env.queue(n))
+            .bind("order.placed")
+            .retry(policy.clone())
+    };
+    let (failing, mut failing_rx) = env.probe(sub("failing"), |s| {
+        if s.attempt == 1 {
+            Err(Failure::retry("first try fails"))
+        } else {
+            Ok(())
+        }
+    });
+    let (healthy, mut healthy_rx) = env.probe(sub("healthy"), |_| Ok(()));
+    let rt = env
+        .builder()
+        .worker(failing)
+        .worker(healthy)
+        .start()
+        .await
+        .unwrap();
+    env.publisher().await.publish(&order(5)).await.unwrap();
+
+    assert_eq!(
+        failing_rx
+            .take(2)
+            .await
+            .iter()
+            .map(|s| s.attempt)
+            .collect::<Vec<_>>(),
+        [1, 2]
+    );
+    assert_eq!(healthy_rx.next().await.attempt, 1);
+    rt.shutdown().await;
+    assert!(
+        healthy_rx.drain().is_empty(),
+        "the healthy worker got the retry too"
+    );
+    assert_eq!(env.ready(&env.queue("healthy")).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_high_priority_messages_are_consumed_first() {
+    let env = TestEnv::new("priority");
+    let queue = env.queue("prio");
+    let (probe, mut seen) = env.probe(
+        Subscription::new(&queue)
+            .bind("order.placed")
+            .max_priority(10)
+            .prefetch(1)
+            .concurrency(1),
+        |_| Ok(()),
+    );
+    let builder = env.builder().worker(probe);
+    builder.declare().await.unwrap();
+
+    let publisher = env.publisher().await;
+    for id in 1..=5 {
+        publisher
+            .message(&order(id))
+            .priority(1)
+            .send()
+            .await
+            .unwrap();
+    }
+    publisher
+        .message(&order(99))
+        .priority(9)
+        .send()
+        .await
+        .unwrap();
+
+    let rt = builder.start().await.unwrap();
+    let order_ids: Vec<u64> = seen
+        .take(6)
+        .await
+        .iter()
+        .map(|s| s.body["order_id"].as_u64().unwrap())
+        .collect();
+    rt.shutdown().await;
+    assert_eq!(order_ids, [99, 1, 2, 3, 4, 5]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_errors_are_typed() {
+    let env = TestEnv::new("puberr");
+    // Declares the exchange, with no queue bound for order.placed.
+    let (probe, _seen) = env.probe(Subscription::new(env.queue("other")).bind("user.*"), |_| {
+        Ok(())
+    });
+    let rt = env.builder().worker(probe).start().await.unwrap();
+    let publisher = env.publisher().await;
+
+    match publisher.publish(&order(1)).await {
+        Err(Error::Unroutable {
+            exchange,
+            routing_key,
+        }) => {
+            assert_eq!(
+                (exchange.as_str(), routing_key.as_str()),
+                (env.exchange.as_str(), "order.placed")
+            );
+        }
+        other => panic!("expected Unroutable, got {other:?}"),
+    }
+    // The publisher stays usable after an unroutable message.
+    publisher
+        .message(&order(2))
+        .routing_key("user.registered")
+        .send()
+        .await
+        .unwrap();
+
+    let missing = Publisher::builder(url())
+        .exchange(format!("{}.missing", env.exchange))
+        .connect()
+        .await
+        .unwrap();
+    assert!(matches!(
+        missing.publish(&order(3)).await,
+        Err(Error::ExchangeNotFound { .. })
+    ));
+    // …and recovers its channel for the next publish.
+    assert!(matches!(
+        missing.publish(&order(3)).await,
+        Err(Error::ExchangeNotFound { .. })
+    ));
+
+    let small = Publisher::builder(url())
+        .exchange(env.exchange.clone())
+        .max_body_bytes(16)
+        .connect()
+        .await
+        .unwrap();
+    assert!(matches!(
+        small.publish(&order(4)).await,
+        Err(Error::BodyTooLarge { limit: 16, .. })
+    ));
+    let long_key = "k".repeat(300);
+    assert!(matches!(
+        publisher
+            .message(&order(5))
+            .routing_key(long_key)
+            .send()
+            .await,
+        Err(Error::Config(_))
+    ));
+    rt.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflicting_declaration_names_the_queue_and_argument() {
+    let env = TestEnv::new("conflict");
+    let queue = env.queue("conflicted");
+    let (plain, _) = env.probe(Subscription::new(&queue).bind("order.placed"), |_| Ok(()));
+    env.builder().worker(plain).declare().await.unwrap();
+
+    let (with_priority, _) = env.probe(
+        Subscription::new(&queue)
+            .bind("order.placed")
+            .max_priority(10),
+        |_| Ok(()),
+    );
+    let err = env
+        .builder()
+        .worker(with_priority)
+        .start()
+        .await
+        .err()
+        .expect("start must fail");
+    match &err {
+        Error::TopologyConflict {
+            kind,
+            name,
+            argument,
+            ..
+        } => {
+            assert_eq!(*kind, "queue");
+            assert_eq!(name, &queue);
+            assert_eq!(argument.as_deref(), Some("x-max-priority"));
+        }
+        other => panic!("expected TopologyConflict, got {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(
+        text.contains(&queue) && text.contains("x-max-priority"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_json_message_from_a_bare_client_is_handled() {
+    let env = TestEnv::new("interop");
+    let queue = env.queue("bare");
+    let (probe, mut seen) = env.probe(Subscription::new(&queue).bind("order.*"), |_| Ok(()));
+    let rt = env.builder().worker(probe).start().await.unwrap();
+    env.publish_bare(
+        "order.placed",
+        br#"{"order_id": 1001}"#,
+        BasicProperties::default(),
+    )
+    .await;
+    let s = seen.next().await;
+    rt.shutdown().await;
+    assert_eq!(s.body, json!({"order_id": 1001}));
+    assert_eq!(
+        s.event_type, "order.placed",
+        "the routing key stands in for a missing type"
+    );
+    assert_eq!(s.attempt, 1);
+    assert!(
+        uuid::Uuid::parse_str(&s.message_id).is_ok(),
+        "a missing message id is filled in"
+    );
+    assert_eq!(s.event_version, None);
+    assert_eq!(env.ready(&queue).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_retried_and_the_worker_keeps_going() {
+    let env = TestEnv::new("panic");
+    let queue = env.queue("panicky");
+    let policy = RetryPolicy::exponential(Duration::from_millis(50)).max_attempts(2);
+    let (probe, mut seen) = env.probe(
+        Subscription::new(&queue).bind("order.placed").retry(policy),
+        |s| {
+            if s.body["order_id"] == 1 {
+                panic!("handler bug on order 1");
+            }
+            Ok(())
+        },
+    );
+    let rt = env.builder().worker(probe).start().await.unwrap();
+    let publisher = env.publisher().await;
+    publisher.publish(&order(1)).await.unwrap();
+    publisher.publish(&order(2)).await.unwrap();
+    let dead = env.take(&format!("{queue}.dlq"), 1).await.remove(0);
+    let seen_ids: Vec<(u64, u32)> = seen
+        .take(3)
+        .await
+        .iter()
+        .map(|s| (s.body["order_id"].as_u64().unwrap(), s.attempt))
+        .collect();
+    rt.shutdown().await;
+    assert!(
+        seen_ids.contains(&(1, 1)) && seen_ids.contains(&(1, 2)) && seen_ids.contains(&(2, 1)),
+        "{seen_ids:?}"
+    );
+    assert_eq!(
+        header_str(&dead, headers::EXCEPTION_KIND).as_deref(),
+        Some("panic")
+    );
+    assert!(
+        header_str(&dead, headers::EXCEPTION_MESSAGE)
+            .unwrap()
+            .contains("handler bug on order 1")
+    );
+}
+
+/// Publishes a follow-up event from its handler.
+struct Relayer {
+    queue: String,
+}
+
+#[derive(serde::Serialize)]
+struct OrderConfirmed {
+    order_id: u64,
+}
+impl Event for OrderConfirmed {
+    const TYPE: &'static str = "order.confirmed";
+}
+
+impl Worker for Relayer {
+    type Event = OrderPlaced;
+    fn subscription(&self) -> Subscription {
+        Subscription::new(&self.queue).bind("order.placed")
+    }
+    async fn handle(&self, order: Delivery<OrderPlaced>, ctx: &Context) -> Outcome {
+        ctx.publish(&OrderConfirmed {
+            order_id: order.order_id,
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_up_events_carry_the_correlation_id() {
+    let env = TestEnv::new("correlate");
+    let relayer = Relayer {
+        queue: env.queue("relayer"),
+    };
+    env.track(&relayer.subscription());
+    let (sink, mut confirmed) = env.probe(
+        Subscription::new(env.queue("sink")).bind("order.confirmed"),
+        |_| Ok(()),
+    );
+    let rt = env
+        .builder()
+        .worker(relayer)
+        .worker(sink)
+        .start()
+        .await
+        .unwrap();
+    let publisher = env.publisher().await;
+
+    let uncorrelated = publisher.publish(&order(1)).await.unwrap();
+    let first = confirmed.next().await;
+    assert_eq!(
+        first.correlation_id.as_deref(),
+        Some(uncorrelated.as_str()),
+        "the message id seeds the chain"
+    );
+    publisher
+        .message(&order(2))
+        .correlation_id("checkout-77")
+        .send()
+        .await
+        .unwrap();
+    let second = confirmed.next().await;
+    rt.shutdown().await;
+    assert_eq!(second.correlation_id.as_deref(), Some("checkout-77"));
+    assert_eq!(second.body, json!({"order_id": 2}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_waits_in_a_tier_of_the_requested_delay() {
+    let env = TestEnv::new("retryafter");
+    let queue = env.queue("limited");
+    let calls = Arc::new(AtomicU32::new(0));
+    let counter = calls.clone();
+    let (probe, mut seen) = env.probe(Subscription::new(&queue).bind("order.placed"), move |_| {
+        if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+            Err(Failure::retry_after(
+                Duration::from_millis(300),
+                "rate limited",
+            ))
+        } else {
+            Ok(())
+        }
+    });
+    env.track_names([format!("{queue}.retry.300").as_str()]);
+    let rt = env.builder().worker(probe).start().await.unwrap();
+    env.publisher().await.publish(&order(1)).await.unwrap();
+    let tries = seen.take(2).await;
+    rt.shutdown().await;
+    assert_eq!(tries[1].attempt, 2);
+    assert!(tries[1].at - tries[0].at >= Duration::from_millis(300));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queues_work_and_priority_on_them_is_checked() {
+    let env = TestEnv::new("quorum");
+    let (plain, mut seen) = env.probe(
+        Subscription::new(env.queue("qq"))
+            .bind("order.placed")
+            .queue_type(QueueType::Quorum),
+        |_| Ok(()),
+    );
+    let rt = env.builder().worker(plain).start().await.unwrap();
+    env.publisher().await.publish(&order(1)).await.unwrap();
+    assert_eq!(seen.next().await.body["order_id"], 1);
+    rt.shutdown().await;
+
+    // Quorum queues honour priority only from RabbitMQ 4.0: either it works, or the start
+    // fails with a clear error; never a silent downgrade.
+    let (prio, mut prio_seen) = env.probe(
+        Subscription::new(env.queue("qqp"))
+            .bind("order.placed")
+            .queue_type(QueueType::Quorum)
+            .max_priority(10)
+            .prefetch(1)
+            .concurrency(1),
+        |_| Ok(()),
+    );
+    let builder = env.builder().worker(prio);
+    match builder.declare().await {
+        Err(Error::Unsupported { reason, .. }) => assert!(reason.contains("4.0"), "{reason}"),
+        Err(other) => panic!("unexpected error {other:?}"),
+        Ok(()) => {
+            let publisher = env.publisher().await;
+            publisher
+                .message(&order(1))
+                .priority(1)
+                .send()
+                .await
+                .unwrap();
+            publisher
+                .message(&order(2))
+                .priority(9)
+                .send()
+                .await
+                .unwrap();
+            let rt = builder.start().await.unwrap();
+            let firsts: Vec<_> = prio_seen
+                .take(2)
+                .await
+                .iter()
+                .map(|s| s.body["order_id"].as_u64().unwrap())
+                .collect();
+            rt.shutdown().await;
+            assert_eq!(firsts, [2, 1]);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_is_down_gives_a_clear_error_without_the_password() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener); // nothing listens there now
+    let err = Runtime::builder()
+        .url(format!("amqp://guest:hunter2@127.0.0.1:{port}/%2f"))
+        .startup_timeout(Duration::from_millis(300))
+        .worker(Relayer {
+            queue: "never-declared".into(),
+        })
+        .start()
+        .await
+        .err()
+        .expect("start must fail");
+    assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+    assert!(!text.contains("hunter2"), "the password leaked: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_configuration_is_refused_before_connecting() {
+    let cases: BTreeMap<&str, rabbitry::RuntimeBuilder> = BTreeMap::from([
+        (
+            "empty queue name",
+            Runtime::builder().worker(Relayer {
+                queue: String::new(),
+            }),
+        ),
+        (
+            "not a url",
+            Runtime::builder()
+                .url("http://x")
+                .worker(Relayer { queue: "q".into() }),
+        ),
+    ]);
+    for (what, builder) in cases {
+        let err = builder.start().await.err().expect(what);
+        assert!(matches!(err, Error::Config(_)), "{what}: {err:?}");
+    }
+    let dup = Runtime::builder()
+        .worker(Relayer {
+            queue: "same".into(),
+        })
+        .worker(Relayer {
+            queue: "same".into(),
+        })
+        .plan()
+        .unwrap_err();
+    assert!(matches!(dup, Error::DuplicateWorker(ref n) if n == "same"));
+}

@@ -1,0 +1,196 @@
+//! Lifecycle against a real RabbitMQ: reconnecting after the network drops, graceful
+//! shutdown, and adding, removing, pausing and resuming workers while running.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rabbitry::Error;
+use rabbitry::prelude::*;
+use support::relay::Relay;
+use support::*;
+use tokio::sync::Semaphore;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runtime_reconnects_after_the_connection_is_cut_and_redelivers_unacked_messages() {
+    let env = TestEnv::new("reconnect");
+    let mut relay = Relay::start("127.0.0.1:5672").await;
+    let queue = env.queue("resilient");
+    let gate = Arc::new(Semaphore::new(0));
+    let (probe, mut seen) = env.probe(Subscription::new(&queue).bind("order.placed"), |_| Ok(()));
+    let rt = env
+        .builder()
+        .url(relay.url())
+        .worker(probe.gated(gate.clone()))
+        .start()
+        .await
+        .unwrap();
+    relay.wait_for_connections(2).await; // consumer + publisher connections
+    // Publish directly, not through the relay.
+    let publisher = env.publisher().await;
+
+    publisher.publish(&order(1)).await.unwrap();
+    let first = seen.next().await; // handler running, blocked on the gate
+    assert!(!first.redelivered);
+    relay.cut();
+    gate.add_permits(1); // it finishes, but its acknowledgement cannot reach the broker
+
+    // The broker gives the unacknowledged message back; the runtime reconnects by itself.
+    let again = seen.next().await;
+    assert_eq!(again.message_id, first.message_id);
+    assert!(
+        again.redelivered,
+        "an unacknowledged delivery comes back as a redelivery"
+    );
+    gate.add_permits(1);
+    relay.wait_for_connections(3).await;
+
+    publisher.publish(&order(2)).await.unwrap();
+    let fresh = seen.next().await;
+    gate.add_permits(1);
+    assert_eq!(fresh.body["order_id"], 2);
+    let status = rt.workers().await.unwrap();
+    assert!(status[0].consuming, "{status:?}");
+    rt.shutdown().await;
+    assert_eq!(env.ready(&queue).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_in_flight_work_and_returns_the_rest() {
+    let env = TestEnv::new("shutdown");
+    let queue = env.queue("busy");
+    let gate = Arc::new(Semaphore::new(0));
+    let (probe, mut seen) = env.probe(
+        Subscription::new(&queue)
+            .bind("order.placed")
+            .prefetch(10)
+            .concurrency(3),
+        |_| Ok(()),
+    );
+    let rt = env
+        .builder()
+        .worker(probe.gated(gate.clone()))
+        .start()
+        .await
+        .unwrap();
+    let orders: Vec<_> = (0..20).map(order).collect();
+    env.publisher().await.publish_batch(&orders).await.unwrap();
+
+    // Three handlers are running (the concurrency limit); seven more deliveries wait unstarted.
+    let running = seen.take(3).await;
+    let stopping = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.shutdown().await }
+    });
+    gate.add_permits(3); // the in-flight handlers finish during the shutdown
+    stopping.await.unwrap();
+
+    assert!(
+        seen.drain().is_empty(),
+        "no new handler started after the shutdown began"
+    );
+    // The three were acknowledged; all the others are back in the queue, none lost.
+    assert_eq!(env.ready(&queue).await, 20 - running.len() as u32);
+    assert!(matches!(rt.workers().await, Err(Error::ShutDown)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_over_the_grace_period_is_abandoned_and_its_message_returned() {
+    let env = TestEnv::new("grace");
+    let queue = env.queue("stuck");
+    let gate = Arc::new(Semaphore::new(0)); // never opened
+    let (probe, mut seen) = env.probe(Subscription::new(&queue).bind("order.placed"), |_| Ok(()));
+    let rt = env
+        .builder()
+        .shutdown_grace(Duration::from_millis(200))
+        .worker(probe.gated(gate))
+        .start()
+        .await
+        .unwrap();
+    env.publisher().await.publish(&order(1)).await.unwrap();
+    seen.next().await;
+    rt.shutdown().await;
+    assert_eq!(
+        env.ready(&queue).await,
+        1,
+        "the abandoned message is back in the queue"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_can_be_added_paused_resumed_and_removed_while_running() {
+    let env = TestEnv::new("dynamic");
+    let (first, mut first_seen) = env.probe(
+        Subscription::new(env.queue("first")).bind("order.placed"),
+        |_| Ok(()),
+    );
+    let rt = env.builder().worker(first).start().await.unwrap();
+    let publisher = env.publisher().await;
+
+    // Add a worker on another event type: it consumes at once, no restart.
+    let later_queue = env.queue("later");
+    let (later, mut later_seen) =
+        env.probe(Subscription::new(&later_queue).bind("user.*"), |_| Ok(()));
+    rt.add_worker(later).await.unwrap();
+    publisher
+        .message(&order(1))
+        .routing_key("user.registered")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(later_seen.next().await.body["order_id"], 1);
+
+    let (dup, _) = env.probe(Subscription::new(&later_queue).bind("user.*"), |_| Ok(()));
+    assert!(matches!(
+        rt.add_worker(dup).await,
+        Err(Error::DuplicateWorker(_))
+    ));
+
+    // Pause: messages wait in the queue.
+    rt.pause(&later_queue).await.unwrap();
+    publisher
+        .message(&order(2))
+        .routing_key("user.registered")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(env.ready(&later_queue).await, 1);
+    let status = rt.workers().await.unwrap();
+    let later_status = status.iter().find(|s| s.name == later_queue).unwrap();
+    assert!(
+        later_status.paused && !later_status.consuming,
+        "{later_status:?}"
+    );
+
+    // Resume: the waiting message is handled.
+    rt.resume(&later_queue).await.unwrap();
+    assert_eq!(later_seen.next().await.body["order_id"], 2);
+
+    // Remove: the worker is gone; its queue keeps new messages for whoever comes next.
+    rt.remove_worker(&later_queue).await.unwrap();
+    assert!(
+        rt.workers()
+            .await
+            .unwrap()
+            .iter()
+            .all(|s| s.name != later_queue)
+    );
+    publisher
+        .message(&order(3))
+        .routing_key("user.registered")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(env.ready(&later_queue).await, 1);
+    assert!(later_seen.drain().is_empty());
+    assert!(matches!(
+        rt.pause("nobody").await,
+        Err(Error::UnknownWorker(_))
+    ));
+
+    // The first worker was never disturbed.
+    publisher.publish(&order(4)).await.unwrap();
+    assert_eq!(first_seen.next().await.body["order_id"], 4);
+    rt.shutdown().await;
+}

@@ -1,0 +1,363 @@
+//! Shared helpers for the integration tests, which run against a real RabbitMQ.
+//!
+//! Every test works in its own namespace (a unique exchange and queue prefix) and deletes
+//! what it declared when its `TestEnv` is dropped, so tests run in parallel.
+#![allow(dead_code)]
+
+pub mod relay;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use rabbitry::prelude::*;
+use rabbitry::{RuntimeBuilder, Topology};
+use serde_json::Value;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
+
+/// How long a test waits for something that should happen before failing. Generous: it
+/// bounds a failure, it is not a timing assertion.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+pub fn url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| rabbitry::DEFAULT_URL.to_owned())
+}
+
+/// A test's own exchange and queue names, deleted on drop.
+pub struct TestEnv {
+    pub exchange: String,
+    prefix: String,
+    queues: Mutex<BTreeSet<String>>,
+}
+
+impl TestEnv {
+    pub fn new(test: &str) -> TestEnv {
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let prefix = format!("t.{test}.{}", &id[id.len() - 8..]);
+        TestEnv {
+            exchange: format!("{prefix}.events"),
+            prefix,
+            queues: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// A queue name in this test's namespace.
+    pub fn queue(&self, name: &str) -> String {
+        format!("{}.{name}", self.prefix)
+    }
+
+    /// A runtime builder on this test's exchange, with short grace and reconnect delays.
+    pub fn builder(&self) -> RuntimeBuilder {
+        Runtime::builder()
+            .url(url())
+            .exchange(self.exchange.clone())
+            .shutdown_grace(Duration::from_secs(10))
+            .startup_timeout(Duration::from_secs(10))
+            .reconnect_delay(Duration::from_millis(50), Duration::from_millis(500))
+    }
+
+    /// Remember every queue `subscription` makes, for cleanup.
+    pub fn track(&self, subscription: &Subscription) {
+        self.track_names(Topology::new(&self.exchange, [subscription]).queues());
+    }
+
+    pub fn track_names<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        let mut queues = self.queues.lock().unwrap();
+        queues.extend(names.into_iter().map(str::to_owned));
+    }
+
+    /// A probe worker on `subscription` (tracked for cleanup) and its recorder.
+    pub fn probe(
+        &self,
+        subscription: Subscription,
+        behavior: impl Fn(&Seen) -> Outcome + Send + Sync + 'static,
+    ) -> (Probe, Recorder) {
+        self.track(&subscription);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let probe = Probe {
+            subscription,
+            behavior: Arc::new(behavior),
+            seen: tx,
+            gate: None,
+        };
+        (probe, Recorder { rx })
+    }
+
+    pub async fn publisher(&self) -> Publisher {
+        Publisher::builder(url())
+            .exchange(self.exchange.clone())
+            .connect()
+            .await
+            .expect("publisher connects")
+    }
+
+    /// A bare lapin channel in confirm mode: what a client in another language would use.
+    pub async fn bare(&self) -> (Connection, lapin::Channel) {
+        let conn = Connection::connect(&url(), ConnectionProperties::default())
+            .await
+            .expect("bare client connects");
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        (conn, ch)
+    }
+
+    /// Publish raw bytes with a bare client and wait for the confirm.
+    pub async fn publish_bare(&self, routing_key: &str, body: &[u8], props: BasicProperties) {
+        let (conn, ch) = self.bare().await;
+        let confirm = ch
+            .basic_publish(
+                self.exchange.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "broker refused a bare publish");
+        let _ = conn.close(200, "OK".into()).await;
+    }
+
+    /// Messages ready in `queue` (not counting unacknowledged ones).
+    pub async fn ready(&self, queue: &str) -> u32 {
+        let (conn, ch) = self.bare().await;
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue exists");
+        let _ = conn.close(200, "OK".into()).await;
+        q.message_count()
+    }
+
+    /// Take the next `n` messages from `queue` (waiting for them), acknowledged.
+    pub async fn take(&self, queue: &str, n: usize) -> Vec<lapin::message::Delivery> {
+        let (conn, ch) = self.bare().await;
+        let mut consumer = ch
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        while out.len() < n {
+            let d = tokio::time::timeout(PATIENCE, consumer.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "waited {PATIENCE:?} for message {} in {queue}",
+                        out.len() + 1
+                    )
+                })
+                .expect("consumer open")
+                .unwrap();
+            d.ack(BasicAckOptions::default()).await.unwrap();
+            out.push(d);
+        }
+        let _ = conn.close(200, "OK".into()).await;
+        out
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let queues: Vec<String> = self.queues.lock().unwrap().iter().cloned().collect();
+        let exchanges = [self.exchange.clone(), format!("{}.dlx", self.exchange)];
+        // Cleanup must not depend on the test's runtime, which may be gone (or panicking).
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let Ok(conn) = Connection::connect(&url(), ConnectionProperties::default()).await
+                else {
+                    return;
+                };
+                for q in &queues {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+                    }
+                }
+                for x in &exchanges {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let _ = ch
+                            .exchange_delete(x.as_str().into(), Default::default())
+                            .await;
+                    }
+                }
+                let _ = conn.close(200, "OK".into()).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// What a probe saw of one delivery.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub message_id: String,
+    pub attempt: u32,
+    pub at: Instant,
+    pub exchange: String,
+    pub routing_key: String,
+    pub event_type: String,
+    pub body: Value,
+    pub redelivered: bool,
+    pub priority: Option<u8>,
+    pub correlation_id: Option<String>,
+    pub event_version: Option<u32>,
+}
+
+type Behavior = Arc<dyn Fn(&Seen) -> Outcome + Send + Sync>;
+
+/// A worker that takes any JSON, records each delivery, and answers as told.
+pub struct Probe {
+    subscription: Subscription,
+    behavior: Behavior,
+    seen: mpsc::UnboundedSender<Seen>,
+    gate: Option<Arc<Semaphore>>,
+}
+
+impl Probe {
+    /// Make every handler run wait for a permit of `gate` after recording its delivery
+    /// and before answering.
+    pub fn gated(mut self, gate: Arc<Semaphore>) -> Probe {
+        self.gate = Some(gate);
+        self
+    }
+}
+
+impl Worker for Probe {
+    type Event = Value;
+
+    fn subscription(&self) -> Subscription {
+        self.subscription.clone()
+    }
+
+    async fn handle(&self, d: Delivery<Value>, _ctx: &Context) -> Outcome {
+        let seen = Seen {
+            message_id: d.message_id().to_owned(),
+            attempt: d.attempt(),
+            at: Instant::now(),
+            exchange: d.exchange().to_owned(),
+            routing_key: d.routing_key().to_owned(),
+            event_type: d.event_type().to_owned(),
+            body: d.payload().clone(),
+            redelivered: d.redelivered(),
+            priority: d.priority(),
+            correlation_id: d.correlation_id().map(str::to_owned),
+            event_version: d.event_version(),
+        };
+        // Record first, so that a behaviour that panics is still seen.
+        let _ = self.seen.send(seen.clone());
+        if let Some(gate) = &self.gate {
+            gate.acquire().await.expect("gate open").forget();
+        }
+        (self.behavior)(&seen)
+    }
+}
+
+/// The deliveries a probe saw, in order.
+pub struct Recorder {
+    rx: mpsc::UnboundedReceiver<Seen>,
+}
+
+impl Recorder {
+    pub async fn next(&mut self) -> Seen {
+        tokio::time::timeout(PATIENCE, self.rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no delivery within {PATIENCE:?}"))
+            .expect("probe alive")
+    }
+
+    pub async fn take(&mut self, n: usize) -> Vec<Seen> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.next().await);
+        }
+        out
+    }
+
+    /// Whatever arrived already, without waiting.
+    pub fn drain(&mut self) -> Vec<Seen> {
+        let mut out = Vec::new();
+        while let Ok(s) = self.rx.try_recv() {
+            out.push(s);
+        }
+        out
+    }
+}
+
+/// A typed test event.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OrderPlaced {
+    pub order_id: u64,
+    pub user_id: u64,
+    pub total: f64,
+    pub items: Vec<Item>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Item {
+    pub sku: String,
+    pub qty: i64,
+}
+
+impl Event for OrderPlaced {
+    const TYPE: &'static str = "order.placed";
+    const VERSION: u32 = 2;
+}
+
+pub fn order(order_id: u64) -> OrderPlaced {
+    OrderPlaced {
+        order_id,
+        user_id: 42,
+        total: 59.9,
+        items: vec![Item {
+            sku: "BOOK-1".into(),
+            qty: 2,
+        }],
+    }
+}
+
+/// Read a header as a string, whatever string type carried it.
+pub fn header_str(d: &lapin::message::Delivery, key: &str) -> Option<String> {
+    match d.properties.headers().as_ref()?.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+/// Read a header as an integer, whatever integer type carried it.
+pub fn header_int(d: &lapin::message::Delivery, key: &str) -> Option<i64> {
+    match d.properties.headers().as_ref()?.inner().get(key)? {
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::LongInt(v) => Some((*v).into()),
+        AMQPValue::ShortInt(v) => Some((*v).into()),
+        AMQPValue::ShortShortUInt(v) => Some((*v).into()),
+        _ => None,
+    }
+}
