@@ -323,13 +323,14 @@ impl Channel {
     }
 
     /// Send a message; the returned future resolves with the broker's confirm (the channel
-    /// must be in confirm mode). Unroutable messages come back because `mandatory` is set.
+    /// must be in confirm mode). With `mandatory`, an unroutable message comes back.
     pub(crate) async fn publish(
         &self,
         exchange: &str,
         routing_key: &str,
         body: &[u8],
         properties: BasicProperties,
+        mandatory: bool,
     ) -> lapin::Result<impl Future<Output = lapin::Result<Confirm>> + Send + use<>> {
         let confirm = self
             .inner
@@ -337,7 +338,7 @@ impl Channel {
                 ShortString::try_new(exchange).map_err(|e| lapin_other(e.to_string()))?,
                 ShortString::try_new(routing_key).map_err(|e| lapin_other(e.to_string()))?,
                 BasicPublishOptions {
-                    mandatory: true,
+                    mandatory,
                     immediate: false,
                 },
                 body,

@@ -61,7 +61,7 @@ struct Inner {
     timeout: Duration,
     max_body: usize,
     app_id: Option<ShortString>,
-    orphans: Mutex<VecDeque<String>>,
+    returns: Returns,
 }
 
 struct Slot {
@@ -168,7 +168,7 @@ impl PublisherBuilder {
                 timeout: self.timeout,
                 max_body: self.max_body,
                 app_id,
-                orphans: Mutex::new(VecDeque::new()),
+                returns: Returns::default(),
             }),
         };
         // Connect now, so that a wrong URL or a stopped broker is reported here.
@@ -247,7 +247,7 @@ impl Publisher {
                     failures.push((j, e));
                 }
             }
-            let confirm = ch.publish(exchange, E::TYPE, &body, props).await;
+            let confirm = ch.publish(exchange, E::TYPE, &body, props, true).await;
             let inner = &self.inner;
             match confirm {
                 Ok(confirm) => {
@@ -322,6 +322,19 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<()> {
+        self.send(exchange, routing_key, body, properties, true)
+            .await
+    }
+
+    /// Publish and wait for the confirm; with `mandatory`, an unroutable message is an error.
+    async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        mandatory: bool,
+    ) -> Result<()> {
         self.inner.check_size(body.len())?;
         let id = properties
             .message_id()
@@ -332,7 +345,7 @@ impl Publisher {
         let attempt = async {
             let ch = inner.channel(inner.pick()).await?;
             let confirm = ch
-                .publish(exchange, routing_key, body, properties)
+                .publish(exchange, routing_key, body, properties, mandatory)
                 .await
                 .map_err(|e| inner.publish_error(exchange, routing_key, e))?;
             inner.settle(exchange, routing_key, &id, confirm).await
@@ -432,19 +445,7 @@ impl Inner {
             }
             Err(e) => return Err(self.publish_error(exchange, routing_key, e)),
         };
-        let unroutable = match returned {
-            Some(Some(returned_id)) if returned_id == id => true,
-            Some(Some(other)) => {
-                // Handed to the wrong confirm; keep it for its owner.
-                let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
-                if orphans.len() == MAX_ORPHANS {
-                    orphans.pop_front();
-                }
-                orphans.push_back(other);
-                self.claim_orphan(id)
-            }
-            _ => self.claim_orphan(id),
-        };
+        let unroutable = self.returns.settle(id, returned);
         if unroutable {
             return Err(Error::Unroutable {
                 exchange: exchange.to_owned(),
@@ -452,17 +453,6 @@ impl Inner {
             });
         }
         Ok(())
-    }
-
-    fn claim_orphan(&self, id: &str) -> bool {
-        let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
-        if orphans.is_empty() {
-            return false;
-        }
-        match orphans.iter().position(|o| o == id) {
-            Some(i) => orphans.remove(i).is_some(),
-            None => false,
-        }
     }
 
     fn timeout_error(&self, exchange: &str, routing_key: &str) -> Error {
@@ -487,6 +477,35 @@ impl Inner {
     }
 }
 
+/// Returned (unroutable) messages, matched to their own publish by message id.
+///
+/// The AMQP client attaches a returned message to whichever confirm it resolves next, which
+/// under a multiple-acknowledgement may be another message's. A return that is not ours is
+/// kept here for its owner, who looks for it when its own confirm carries none.
+#[derive(Default)]
+struct Returns(Mutex<VecDeque<String>>);
+
+impl Returns {
+    /// Whether the message `id` was returned, given what its own confirm carried.
+    fn settle(&self, id: &str, returned: Option<Option<String>>) -> bool {
+        let mut orphans = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match returned {
+            Some(Some(returned_id)) if returned_id == id => return true,
+            Some(Some(other)) => {
+                if orphans.len() == MAX_ORPHANS {
+                    orphans.pop_front();
+                }
+                orphans.push_back(other);
+            }
+            _ => {}
+        }
+        match orphans.iter().position(|o| o == id) {
+            Some(i) => orphans.remove(i).is_some(),
+            None => false,
+        }
+    }
+}
+
 fn unix_seconds() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -500,6 +519,7 @@ pub(crate) struct MessageOptions {
     pub(crate) message_id: Option<String>,
     pub(crate) routing_key: Option<String>,
     pub(crate) headers: FieldTable,
+    pub(crate) allow_unroutable: bool,
     /// A header key that AMQP cannot carry, reported by `send`.
     pub(crate) bad_header: Option<String>,
 }
@@ -551,6 +571,14 @@ impl<'a, E: Event> Message<'a, E> {
         self
     }
 
+    /// Succeed even if no queue is bound for the message's routing key (it is then
+    /// dropped by the broker). For events that may legitimately have no subscriber yet;
+    /// by default an unroutable message is an [`Error::Unroutable`].
+    pub fn allow_unroutable(mut self) -> Self {
+        self.options.allow_unroutable = true;
+        self
+    }
+
     /// Add a string header (the key may be at most 255 bytes, or `send` fails).
     pub fn header(mut self, key: &str, value: impl AsRef<str>) -> Self {
         match ShortString::try_new(key) {
@@ -576,9 +604,50 @@ impl<'a, E: Event> Message<'a, E> {
         let routing_key = self.options.routing_key.as_deref().unwrap_or(E::TYPE);
         broker::short("routing key", routing_key)?;
         let (body, props, id) = self.publisher.prepare(self.event, &self.options)?;
+        let mandatory = !self.options.allow_unroutable;
         self.publisher
-            .send_raw(self.publisher.exchange(), routing_key, &body, props)
+            .send(
+                self.publisher.exchange(),
+                routing_key,
+                &body,
+                props,
+                mandatory,
+            )
             .await?;
         Ok(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_return_handed_to_another_confirm_reaches_its_owner() {
+        let returns = Returns::default();
+        // "a" was confirmed carrying the return of "b".
+        assert!(!returns.settle("a", Some(Some("b".into()))));
+        assert!(returns.settle("b", None));
+        // Claimed once only.
+        assert!(!returns.settle("b", None));
+    }
+
+    #[test]
+    fn own_returns_and_plain_acks() {
+        let returns = Returns::default();
+        assert!(returns.settle("a", Some(Some("a".into()))));
+        assert!(!returns.settle("c", None));
+        assert!(!returns.settle("d", Some(None)));
+    }
+
+    #[test]
+    fn the_ledger_is_bounded() {
+        let returns = Returns::default();
+        for i in 0..MAX_ORPHANS + 10 {
+            returns.settle("x", Some(Some(i.to_string())));
+        }
+        assert_eq!(returns.0.lock().unwrap().len(), MAX_ORPHANS);
+        assert!(!returns.settle("0", None), "the oldest was dropped");
+        assert!(returns.settle(&(MAX_ORPHANS + 9).to_string(), None));
     }
 }

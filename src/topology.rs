@@ -256,7 +256,7 @@ async fn check_quorum_priority(conn: &Connection, queue: &str) -> Result<()> {
             let props = BasicProperties::default()
                 .with_priority(priority)
                 .with_message_id(priority.to_string().into());
-            let confirm = ch.publish("", &probe, b"{}", props).await?;
+            let confirm = ch.publish("", &probe, b"{}", props, true).await?;
             if !matches!(confirm.await?, Confirm::Ack { returned: None }) {
                 return Ok(None);
             }

@@ -255,7 +255,11 @@ async fn fail(
             (String::new(), retry_queue_name(&entry.name, ms))
         }
         None => {
-            error!(error = %failure, kind = %failure.kind(), "handler failed; dead-lettering");
+            if failure.action() == Action::Reject {
+                warn!(error = %failure, kind = %failure.kind(), "message rejected; dead-lettering");
+            } else {
+                error!(error = %failure, kind = %failure.kind(), attempts = attempt, "retries exhausted; dead-lettering");
+            }
             (dlx_name(&shared.exchange), entry.name.to_string())
         }
     };

@@ -222,12 +222,7 @@ impl RuntimeBuilder {
     /// Start, run until SIGINT or SIGTERM, then shut down gracefully: stop taking
     /// deliveries, let in-flight handlers finish within the grace period, acknowledge, close.
     pub async fn run_until_signal(self) -> Result<()> {
-        let runtime = self.start().await?;
-        tokio::select! {
-            () = shutdown_signal() => info!("shutdown signal received"),
-            () = runtime.stopped() => return Ok(()),
-        }
-        runtime.shutdown().await;
+        self.start().await?.shutdown_on_signal().await;
         Ok(())
     }
 }
@@ -330,6 +325,16 @@ impl Runtime {
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
         self.stopped.cancelled().await;
+    }
+
+    /// Wait for SIGINT or SIGTERM, then [`shutdown`](Runtime::shutdown) gracefully.
+    /// Returns early if the runtime stops for another reason.
+    pub async fn shutdown_on_signal(&self) {
+        tokio::select! {
+            () = shutdown_signal() => info!("shutdown signal received"),
+            () = self.stopped() => return,
+        }
+        self.shutdown().await;
     }
 
     /// Wait until the runtime has stopped.

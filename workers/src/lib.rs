@@ -1,0 +1,90 @@
+//! The order domain of the rabbitry demo: three workers sharing the exchange `events`.
+//!
+//! | binary | queue | consumes |
+//! |---|---|---|
+//! | `email-worker` | `orders.email` (priority, max 10) | `order.placed` |
+//! | `inventory-worker` | `orders.inventory` | `order.placed`; rejects quantities ≤ 0, retries stock outages |
+//! | `analytics-worker` | `orders.analytics` | `order.*` |
+//! | `order-producer` | — | publishes sample orders |
+//!
+//! Every binary reads `AMQP_URL`, and for running several isolated copies on one broker,
+//! `RABBITRY_EXCHANGE` (default `events`) and `RABBITRY_QUEUE_PREFIX` (default empty).
+//! `--plan` prints what a worker would declare and exits.
+
+pub mod analytics;
+pub mod email;
+pub mod inventory;
+pub mod orders;
+
+use std::process::ExitCode;
+
+use rabbitry::prelude::*;
+
+/// Exchange and queue names, from the environment.
+#[derive(Debug, Clone)]
+pub struct Names {
+    /// The topic exchange.
+    pub exchange: String,
+    /// Prepended to every queue name.
+    pub queue_prefix: String,
+}
+
+impl Names {
+    /// `RABBITRY_EXCHANGE` (default `events`) and `RABBITRY_QUEUE_PREFIX` (default empty).
+    pub fn from_env() -> Names {
+        Names {
+            exchange: std::env::var("RABBITRY_EXCHANGE").unwrap_or_else(|_| "events".into()),
+            queue_prefix: std::env::var("RABBITRY_QUEUE_PREFIX").unwrap_or_default(),
+        }
+    }
+
+    /// A queue name with the prefix.
+    pub fn queue(&self, name: &str) -> String {
+        format!("{}{name}", self.queue_prefix)
+    }
+}
+
+/// Log to stderr, at `info` unless `RUST_LOG` says otherwise.
+pub fn init_tracing() {
+    init_tracing_at("info");
+}
+
+/// Log to stderr, at `level` unless `RUST_LOG` says otherwise.
+pub fn init_tracing_at(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Run one worker until SIGINT or SIGTERM: `--plan` prints the topology instead. Prints
+/// `ready` on stdout once consuming. Exits 0 after a graceful shutdown, 1 on a startup error.
+pub async fn run_worker<W: Worker>(worker: W) -> ExitCode {
+    init_tracing();
+    let names = Names::from_env();
+    let builder = Runtime::builder().exchange(names.exchange).worker(worker);
+    if std::env::args().any(|a| a == "--plan") {
+        return match builder.plan() {
+            Ok(plan) => {
+                print!("{plan}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        };
+    }
+    match builder.start().await {
+        Ok(runtime) => {
+            println!("ready");
+            runtime.shutdown_on_signal().await;
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn fail(e: rabbitry::Error) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::FAILURE
+}
