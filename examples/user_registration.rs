@@ -1,1 +1,100 @@
-fn main() {}
+//! `user.registered` → a welcome email. The smallest complete rabbitry program: one event,
+//! one worker, a publisher, and a rejected message that goes to the dead-letter queue.
+//!
+//! ```text
+//! cargo run --example user_registration     # RabbitMQ at $AMQP_URL (default localhost)
+//! ```
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rabbitry::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize, Deserialize)]
+struct UserRegistered {
+    user_id: u64,
+    email: String,
+}
+
+impl Event for UserRegistered {
+    const TYPE: &'static str = "user.registered";
+}
+
+/// Sends a welcome email to every new user.
+struct WelcomeEmail {
+    sent: Arc<Mutex<BTreeSet<String>>>,
+    done: tokio::sync::mpsc::UnboundedSender<()>,
+}
+
+impl Worker for WelcomeEmail {
+    type Event = UserRegistered;
+
+    fn subscription(&self) -> Subscription {
+        Subscription::new("demo.users.welcome-email")
+            .bind(UserRegistered::TYPE)
+            .retry(RetryPolicy::exponential(Duration::from_millis(200)).max_attempts(3))
+    }
+
+    async fn handle(&self, user: Delivery<UserRegistered>, _ctx: &Context) -> Outcome {
+        let outcome = if user.email.contains('@') {
+            println!(
+                "welcome email sent to {} (user {})",
+                user.email, user.user_id
+            );
+            self.sent.lock().unwrap().insert(user.email.clone());
+            Ok(())
+        } else {
+            println!(
+                "user {}: '{}' is not an email address; dead-lettered",
+                user.user_id, user.email
+            );
+            Err(Failure::reject(format!(
+                "'{}' is not an email address",
+                user.email
+            )))
+        };
+        let _ = self.done.send(());
+        outcome
+    }
+}
+
+#[tokio::main]
+async fn main() -> rabbitry::Result<()> {
+    let sent = Arc::new(Mutex::new(BTreeSet::new()));
+    let (done, mut handled) = tokio::sync::mpsc::unbounded_channel();
+    let runtime = Runtime::builder()
+        .exchange("demo.events")
+        .worker(WelcomeEmail {
+            sent: sent.clone(),
+            done,
+        })
+        .start()
+        .await?;
+
+    let users = [
+        (1, "ada@example.com"),
+        (2, "grace@example.com"),
+        (3, "not-an-email"),
+    ];
+    for (user_id, email) in users {
+        let event = UserRegistered {
+            user_id,
+            email: email.into(),
+        };
+        runtime.publisher().publish(&event).await?;
+    }
+    for _ in users {
+        if tokio::time::timeout(Duration::from_secs(30), handled.recv())
+            .await
+            .is_err()
+        {
+            eprintln!("timed out waiting for the worker");
+            std::process::exit(1);
+        }
+    }
+    runtime.shutdown().await;
+    println!("{} welcome emails sent", sent.lock().unwrap().len());
+    Ok(())
+}

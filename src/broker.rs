@@ -108,7 +108,7 @@ impl Connection {
             .map(|c| Connection { inner: Arc::new(c) })
             .map_err(|e| Error::Connect {
                 url: redact_url(url),
-                source: BrokerError(e),
+                source: BrokerError::from(e),
             })
     }
 
@@ -142,12 +142,11 @@ impl Connection {
                 if let lapin::Event::Error(e) = event
                     && !status.connected()
                 {
-                    return BrokerError(e);
+                    return BrokerError::from(e);
                 }
             }
-            BrokerError(
-                lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed).into(),
-            )
+            let closed = lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed);
+            BrokerError::from(lapin::Error::from(closed))
         }
     }
 

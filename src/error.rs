@@ -179,7 +179,7 @@ pub enum Error {
 
 /// An error reported by the AMQP client library or the broker.
 #[derive(Clone)]
-pub struct BrokerError(pub(crate) lapin::Error);
+pub struct BrokerError(Box<lapin::Error>);
 
 impl BrokerError {
     /// The AMQP reply code when the broker closed a channel or connection with an error
@@ -220,12 +220,12 @@ impl std::error::Error for BrokerError {}
 
 impl From<lapin::Error> for BrokerError {
     fn from(e: lapin::Error) -> Self {
-        BrokerError(e)
+        BrokerError(Box::new(e))
     }
 }
 
 impl From<lapin::Error> for Error {
     fn from(e: lapin::Error) -> Self {
-        Error::Broker(BrokerError(e))
+        Error::Broker(BrokerError::from(e))
     }
 }

@@ -410,8 +410,10 @@ impl Inner {
         *slot = None;
         let pooled = self.pool.get().await.map_err(|e| {
             let source = match e {
-                deadpool_lapin::PoolError::Backend(e) => BrokerError(e),
-                other => BrokerError(lapin::Error::from(std::io::Error::other(other.to_string()))),
+                deadpool_lapin::PoolError::Backend(e) => BrokerError::from(e),
+                other => {
+                    BrokerError::from(lapin::Error::from(std::io::Error::other(other.to_string())))
+                }
             };
             Error::Connect {
                 url: self.url.clone(),
@@ -472,7 +474,7 @@ impl Inner {
         Error::NotConfirmed {
             exchange: exchange.to_owned(),
             routing_key: routing_key.to_owned(),
-            source: BrokerError(e),
+            source: BrokerError::from(e),
         }
     }
 }

@@ -217,7 +217,7 @@ impl QueueSpec {
 /// Map a failed declaration to an error that names what conflicts.
 fn declare_error(kind: &'static str, name: &str, e: lapin::Error) -> Error {
     if broker::reply_code(&e) == Some(PRECONDITION_FAILED) {
-        let detail = BrokerError(e).to_string();
+        let detail = BrokerError::from(e).to_string();
         // "… inequivalent arg 'x-max-priority' for queue …" / "… invalid arg 'x-max-priority' …"
         let argument = detail
             .split_once(" arg '")
@@ -233,7 +233,7 @@ fn declare_error(kind: &'static str, name: &str, e: lapin::Error) -> Error {
     Error::Declare {
         kind,
         name: name.to_owned(),
-        source: BrokerError(e),
+        source: BrokerError::from(e),
     }
 }
 

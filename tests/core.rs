@@ -764,14 +764,27 @@ async fn invalid_configuration_is_refused_before_connecting() {
 async fn concurrent_routable_and_unroutable_publishes_all_settle_correctly() {
     let env = TestEnv::new("mixed");
     let queue = env.queue("routable");
-    let (probe, mut seen) = env.probe(Subscription::new(&queue).bind("order.placed").prefetch(100).concurrency(10), |_| Ok(()));
+    let (probe, mut seen) = env.probe(
+        Subscription::new(&queue)
+            .bind("order.placed")
+            .prefetch(100)
+            .concurrency(10),
+        |_| Ok(()),
+    );
     let rt = env.builder().worker(probe).start().await.unwrap();
     let publisher = env.publisher().await;
     let sends = (0..400u64).map(|i| {
         let publisher = publisher.clone();
         async move {
-            let key = if i % 2 == 0 { "order.placed" } else { "nobody.listens" };
-            (i, publisher.message(&order(i)).routing_key(key).send().await)
+            let key = if i % 2 == 0 {
+                "order.placed"
+            } else {
+                "nobody.listens"
+            };
+            (
+                i,
+                publisher.message(&order(i)).routing_key(key).send().await,
+            )
         }
     });
     let results = futures_util::future::join_all(sends).await;
