@@ -150,3 +150,8 @@ pub mod prelude {
         Worker,
     };
 }
+
+/// The README's examples compile as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -807,3 +807,30 @@ async fn concurrent_routable_and_unroutable_publishes_all_settle_correctly() {
     assert_eq!(seen.take(200).await.len(), 200);
     rt.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_fail_the_start_at_once() {
+    let started = std::time::Instant::now();
+    let err = Runtime::builder()
+        .url("amqp://guest:not-the-password@127.0.0.1:5672/%2f")
+        .startup_timeout(Duration::from_secs(60))
+        .worker(Relayer {
+            queue: "never-declared".into(),
+        })
+        .start()
+        .await
+        .err()
+        .expect("start must fail");
+    match &err {
+        Error::Connect { source, .. } => assert_eq!(source.reply_code(), Some(403), "{err}"),
+        other => panic!("expected Connect, got {other:?}"),
+    }
+    assert!(err.to_string().contains("ACCESS_REFUSED"), "{err}");
+    assert!(!err.to_string().contains("not-the-password"), "{err}");
+    // Not retried until the 60 s startup timeout: credentials do not fix themselves.
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+}

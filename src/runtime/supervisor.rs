@@ -96,6 +96,9 @@ pub(crate) async fn connect(
             }
             // A malformed URL will not get better by waiting.
             Err(e @ Error::Config(_)) => return Err(e),
+            // Nor will refused credentials or a missing vhost while starting; a running
+            // runtime keeps trying, in case they are being rotated.
+            Err(e) if deadline.is_some() && refused(&e) => return Err(e),
             Err(e) => e,
         };
         let delay = delays.next().unwrap_or(settings.reconnect_max);
@@ -109,6 +112,14 @@ pub(crate) async fn connect(
         }
     }
     unreachable!("the attempt counter does not run out")
+}
+
+/// ACCESS_REFUSED (bad credentials) or NOT_ALLOWED (no such vhost, or no access to it).
+fn refused(error: &Error) -> bool {
+    const ACCESS_REFUSED: u16 = 403;
+    const NOT_ALLOWED: u16 = 530;
+    matches!(error, Error::Connect { source, .. }
+        if matches!(source.reply_code(), Some(ACCESS_REFUSED | NOT_ALLOWED)))
 }
 
 impl Supervisor {

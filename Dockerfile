@@ -1,0 +1,19 @@
+# Builds the order-domain worker binaries: email-worker, inventory-worker, analytics-worker,
+# order-producer. Used by docker-compose.yml.
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p rabbitry-workers --bins
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/email-worker \
+                  /src/target/release/inventory-worker \
+                  /src/target/release/analytics-worker \
+                  /src/target/release/order-producer \
+                  /usr/local/bin/
+ENV RUST_LOG=info
+# The workers shut down gracefully on SIGTERM (docker stop).
+CMD ["email-worker"]
