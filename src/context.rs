@@ -11,6 +11,7 @@ use crate::publisher::{Message, MessageOptions, Publisher};
 ///
 /// Follow-up events carry the incoming message's correlation id, or its message id when it
 /// has none, so a chain of events can be traced back to the first one.
+#[derive(Debug)]
 pub struct Context {
     publisher: Publisher,
     correlation_id: String,

@@ -118,7 +118,7 @@
 //! A body that is not JSON, does not fit the event type, is over the size limit, or has a
 //! content type or encoding other than plain JSON is dead-lettered at once with the reason
 //! in `x-exception-message`; the worker carries on with the next message.
-#![warn(missing_docs)]
+#![warn(missing_docs, missing_debug_implementations)]
 
 mod broker;
 mod context;

@@ -1,6 +1,7 @@
 //! Publishing events with publisher confirms.
 
 use std::collections::VecDeque;
+use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -71,7 +72,7 @@ struct Slot {
 }
 
 /// Configures a [`Publisher`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PublisherBuilder {
     url: String,
     exchange: String,
@@ -80,6 +81,30 @@ pub struct PublisherBuilder {
     max_body: usize,
     app_id: Option<String>,
     name: String,
+}
+
+impl fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Publisher")
+            .field("url", &self.inner.url)
+            .field("exchange", &self.inner.exchange)
+            .field("connections", &self.inner.slots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for PublisherBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PublisherBuilder")
+            .field("url", &broker::redact_url(&self.url))
+            .field("exchange", &self.exchange)
+            .field("timeout", &self.timeout)
+            .field("connections", &self.connections)
+            .field("max_body", &self.max_body)
+            .field("app_id", &self.app_id)
+            .field("name", &self.name)
+            .finish()
+    }
 }
 
 impl PublisherBuilder {
@@ -529,6 +554,7 @@ pub(crate) struct MessageOptions {
 /// A message being prepared by [`Publisher::message`] or
 /// [`Context::message`](crate::Context::message); [`send`](Message::send) publishes it.
 #[must_use = "a message is only published by .send().await"]
+#[derive(Debug)]
 pub struct Message<'a, E> {
     publisher: &'a Publisher,
     event: &'a E,
@@ -623,6 +649,16 @@ impl<'a, E: Event> Message<'a, E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_never_shows_the_password() {
+        let builder = Publisher::builder("amqp://app:s3cret@broker:5672/%2f");
+        let shown = format!("{builder:?}");
+        assert!(
+            shown.contains("app:***@broker") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn a_return_handed_to_another_confirm_reaches_its_owner() {

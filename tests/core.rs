@@ -44,10 +44,7 @@ async fn events_fan_out_to_every_matching_binding() {
     }
 
     let ids = |seen: Vec<Seen>| {
-        let mut v: Vec<u64> = seen
-            .iter()
-            .map(|s| s.body["order_id"].as_u64().unwrap())
-            .collect();
+        let mut v: Vec<u64> = seen.iter().map(Seen::order_id).collect();
         v.sort();
         v
     };
@@ -90,12 +87,7 @@ async fn every_handled_message_is_acknowledged_exactly_once() {
     let ids = publisher.publish_batch(&orders).await.unwrap();
     assert_eq!(ids.len(), 200);
 
-    let mut handled: Vec<u64> = seen
-        .take(200)
-        .await
-        .iter()
-        .map(|s| s.body["order_id"].as_u64().unwrap())
-        .collect();
+    let mut handled: Vec<u64> = seen.order_ids(200).await;
     rt.shutdown().await;
     handled.sort();
     assert_eq!(handled, (0..200).collect::<Vec<_>>());
@@ -374,12 +366,7 @@ async fn waiting_high_priority_messages_are_consumed_first() {
         .unwrap();
 
     let rt = builder.start().await.unwrap();
-    let order_ids: Vec<u64> = seen
-        .take(6)
-        .await
-        .iter()
-        .map(|s| s.body["order_id"].as_u64().unwrap())
-        .collect();
+    let order_ids: Vec<u64> = seen.order_ids(6).await;
     rt.shutdown().await;
     assert_eq!(order_ids, [99, 1, 2, 3, 4, 5]);
 }
@@ -542,7 +529,7 @@ async fn a_panicking_handler_is_retried_and_the_worker_keeps_going() {
         .take(3)
         .await
         .iter()
-        .map(|s| (s.body["order_id"].as_u64().unwrap(), s.attempt))
+        .map(|s| (s.order_id(), s.attempt))
         .collect();
     rt.shutdown().await;
     assert!(
@@ -662,7 +649,7 @@ async fn quorum_queues_work_and_priority_on_them_is_checked() {
     );
     let rt = env.builder().worker(plain).start().await.unwrap();
     env.publisher().await.publish(&order(1)).await.unwrap();
-    assert_eq!(seen.next().await.body["order_id"], 1);
+    assert_eq!(seen.next().await.order_id(), 1);
     rt.shutdown().await;
 
     // Quorum queues honour priority only from RabbitMQ 4.0: either it works, or the start
@@ -695,12 +682,7 @@ async fn quorum_queues_work_and_priority_on_them_is_checked() {
                 .await
                 .unwrap();
             let rt = builder.start().await.unwrap();
-            let firsts: Vec<_> = prio_seen
-                .take(2)
-                .await
-                .iter()
-                .map(|s| s.body["order_id"].as_u64().unwrap())
-                .collect();
+            let firsts: Vec<_> = prio_seen.order_ids(2).await;
             rt.shutdown().await;
             assert_eq!(firsts, [2, 1]);
         }

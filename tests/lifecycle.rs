@@ -49,7 +49,7 @@ async fn the_runtime_reconnects_after_the_connection_is_cut_and_redelivers_unack
     publisher.publish(&order(2)).await.unwrap();
     let fresh = seen.next().await;
     gate.add_permits(1);
-    assert_eq!(fresh.body["order_id"], 2);
+    assert_eq!(fresh.order_id(), 2);
     let status = rt.workers().await.unwrap();
     assert!(status[0].consuming, "{status:?}");
     rt.shutdown().await;
@@ -97,10 +97,7 @@ async fn graceful_shutdown_finishes_in_flight_work_and_returns_the_rest() {
         "handled {} + queued {remaining}",
         handled.len()
     );
-    let mut ids: Vec<u64> = handled
-        .iter()
-        .map(|s| s.body["order_id"].as_u64().unwrap())
-        .collect();
+    let mut ids: Vec<u64> = handled.iter().map(Seen::order_id).collect();
     let returned = env.take(&queue, remaining).await;
     ids.extend(returned.iter().map(|d| {
         serde_json::from_slice::<OrderPlaced>(&d.data)
@@ -156,7 +153,7 @@ async fn workers_can_be_added_paused_resumed_and_removed_while_running() {
         .send()
         .await
         .unwrap();
-    assert_eq!(later_seen.next().await.body["order_id"], 1);
+    assert_eq!(later_seen.next().await.order_id(), 1);
 
     let (dup, _) = env.probe(Subscription::new(&later_queue).bind("user.*"), |_| Ok(()));
     assert!(matches!(
@@ -182,7 +179,7 @@ async fn workers_can_be_added_paused_resumed_and_removed_while_running() {
 
     // Resume: the waiting message is handled.
     rt.resume(&later_queue).await.unwrap();
-    assert_eq!(later_seen.next().await.body["order_id"], 2);
+    assert_eq!(later_seen.next().await.order_id(), 2);
 
     // Remove: the worker is gone; its queue keeps new messages for whoever comes next.
     rt.remove_worker(&later_queue).await.unwrap();
@@ -208,6 +205,6 @@ async fn workers_can_be_added_paused_resumed_and_removed_while_running() {
 
     // The first worker was never disturbed.
     publisher.publish(&order(4)).await.unwrap();
-    assert_eq!(first_seen.next().await.body["order_id"], 4);
+    assert_eq!(first_seen.next().await.order_id(), 4);
     rt.shutdown().await;
 }

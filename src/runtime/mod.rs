@@ -42,6 +42,17 @@ pub struct RuntimeBuilder {
     connection_name: String,
 }
 
+impl std::fmt::Debug for RuntimeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeBuilder")
+            .field("url", &broker::redact_url(&self.url))
+            .field("exchange", &self.exchange)
+            .field("workers", &self.workers.len())
+            .field("grace", &self.grace)
+            .finish_non_exhaustive()
+    }
+}
+
 impl RuntimeBuilder {
     /// The broker's URL, `amqp[s]://user:password@host:port/vhost` (default: the `AMQP_URL`
     /// environment variable, else [`DEFAULT_URL`]).
@@ -254,13 +265,23 @@ async fn shutdown_signal() {
 /// shut it down.
 ///
 /// Cheap to clone. The runtime stops when [`shutdown`](Runtime::shutdown) is called or
-/// when every handle has been dropped.
+/// when every handle has been dropped. While the broker is unreachable, the worker commands
+/// (`add_worker`, `pause`, …) wait until the runtime has reconnected.
 #[derive(Clone)]
 pub struct Runtime {
     commands: mpsc::Sender<Command>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     stopped: CancellationToken,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("exchange", &self.shared.exchange)
+            .field("stopped", &self.stopped.is_cancelled())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Runtime {

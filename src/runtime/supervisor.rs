@@ -43,8 +43,8 @@ pub struct WorkerStatus {
     pub last_error: Option<String>,
 }
 
-/// Connection settings of the supervisor.
-#[derive(Debug, Clone)]
+/// Connection settings of the supervisor. (No `Debug`: the URL holds the password.)
+#[derive(Clone)]
 pub(crate) struct Settings {
     pub(crate) url: String,
     pub(crate) connection_name: String,
@@ -211,37 +211,18 @@ impl Supervisor {
                 let _ = reply.send(self.add(conn, entry).await);
             }
             Command::Remove(name, reply) => {
-                let result = match self.workers.remove(name.as_str()) {
-                    Some(slot) => {
-                        self.stop_slot(slot.consumer).await;
-                        info!(worker = %name, "worker removed");
-                        Ok(())
-                    }
-                    None => Err(Error::UnknownWorker(name)),
-                };
-                let _ = reply.send(result);
+                let _ = reply.send(self.remove(&name).await);
             }
             Command::Pause(name, reply) => {
-                let result = match self.workers.get_mut(name.as_str()) {
-                    Some(slot) => {
-                        slot.paused = true;
-                        let consumer = slot.consumer.take();
-                        self.stop_slot(consumer).await;
-                        info!(worker = %name, "worker paused");
-                        Ok(())
-                    }
-                    None => Err(Error::UnknownWorker(name)),
-                };
-                let _ = reply.send(result);
+                let _ = reply.send(self.pause(&name).await);
             }
             Command::Resume(name, reply) => {
-                let result = match self.workers.get_mut(name.as_str()) {
-                    Some(slot) => {
+                let result = match self.slot(&name) {
+                    Ok(slot) => {
                         slot.paused = false;
-                        let name: Arc<str> = slot.entry.name.clone();
                         self.activate(conn, &name).await
                     }
-                    None => Err(Error::UnknownWorker(name)),
+                    Err(e) => Err(e),
                 };
                 let _ = reply.send(result);
             }
@@ -259,6 +240,29 @@ impl Supervisor {
                 let _ = reply.send(statuses);
             }
         }
+    }
+
+    fn slot(&mut self, name: &str) -> Result<&mut Slot> {
+        self.workers
+            .get_mut(name)
+            .ok_or_else(|| Error::UnknownWorker(name.to_owned()))
+    }
+
+    async fn remove(&mut self, name: &str) -> Result<()> {
+        let consumer = self.slot(name)?.consumer.take();
+        self.stop_slot(consumer).await;
+        self.workers.remove(name);
+        info!(worker = %name, "worker removed");
+        Ok(())
+    }
+
+    async fn pause(&mut self, name: &str) -> Result<()> {
+        let slot = self.slot(name)?;
+        slot.paused = true;
+        let consumer = slot.consumer.take();
+        self.stop_slot(consumer).await;
+        info!(worker = %name, "worker paused");
+        Ok(())
     }
 
     async fn add(&mut self, conn: &Connection, entry: Arc<WorkerEntry>) -> Result<()> {

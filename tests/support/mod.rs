@@ -230,6 +230,15 @@ pub struct Seen {
     pub event_version: Option<u32>,
 }
 
+impl Seen {
+    /// The `order_id` of an order event's body.
+    pub fn order_id(&self) -> u64 {
+        self.body["order_id"]
+            .as_u64()
+            .expect("an order_id in the body")
+    }
+}
+
 type Behavior = Arc<dyn Fn(&Seen) -> Outcome + Send + Sync>;
 
 /// A worker that takes any JSON, records each delivery, and answers as told.
@@ -298,6 +307,11 @@ impl Recorder {
             out.push(self.next().await);
         }
         out
+    }
+
+    /// The order ids of the next `n` deliveries, in delivery order.
+    pub async fn order_ids(&mut self, n: usize) -> Vec<u64> {
+        self.take(n).await.iter().map(Seen::order_id).collect()
     }
 
     /// Whatever arrived already, without waiting.
