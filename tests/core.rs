@@ -456,8 +456,7 @@ async fn a_conflicting_declaration_names_the_queue_and_argument() {
         .worker(with_priority)
         .start()
         .await
-        .err()
-        .expect("start must fail");
+        .expect_err("start must fail");
     match &err {
         Error::TopologyConflict {
             kind,
@@ -702,8 +701,7 @@ async fn a_broker_that_is_down_gives_a_clear_error_without_the_password() {
         })
         .start()
         .await
-        .err()
-        .expect("start must fail");
+        .expect_err("start must fail");
     assert!(matches!(err, Error::Connect { .. }), "{err:?}");
     let text = err.to_string();
     assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
@@ -727,7 +725,7 @@ async fn invalid_configuration_is_refused_before_connecting() {
         ),
     ]);
     for (what, builder) in cases {
-        let err = builder.start().await.err().expect(what);
+        let err = builder.start().await.expect_err(what);
         assert!(matches!(err, Error::Config(_)), "{what}: {err:?}");
     }
     let dup = Runtime::builder()
@@ -801,8 +799,7 @@ async fn refused_credentials_fail_the_start_at_once() {
         })
         .start()
         .await
-        .err()
-        .expect("start must fail");
+        .expect_err("start must fail");
     match &err {
         Error::Connect { source, .. } => assert_eq!(source.reply_code(), Some(403), "{err}"),
         other => panic!("expected Connect, got {other:?}"),
