@@ -338,8 +338,8 @@ impl Publisher {
         Ok((body, props, id))
     }
 
-    /// Publish a prepared message and wait for its confirm (used for retries and
-    /// dead-letters, which copy a received message).
+    /// Publish a copy of a received message and wait for its confirm (retries and
+    /// dead-letters). The outgoing size limit does not apply: the broker already holds it.
     pub(crate) async fn send_raw(
         &self,
         exchange: &str,
@@ -360,7 +360,6 @@ impl Publisher {
         properties: BasicProperties,
         mandatory: bool,
     ) -> Result<()> {
-        self.inner.check_size(body.len())?;
         let id = properties
             .message_id()
             .as_ref()

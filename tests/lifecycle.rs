@@ -52,6 +52,7 @@ async fn the_runtime_reconnects_after_the_connection_is_cut_and_redelivers_unack
     assert_eq!(fresh.order_id(), 2);
     let status = rt.workers().await.unwrap();
     assert!(status[0].consuming, "{status:?}");
+    assert_eq!(status[0].restarts, 1, "{status:?}");
     rt.shutdown().await;
     assert_eq!(env.ready(&queue).await, 0);
 }
@@ -177,8 +178,17 @@ async fn workers_can_be_added_paused_resumed_and_removed_while_running() {
         "{later_status:?}"
     );
 
-    // Resume: the waiting message is handled.
+    // Resume: the waiting message is handled. (A resume is not a restart.)
     rt.resume(&later_queue).await.unwrap();
+    let status = rt.workers().await.unwrap();
+    assert_eq!(
+        status
+            .iter()
+            .find(|s| s.name == later_queue)
+            .unwrap()
+            .restarts,
+        0
+    );
     assert_eq!(later_seen.next().await.order_id(), 2);
 
     // Remove: the worker is gone; its queue keeps new messages for whoever comes next.

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use futures_util::FutureExt;
 use lapin::BasicProperties;
@@ -27,6 +27,9 @@ use crate::topology::{self, Topology, dlx_name, retry_queue_name};
 use crate::worker::{Subscription, Worker};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Pause before requeueing a message whose retry or dead-letter copy could not be stored.
+const REQUEUE_DELAY: Duration = Duration::from_secs(1);
 
 /// A worker with its event type erased, so the runtime can hold workers of many types.
 pub(crate) trait ErasedWorker: Send + Sync + 'static {
@@ -268,7 +271,7 @@ async fn fail(
         && let Err(e) = ensure_tier(entry, shared, &routing_key, ms).await
     {
         error!(error = %e, queue = %routing_key, "cannot declare the retry queue; requeueing");
-        return Settle::Requeue;
+        return requeue_later().await;
     }
     let properties = failure_properties(entry, envelope, &failure, retry_tier.is_some());
     let mut result = shared
@@ -292,9 +295,16 @@ async fn fail(
         Ok(()) => Settle::Ack,
         Err(e) => {
             error!(error = %e, "could not store the retry or dead-letter copy; requeueing the message");
-            Settle::Requeue
+            requeue_later().await
         }
     }
+}
+
+/// Give a message back to its queue after a pause, so that a failure that persists (a
+/// deleted dead-letter exchange, a broker refusing messages) cannot spin the worker.
+async fn requeue_later() -> Settle {
+    tokio::time::sleep(REQUEUE_DELAY).await;
+    Settle::Requeue
 }
 
 async fn ensure_tier(

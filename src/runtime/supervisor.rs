@@ -41,6 +41,8 @@ pub struct WorkerStatus {
     pub consuming: bool,
     /// Why the worker is not consuming, if something went wrong.
     pub last_error: Option<String>,
+    /// How often its consumer was started again after a failure or a reconnection.
+    pub restarts: u32,
 }
 
 /// Connection settings of the supervisor. (No `Debug`: the URL holds the password.)
@@ -58,6 +60,8 @@ struct Slot {
     paused: bool,
     consumer: Option<ConsumerHandle>,
     last_error: Option<String>,
+    /// Consumers started again after a failure or a reconnection.
+    restarts: u32,
 }
 
 pub(crate) struct Supervisor {
@@ -220,7 +224,7 @@ impl Supervisor {
                 let result = match self.slot(&name) {
                     Ok(slot) => {
                         slot.paused = false;
-                        self.activate(conn, &name).await
+                        self.activate(conn, &name).await.map(drop)
                     }
                     Err(e) => Err(e),
                 };
@@ -235,6 +239,7 @@ impl Supervisor {
                         paused: s.paused,
                         consuming: s.consumer.is_some(),
                         last_error: s.last_error.clone(),
+                        restarts: s.restarts,
                     })
                     .collect();
                 let _ = reply.send(statuses);
@@ -277,9 +282,10 @@ impl Supervisor {
                 paused: false,
                 consumer: None,
                 last_error: None,
+                restarts: 0,
             },
         );
-        let result = self.activate(conn, &name).await;
+        let result = self.activate(conn, &name).await.map(drop);
         match &result {
             Ok(()) => info!(worker = %name, "worker started"),
             Err(_) => {
@@ -290,12 +296,13 @@ impl Supervisor {
     }
 
     /// Declare the worker's topology and start its consumer, unless paused or running.
-    async fn activate(&mut self, conn: &Connection, name: &str) -> Result<()> {
+    /// `Ok(true)` when a consumer was started.
+    async fn activate(&mut self, conn: &Connection, name: &str) -> Result<bool> {
         let Some(slot) = self.workers.get_mut(name) else {
-            return Ok(());
+            return Ok(false);
         };
         if slot.paused || slot.consumer.is_some() {
-            return Ok(());
+            return Ok(false);
         }
         self.generation += 1;
         let started = async {
@@ -314,7 +321,7 @@ impl Supervisor {
             Ok(consumer) => {
                 slot.consumer = Some(consumer);
                 slot.last_error = None;
-                Ok(())
+                Ok(true)
             }
             Err(e) => {
                 slot.last_error = Some(e.to_string());
@@ -327,9 +334,12 @@ impl Supervisor {
     async fn restore(&mut self, conn: &Connection) {
         let names: Vec<Arc<str>> = self.workers.keys().cloned().collect();
         for name in names {
-            if let Err(e) = self.activate(conn, &name).await {
-                error!(worker = %name, error = %e, "cannot restore the worker after reconnecting");
-                self.schedule_restart(name);
+            match self.activate(conn, &name).await {
+                Ok(started) => self.count_restart(&name, started),
+                Err(e) => {
+                    error!(worker = %name, error = %e, "cannot restore the worker after reconnecting");
+                    self.schedule_restart(name);
+                }
             }
         }
     }
@@ -362,9 +372,18 @@ impl Supervisor {
         if !conn.is_connected() {
             return;
         }
-        if let Err(e) = self.activate(conn, name).await {
-            error!(worker = %name, error = %e, "cannot restart the worker's consumer");
-            self.schedule_restart(name.into());
+        match self.activate(conn, name).await {
+            Ok(started) => self.count_restart(name, started),
+            Err(e) => {
+                error!(worker = %name, error = %e, "cannot restart the worker's consumer");
+                self.schedule_restart(name.into());
+            }
+        }
+    }
+
+    fn count_restart(&mut self, name: &str, started: bool) {
+        if let (true, Some(slot)) = (started, self.workers.get_mut(name)) {
+            slot.restarts += 1;
         }
     }
 
