@@ -267,8 +267,8 @@ impl Channel {
         Ok(consumer.map(|d| {
             d.map(|d| Incoming {
                 tag: d.delivery_tag,
-                exchange: d.exchange.to_string(),
-                routing_key: d.routing_key.to_string(),
+                exchange: d.exchange.into(),
+                routing_key: d.routing_key.into(),
                 redelivered: d.redelivered,
                 properties: d.properties,
                 body: d.data,

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::event::Event;
+use crate::event::{Envelope, Event};
 use crate::publisher::{Message, MessageOptions, Publisher};
 
 /// Given to every handler run: publishes follow-up events that stay correlated with the
@@ -14,16 +14,14 @@ use crate::publisher::{Message, MessageOptions, Publisher};
 #[derive(Debug)]
 pub struct Context {
     publisher: Publisher,
-    correlation_id: String,
-    worker: Arc<str>,
+    envelope: Arc<Envelope>,
 }
 
 impl Context {
-    pub(crate) fn new(publisher: Publisher, correlation_id: String, worker: Arc<str>) -> Context {
+    pub(crate) fn new(publisher: Publisher, envelope: Arc<Envelope>) -> Context {
         Context {
             publisher,
-            correlation_id,
-            worker,
+            envelope,
         }
     }
 
@@ -36,7 +34,7 @@ impl Context {
     /// already set and can be overridden.
     pub fn message<'a, E: Event>(&'a self, event: &'a E) -> Message<'a, E> {
         let options = MessageOptions {
-            correlation_id: Some(self.correlation_id.clone()),
+            correlation_id: Some(self.correlation_id().to_owned()),
             ..MessageOptions::default()
         };
         Message::with_options(&self.publisher, event, options)
@@ -44,12 +42,12 @@ impl Context {
 
     /// The correlation id follow-up events get.
     pub fn correlation_id(&self) -> &str {
-        &self.correlation_id
+        self.envelope.correlation_id()
     }
 
     /// The name of the worker handling the message (its queue).
     pub fn worker(&self) -> &str {
-        &self.worker
+        &self.envelope.queue
     }
 
     /// The runtime's publisher, for messages that should not be correlated.

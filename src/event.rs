@@ -38,45 +38,75 @@ pub trait Event: Serialize {
 /// Broker-level facts about one received message, shared by the runtime and the handler.
 #[derive(Debug)]
 pub(crate) struct Envelope {
-    pub(crate) queue: String,
+    pub(crate) queue: Arc<str>,
     pub(crate) exchange: String,
     pub(crate) routing_key: String,
     pub(crate) redelivered: bool,
     pub(crate) properties: BasicProperties,
-    /// The message id, generated when the message arrived without one.
-    pub(crate) message_id: String,
+    /// A message id made up for a message that arrived without one.
+    generated_id: Option<String>,
     pub(crate) retry_count: u32,
 }
 
 impl Envelope {
     /// Build the envelope of a message received from `queue`.
     pub(crate) fn new(
-        queue: &str,
-        exchange: &str,
-        routing_key: &str,
+        queue: Arc<str>,
+        exchange: String,
+        routing_key: String,
         redelivered: bool,
         properties: BasicProperties,
     ) -> Envelope {
         let headers = properties.headers().as_ref();
         // A retried message was re-routed through the default exchange: restore where it came from.
-        let exchange = headers::get_str(headers, headers::ORIGINAL_EXCHANGE).unwrap_or(exchange);
-        let routing_key =
-            headers::get_str(headers, headers::ORIGINAL_ROUTING_KEY).unwrap_or(routing_key);
+        let exchange = match headers::get_str(headers, headers::ORIGINAL_EXCHANGE) {
+            Some(original) => original.to_owned(),
+            None => exchange,
+        };
+        let routing_key = match headers::get_str(headers, headers::ORIGINAL_ROUTING_KEY) {
+            Some(original) => original.to_owned(),
+            None => routing_key,
+        };
         let retry_count = headers::get_u64(headers, headers::RETRY_COUNT)
             .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
-        let message_id = match properties.message_id() {
-            Some(id) if !id.as_str().is_empty() => id.to_string(),
-            _ => uuid::Uuid::now_v7().to_string(),
+        let generated_id = match properties.message_id() {
+            Some(id) if !id.as_str().is_empty() => None,
+            _ => Some(uuid::Uuid::now_v7().to_string()),
         };
         Envelope {
-            queue: queue.to_owned(),
-            exchange: exchange.to_owned(),
-            routing_key: routing_key.to_owned(),
+            queue,
+            exchange,
+            routing_key,
             redelivered,
-            message_id,
+            generated_id,
             retry_count,
             properties,
         }
+    }
+
+    /// The message id: the received one, or the one made up for it.
+    pub(crate) fn message_id(&self) -> &str {
+        match (&self.generated_id, self.properties.message_id()) {
+            (Some(generated), _) => generated,
+            (None, Some(id)) => id.as_str(),
+            (None, None) => unreachable!("an envelope without a message id gets a generated one"),
+        }
+    }
+
+    /// The correlation id, or the message id when there is none.
+    pub(crate) fn correlation_id(&self) -> &str {
+        self.properties
+            .correlation_id()
+            .as_ref()
+            .map_or_else(|| self.message_id(), |c| c.as_str())
+    }
+
+    /// The event type: the `type` property, or the routing key when it is absent.
+    pub(crate) fn event_type(&self) -> &str {
+        self.properties
+            .kind()
+            .as_ref()
+            .map_or(&self.routing_key, |t| t.as_str())
     }
 
     /// The 1-based attempt number of this delivery.
@@ -115,16 +145,12 @@ impl<T> Delivery<T> {
     /// A message that arrived without one (from a plain AMQP client) gets a UUID v7 on
     /// its first delivery, which its retries keep.
     pub fn message_id(&self) -> &str {
-        &self.envelope.message_id
+        self.envelope.message_id()
     }
 
     /// The event type: the AMQP `type` property, or the routing key when it is absent.
     pub fn event_type(&self) -> &str {
-        self.envelope
-            .properties
-            .kind()
-            .as_ref()
-            .map_or(&self.envelope.routing_key, |t| t.as_str())
+        self.envelope.event_type()
     }
 
     /// The event's schema version from `x-event-version`, if the publisher sent one.
@@ -221,7 +247,13 @@ mod tests {
         let props = BasicProperties::default()
             .with_headers(h)
             .with_message_id("m-1".into());
-        let env = Envelope::new("orders.email", "", "orders.email", false, props);
+        let env = Envelope::new(
+            "orders.email".into(),
+            String::new(),
+            "orders.email".into(),
+            false,
+            props,
+        );
         let d = Delivery::new((), Arc::new(env));
         assert_eq!(d.exchange(), "events");
         assert_eq!(d.routing_key(), "order.placed");
@@ -233,9 +265,9 @@ mod tests {
     #[test]
     fn bare_message_gets_an_id_and_first_attempt() {
         let env = Envelope::new(
-            "q",
-            "events",
-            "order.placed",
+            "q".into(),
+            "events".into(),
+            "order.placed".into(),
             true,
             BasicProperties::default(),
         );

@@ -56,7 +56,7 @@ pub struct Publisher {
 struct Inner {
     url: String,
     pool: deadpool_lapin::Pool,
-    slots: Vec<tokio::sync::Mutex<Option<Slot>>>,
+    slots: Vec<SlotCell>,
     next: AtomicUsize,
     exchange: String,
     timeout: Duration,
@@ -65,10 +65,30 @@ struct Inner {
     returns: Returns,
 }
 
+/// One pooled connection and its confirm channel. Publishes take the live slot under a
+/// read lock (one `Arc` clone); only reopening a dead one waits on the async mutex.
+#[derive(Default)]
+struct SlotCell {
+    live: std::sync::RwLock<Option<Arc<Slot>>>,
+    reopening: tokio::sync::Mutex<()>,
+}
+
 struct Slot {
     /// Keeps the pooled connection checked out for this slot.
     connection: Connection,
     channel: Channel,
+}
+
+impl SlotCell {
+    fn open(&self) -> Option<Arc<Slot>> {
+        let live = self.live.read().unwrap_or_else(|e| e.into_inner());
+        live.as_ref().filter(|s| s.channel.is_open()).cloned()
+    }
+
+    fn set(&self, slot: Option<Arc<Slot>>) -> Option<Arc<Slot>> {
+        let mut live = self.live.write().unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *live, slot)
+    }
 }
 
 /// Configures a [`Publisher`].
@@ -148,6 +168,14 @@ impl PublisherBuilder {
 
     /// Check the settings and connect.
     pub async fn connect(self) -> Result<Publisher> {
+        let publisher = self.build()?;
+        // Connect now, so that a wrong URL or a stopped broker is reported here.
+        publisher.inner.slot(0).await?;
+        Ok(publisher)
+    }
+
+    /// Check the settings; the connection opens on the first publish.
+    pub(crate) fn build(self) -> Result<Publisher> {
         if self.connections == 0 {
             return Err(Error::Config(
                 "publisher connections must be at least 1".into(),
@@ -181,13 +209,11 @@ impl PublisherBuilder {
                     "cannot create the publisher's connection pool: {e}"
                 ))
             })?;
-        let publisher = Publisher {
+        Ok(Publisher {
             inner: Arc::new(Inner {
                 url: broker::redact_url(&self.url),
                 pool,
-                slots: (0..self.connections)
-                    .map(|_| tokio::sync::Mutex::new(None))
-                    .collect(),
+                slots: (0..self.connections).map(|_| SlotCell::default()).collect(),
                 next: AtomicUsize::new(0),
                 exchange: self.exchange,
                 timeout: self.timeout,
@@ -195,10 +221,7 @@ impl PublisherBuilder {
                 app_id,
                 returns: Returns::default(),
             }),
-        };
-        // Connect now, so that a wrong URL or a stopped broker is reported here.
-        publisher.inner.channel(0).await?;
-        Ok(publisher)
+        })
     }
 }
 
@@ -261,10 +284,13 @@ impl Publisher {
             })
             .collect::<Result<Vec<_>>>()?;
         let total = prepared.len();
-        let exchange = self.inner.exchange.as_str();
-        let ch = self.inner.channel(self.inner.pick()).await?;
+        let (exchange, inner) = (self.inner.exchange.as_str(), &self.inner);
+        let slot = inner.slot(inner.pick()).await?;
+        let ch = &slot.channel;
         let mut ids = Vec::with_capacity(total);
         let mut failures = Vec::new();
+        // Each future sends its message when first polled, which happens in push order, so
+        // the batch goes out in order while up to BATCH_WINDOW confirms are outstanding.
         let mut in_flight = FuturesUnordered::new();
         for (i, (body, props, id)) in prepared.into_iter().enumerate() {
             while in_flight.len() >= BATCH_WINDOW {
@@ -272,22 +298,20 @@ impl Publisher {
                     failures.push((j, e));
                 }
             }
-            let confirm = ch.publish(exchange, E::TYPE, &body, props, true).await;
-            let inner = &self.inner;
-            match confirm {
-                Ok(confirm) => {
-                    let id = id.clone();
-                    in_flight.push(async move {
-                        let settled = inner.settle(exchange, E::TYPE, &id, confirm);
-                        let result = tokio::time::timeout(inner.timeout, settled)
-                            .await
-                            .unwrap_or_else(|_| Err(inner.timeout_error(exchange, E::TYPE)));
-                        (i, result)
-                    });
-                }
-                Err(e) => failures.push((i, self.inner.publish_error(exchange, E::TYPE, e))),
-            }
-            ids.push(id);
+            ids.push(id.clone());
+            in_flight.push(async move {
+                let sent = async {
+                    let confirm = ch
+                        .publish(exchange, E::TYPE, &body, props, true)
+                        .await
+                        .map_err(|e| inner.publish_error(exchange, E::TYPE, e))?;
+                    inner.settle(exchange, E::TYPE, &id, confirm).await
+                };
+                let result = tokio::time::timeout(inner.timeout, sent)
+                    .await
+                    .unwrap_or_else(|_| Err(inner.timeout_error(exchange, E::TYPE)));
+                (i, result)
+            });
         }
         while let Some((j, r)) = in_flight.next().await {
             if let Err(e) = r {
@@ -313,19 +337,22 @@ impl Publisher {
             Some(id) => id.clone(),
             None => uuid::Uuid::now_v7().to_string(),
         };
-        let mut headers = options.headers.clone();
-        headers::set(
-            &mut headers,
-            headers::EVENT_VERSION,
-            AMQPValue::LongLongInt(E::VERSION.into()),
-        );
         let mut props = BasicProperties::default()
             .with_message_id(broker::short("message id", &id)?)
             .with_type(broker::short("event type", E::TYPE)?)
             .with_timestamp(unix_seconds())
             .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_headers(headers);
+            .with_delivery_mode(2);
+        // Version 1 is what a missing header means: most messages need no header table,
+        // which every consumer would otherwise have to parse.
+        if E::VERSION != 1 || !options.headers.inner().is_empty() {
+            let mut headers = options.headers.clone();
+            if E::VERSION != 1 {
+                let version = AMQPValue::LongLongInt(E::VERSION.into());
+                headers::set(&mut headers, headers::EVENT_VERSION, version);
+            }
+            props = props.with_headers(headers);
+        }
         if let Some(c) = &options.correlation_id {
             props = props.with_correlation_id(broker::short("correlation id", c)?);
         }
@@ -367,8 +394,9 @@ impl Publisher {
             .unwrap_or_default();
         let inner = &self.inner;
         let attempt = async {
-            let ch = inner.channel(inner.pick()).await?;
-            let confirm = ch
+            let slot = inner.slot(inner.pick()).await?;
+            let confirm = slot
+                .channel
                 .publish(exchange, routing_key, body, properties, mandatory)
                 .await
                 .map_err(|e| inner.publish_error(exchange, routing_key, e))?;
@@ -386,13 +414,13 @@ impl Publisher {
 
     /// The publisher's first connection (opened if needed).
     pub(crate) async fn connection(&self) -> Result<Connection> {
-        Ok(self.inner.slot(0).await?.1)
+        Ok(self.inner.slot(0).await?.connection.clone())
     }
 
     /// Close the publisher's connections. Publishes already confirmed are unaffected.
     pub async fn close(&self) {
-        for slot in &self.inner.slots {
-            if let Some(s) = slot.lock().await.take() {
+        for cell in &self.inner.slots {
+            if let Some(s) = cell.set(None) {
                 s.channel.close().await;
                 s.connection.close().await;
             }
@@ -416,22 +444,18 @@ impl Inner {
         Ok(())
     }
 
-    /// The confirm channel of slot `i`.
-    async fn channel(&self, i: usize) -> Result<Channel> {
-        Ok(self.slot(i).await?.0)
-    }
-
-    /// The confirm channel of slot `i` and its connection, reopened (on a fresh pooled
-    /// connection) if the channel died.
-    async fn slot(&self, i: usize) -> Result<(Channel, Connection)> {
-        let mut slot = self.slots[i].lock().await;
-        if let Some(s) = slot.as_ref()
-            && s.channel.is_open()
-        {
-            return Ok((s.channel.clone(), s.connection.clone()));
+    /// Slot `i`, its channel reopened (on a fresh pooled connection) if it died.
+    async fn slot(&self, i: usize) -> Result<Arc<Slot>> {
+        let cell = &self.slots[i];
+        if let Some(live) = cell.open() {
+            return Ok(live);
+        }
+        let _reopening = cell.reopening.lock().await;
+        if let Some(live) = cell.open() {
+            return Ok(live); // reopened while we waited
         }
         // Give a dead connection back; the pool's recycle check discards it.
-        *slot = None;
+        cell.set(None);
         let pooled = self.pool.get().await.map_err(|e| {
             let source = match e {
                 deadpool_lapin::PoolError::Backend(e) => BrokerError::from(e),
@@ -444,14 +468,15 @@ impl Inner {
                 source,
             }
         })?;
-        let conn = Connection::pooled(pooled);
-        let channel = conn.channel().await?;
+        let connection = Connection::pooled(pooled);
+        let channel = connection.channel().await?;
         channel.confirm_select().await?;
-        *slot = Some(Slot {
-            connection: conn.clone(),
-            channel: channel.clone(),
+        let slot = Arc::new(Slot {
+            connection,
+            channel,
         });
-        Ok((channel, conn))
+        cell.set(Some(slot.clone()));
+        Ok(slot)
     }
 
     async fn settle(
@@ -509,12 +534,29 @@ impl Inner {
 /// under a multiple-acknowledgement may be another message's. A return that is not ours is
 /// kept here for its owner, who looks for it when its own confirm carries none.
 #[derive(Default)]
-struct Returns(Mutex<VecDeque<String>>);
+struct Returns {
+    orphans: Mutex<VecDeque<String>>,
+    /// Mirrors the ledger's length, so that the common case (no return anywhere) takes no lock.
+    pending: AtomicUsize,
+}
 
 impl Returns {
     /// Whether the message `id` was returned, given what its own confirm carried.
     fn settle(&self, id: &str, returned: Option<Option<String>>) -> bool {
-        let mut orphans = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(returned, Some(Some(_))) && self.pending.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+        let unroutable = Self::settle_locked(&mut orphans, id, returned);
+        self.pending.store(orphans.len(), Ordering::Release);
+        unroutable
+    }
+
+    fn settle_locked(
+        orphans: &mut VecDeque<String>,
+        id: &str,
+        returned: Option<Option<String>>,
+    ) -> bool {
         match returned {
             Some(Some(returned_id)) if returned_id == id => return true,
             Some(Some(other)) => {
@@ -683,7 +725,7 @@ mod tests {
         for i in 0..MAX_ORPHANS + 10 {
             returns.settle("x", Some(Some(i.to_string())));
         }
-        assert_eq!(returns.0.lock().unwrap().len(), MAX_ORPHANS);
+        assert_eq!(returns.orphans.lock().unwrap().len(), MAX_ORPHANS);
         assert!(!returns.settle("0", None), "the oldest was dropped");
         assert!(returns.settle(&(MAX_ORPHANS + 9).to_string(), None));
     }

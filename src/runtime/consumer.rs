@@ -2,11 +2,14 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use std::future::Future;
+
+use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, Stream, StreamExt};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinSet;
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -116,54 +119,65 @@ impl Consumer {
         let sub = &self.entry.subscription;
         let batch = (usize::from(sub.prefetch) / 2).clamp(1, MAX_ACK_BATCH);
         let mut book = AckBook::default();
-        let mut tasks: JoinSet<(u64, Settle)> = JoinSet::new();
-        let mut flush_at: Option<Instant> = None;
+        let mut tasks = FuturesUnordered::new();
+        let slots = Arc::new(Slots::default());
+        let flush_timer = tokio::time::sleep(ACK_DELAY);
+        tokio::pin!(flush_timer);
+        let mut flush_armed = false;
         // A dropped stop sender means the supervisor let go of this consumer (its connection
         // died): keep going until the stream ends rather than abandoning handlers.
         let mut stoppable = true;
         let deadline = loop {
+            let free = slots.running() < sub.concurrency;
             tokio::select! {
                 biased;
                 deadline = &mut stop, if stoppable => match deadline {
                     Ok(deadline) => break deadline,
                     Err(_) => stoppable = false,
                 },
-                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                    // Tasks catch their own panics; a join error means the task was aborted.
-                    if let Ok((tag, settle)) = joined {
+                Some((tag, settle)) = tasks.next(), if !tasks.is_empty() => {
+                    book.settled(tag, settle);
+                    // Settle every handler that has finished meanwhile in this one turn.
+                    while let Some(Some((tag, settle))) = tasks.next().now_or_never() {
                         book.settled(tag, settle);
                     }
                     if book.ready() >= batch {
-                        flush_at = None;
+                        flush_armed = false;
                         if let Err(e) = self.flush(&mut book, false).await {
                             return self.lost(tasks, e);
                         }
-                    } else if flush_at.is_none() && book.ready() > 0 {
-                        flush_at = Some(Instant::now() + ACK_DELAY);
+                    } else if !flush_armed && book.ready() > 0 {
+                        flush_timer.as_mut().reset(Instant::now() + ACK_DELAY);
+                        flush_armed = true;
                     }
                 }
-                () = sleep_until(flush_at), if flush_at.is_some() => {
-                    flush_at = None;
+                () = &mut flush_timer, if flush_armed => {
+                    flush_armed = false;
                     if let Err(e) = self.flush(&mut book, false).await {
                         return self.lost(tasks, e);
                     }
                 }
-                next = stream.next(), if tasks.len() < sub.concurrency => match next {
+                // Every handler slot is taken: wait for one to free up.
+                () = slots.freed.notified(), if !free => {}
+                next = stream.next(), if free => match next {
                     Some(Ok(msg)) => {
                         book.delivered(msg.tag);
-                        let (entry, shared) = (self.entry.clone(), self.shared.clone());
-                        tasks.spawn(async move {
-                            let tag = msg.tag;
-                            let settled = AssertUnwindSafe(process(&entry, &shared, msg)).catch_unwind().await;
-                            (tag, settled.unwrap_or(Settle::Requeue))
-                        });
+                        tasks.push(delivery(self.entry.clone(), self.shared.clone(), msg, slots.take()));
+                        // Take every delivery already buffered, up to the free handler slots.
+                        while slots.running() < sub.concurrency {
+                            match stream.next().now_or_never() {
+                                Some(Some(Ok(msg))) => {
+                                    book.delivered(msg.tag);
+                                    tasks.push(delivery(self.entry.clone(), self.shared.clone(), msg, slots.take()));
+                                }
+                                Some(Some(Err(e))) => return self.lost(tasks, e.to_string()),
+                                Some(None) => return self.cancelled(tasks),
+                                None => break,
+                            }
+                        }
                     }
                     Some(Err(e)) => return self.lost(tasks, e.to_string()),
-                    None => {
-                        warn!(worker = %self.entry.name, "the broker cancelled the consumer (was the queue deleted?)");
-                        tasks.detach_all();
-                        return Exit::Cancelled;
-                    }
+                    None => return self.cancelled(tasks),
                 }
             }
         };
@@ -173,7 +187,7 @@ impl Consumer {
     async fn stop(
         self,
         stream: impl Stream<Item = lapin::Result<Incoming>> + Unpin,
-        mut tasks: JoinSet<(u64, Settle)>,
+        mut tasks: InFlight<impl Future<Output = (u64, Settle)> + Send + 'static>,
         mut book: AckBook,
         deadline: Instant,
     ) -> Exit {
@@ -183,9 +197,8 @@ impl Consumer {
         drop(stream);
         loop {
             tokio::select! {
-                joined = tasks.join_next() => match joined {
-                    Some(Ok((tag, settle))) => book.settled(tag, settle),
-                    Some(Err(_)) => {}
+                done = tasks.next() => match done {
+                    Some((tag, settle)) => book.settled(tag, settle),
                     None => break,
                 },
                 () = tokio::time::sleep_until(deadline) => {
@@ -194,7 +207,7 @@ impl Consumer {
                         in_flight = tasks.len(),
                         "shutdown grace period over; abandoning in-flight handlers (their messages return to the queue)"
                     );
-                    tasks.abort_all();
+                    drop(tasks); // cancels the abandoned handlers
                     break;
                 }
             }
@@ -227,18 +240,83 @@ impl Consumer {
         Ok(())
     }
 
+    fn cancelled(
+        &self,
+        tasks: InFlight<impl Future<Output = (u64, Settle)> + Send + 'static>,
+    ) -> Exit {
+        warn!(worker = %self.entry.name, "the broker cancelled the consumer (was the queue deleted?)");
+        finish_detached(tasks);
+        Exit::Cancelled
+    }
+
     /// The channel died: in-flight handlers finish on their own (their deliveries will be
     /// redelivered, since they can no longer be acknowledged on this channel).
-    fn lost(&self, mut tasks: JoinSet<(u64, Settle)>, error: String) -> Exit {
+    fn lost(
+        &self,
+        tasks: InFlight<impl Future<Output = (u64, Settle)> + Send + 'static>,
+        error: String,
+    ) -> Exit {
         warn!(worker = %self.entry.name, %error, in_flight = tasks.len(), "consumer channel lost");
-        tasks.detach_all();
+        finish_detached(tasks);
         Exit::Lost(error)
     }
 }
 
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// Handler runs of one consumer, driven by the consumer's own task: no task spawn and no
+/// hop between threads per delivery. Handlers interleave on this task, so CPU-heavy work
+/// inside a handler belongs in `tokio::task::spawn_blocking`.
+type InFlight<F> = FuturesUnordered<F>;
+
+/// One delivery from start to settlement; a panic anywhere in it requeues the delivery.
+fn delivery(
+    entry: Arc<WorkerEntry>,
+    shared: Arc<Shared>,
+    msg: Incoming,
+    slot: SlotGuard,
+) -> impl Future<Output = (u64, Settle)> + Send + 'static {
+    let tag = msg.tag;
+    async move {
+        let settled = AssertUnwindSafe(process(&entry, &shared, msg, slot))
+            .catch_unwind()
+            .await;
+        (tag, settled.unwrap_or(Settle::Requeue))
+    }
+}
+
+/// The channel is gone, so these deliveries can no longer be acknowledged (the broker will
+/// redeliver them); let their handlers run to the end anyway rather than cut them off.
+fn finish_detached(mut tasks: InFlight<impl Future<Output = (u64, Settle)> + Send + 'static>) {
+    if !tasks.is_empty() {
+        tokio::spawn(async move { while tasks.next().await.is_some() {} });
+    }
+}
+
+/// How many handlers run. The concurrency limit counts handler runs only: storing a retry or
+/// dead-letter copy afterwards does not hold a slot (unsettled deliveries are bounded by the
+/// prefetch anyway).
+#[derive(Default)]
+struct Slots {
+    running: AtomicUsize,
+    freed: Notify,
+}
+
+impl Slots {
+    fn running(&self) -> usize {
+        self.running.load(Ordering::Acquire)
+    }
+
+    fn take(self: &Arc<Self>) -> SlotGuard {
+        self.running.fetch_add(1, Ordering::AcqRel);
+        SlotGuard(self.clone())
+    }
+}
+
+/// A handler slot, freed when dropped (also when the handler panics).
+struct SlotGuard(Arc<Slots>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
     }
 }

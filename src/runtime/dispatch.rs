@@ -97,8 +97,14 @@ pub(crate) struct Shared {
     pub(crate) extra_tiers: Mutex<HashSet<String>>,
 }
 
-/// Handle one delivery and say how to settle it.
-pub(crate) async fn process(entry: &WorkerEntry, shared: &Shared, msg: Incoming) -> Settle {
+/// Handle one delivery and say how to settle it. `slot` is dropped as soon as the handler
+/// has finished, before any retry or dead-letter copy is stored.
+pub(crate) async fn process(
+    entry: &WorkerEntry,
+    shared: &Shared,
+    msg: Incoming,
+    slot: impl Send,
+) -> Settle {
     let Incoming {
         exchange,
         routing_key,
@@ -108,26 +114,28 @@ pub(crate) async fn process(entry: &WorkerEntry, shared: &Shared, msg: Incoming)
         ..
     } = msg;
     let envelope = Arc::new(Envelope::new(
-        &entry.name,
-        &exchange,
-        &routing_key,
+        entry.name.clone(),
+        exchange,
+        routing_key,
         redelivered,
         properties,
     ));
     let span = info_span!(
         "delivery",
         worker = %entry.name,
-        event_type = %envelope.properties.kind().as_ref().map_or(envelope.routing_key.as_str(), |t| t.as_str()),
-        message_id = %envelope.message_id,
+        event_type = %envelope.event_type(),
+        message_id = %envelope.message_id(),
         attempt = envelope.attempt(),
     );
     async {
-        match check(&envelope, &body, shared.max_body).map_or_else(Some, |()| None) {
+        let failure = match check(&envelope, &body, shared.max_body) {
+            Ok(()) => run(entry, shared, &envelope, &body).await,
+            Err(failure) => Some(failure),
+        };
+        drop(slot);
+        match failure {
+            None => Settle::Ack,
             Some(failure) => fail(entry, shared, &envelope, &body, failure).await,
-            None => match run(entry, shared, &envelope, &body).await {
-                None => Settle::Ack,
-                Some(failure) => fail(entry, shared, &envelope, &body, failure).await,
-            },
         }
     }
     .instrument(span)
@@ -186,12 +194,7 @@ async fn run(
     envelope: &Arc<Envelope>,
     body: &[u8],
 ) -> Option<Failure> {
-    let correlation = envelope
-        .properties
-        .correlation_id()
-        .as_ref()
-        .map_or_else(|| envelope.message_id.clone(), |c| c.to_string());
-    let ctx = Context::new(shared.publisher.clone(), correlation, entry.name.clone());
+    let ctx = Context::new(shared.publisher.clone(), envelope.clone());
     // Decoding runs inside the guard too: a panicking Deserialize impl is a failure, not a crash.
     let guarded = AssertUnwindSafe(async { entry.worker.run(body, envelope.clone(), &ctx).await })
         .catch_unwind();
@@ -395,7 +398,7 @@ fn failure_properties(
         .properties
         .clone()
         .with_headers(h)
-        .with_message_id(envelope.message_id.as_str().into())
+        .with_message_id(envelope.message_id().into())
         .with_delivery_mode(2)
 }
 
@@ -404,7 +407,13 @@ mod tests {
     use super::*;
 
     fn envelope(props: BasicProperties) -> Envelope {
-        Envelope::new("q", "events", "order.placed", false, props)
+        Envelope::new(
+            "q".into(),
+            "events".into(),
+            "order.placed".into(),
+            false,
+            props,
+        )
     }
 
     fn kind_of(r: Result<(), Failure>) -> Option<(FailureKind, String)> {

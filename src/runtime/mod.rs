@@ -192,13 +192,14 @@ impl RuntimeBuilder {
             workers = entries.len(),
             "starting runtime"
         );
+        // Its connection opens when first needed (a retry, a dead-letter, a follow-up event):
+        // a worker that never publishes holds one connection, not two.
         let publisher = Publisher::builder(self.url.clone())
             .exchange(self.exchange.clone())
             .timeout(self.publish_timeout)
             .max_body_bytes(self.max_body)
             .connection_name(format!("{}:publisher", self.connection_name))
-            .connect()
-            .await;
+            .build();
         let publisher = match publisher {
             Ok(p) => p,
             Err(e) => {
