@@ -31,7 +31,7 @@ use crate::headers;
 pub trait Event: Serialize {
     /// The event type: the routing key and the AMQP `type` property.
     const TYPE: &'static str;
-    /// The schema version, sent in the `x-event-version` header.
+    /// The schema version, sent in the `x-event-version` header when it is not 1.
     const VERSION: u32 = 1;
 }
 
@@ -154,6 +154,7 @@ impl<T> Delivery<T> {
     }
 
     /// The event's schema version from `x-event-version`, if the publisher sent one.
+    /// rabbitry publishers send it only for versions other than 1: `None` from them means 1.
     pub fn event_version(&self) -> Option<u32> {
         headers::get_u64(self.headers(), headers::EVENT_VERSION).and_then(|v| u32::try_from(v).ok())
     }

@@ -25,7 +25,7 @@ pub const ORIGINAL_EXCHANGE: &str = "x-original-exchange";
 pub const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
 /// The worker queue the message failed in.
 pub const ORIGINAL_QUEUE: &str = "x-original-queue";
-/// The version of the event's schema, written by the publisher.
+/// The version of the event's schema, written by the publisher when it is not 1.
 pub const EVENT_VERSION: &str = "x-event-version";
 /// Written by RabbitMQ itself when it dead-letters a message; rabbitry keeps it as is.
 pub const X_DEATH: &str = "x-death";

@@ -533,7 +533,7 @@ async fn scenario_4_slow_consumer_under_a_million_message_backlog() {
         high - low < 4 * 1024,
         "consumer memory grew from {low} to {high} KiB"
     );
-    assert!(peak < 64 * 1024, "peak RSS {peak} KiB");
+    assert!(peak < 32 * 1024, "peak RSS {peak} KiB");
 
     // Nothing lost: what was handled plus what waits in the queue is everything.
     let ledger = sc.ledger();
