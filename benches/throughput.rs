@@ -29,6 +29,9 @@ use rabbitry::prelude::*;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+#[path = "../tests/support/cleanup.rs"]
+mod cleanup;
+
 const KEY: &str = "bench.event";
 const IN_FLIGHT: usize = 1000;
 const PREFETCH: u16 = 300;
@@ -376,21 +379,15 @@ async fn declare(imp: Imp, names: &Names) {
 }
 
 async fn cleanup(names: &Names) {
-    let conn = Connection::connect(&url(), ConnectionProperties::default())
+    let sub = subscription(&names.queue);
+    let queues = rabbitry::Topology::new(&names.exchange, [&sub])
+        .queues()
+        .map(str::to_owned)
+        .collect();
+    let exchanges = vec![names.exchange.clone(), format!("{}.dlx", names.exchange)];
+    tokio::task::spawn_blocking(move || cleanup::delete(&url(), queues, exchanges))
         .await
         .unwrap();
-    let sub = subscription(&names.queue);
-    for q in rabbitry::Topology::new(&names.exchange, [&sub]).queues() {
-        let ch = conn.create_channel().await.unwrap();
-        let _ = ch.queue_delete(q.into(), Default::default()).await;
-    }
-    for x in [names.exchange.clone(), format!("{}.dlx", names.exchange)] {
-        let ch = conn.create_channel().await.unwrap();
-        let _ = ch
-            .exchange_delete(x.as_str().into(), Default::default())
-            .await;
-    }
-    let _ = conn.close(200, "OK".into()).await;
 }
 
 /// Publish `count` events with about `IN_FLIGHT` confirms outstanding; returns msgs/s.
@@ -710,7 +707,8 @@ fn main() {
         .build()
         .unwrap();
     if args.iter().any(|a| a == "--prefill") {
-        // For profiling a consumer alone: declare and fill a queue, print the child command.
+        // For profiling a consumer alone: declare and fill a queue (left for that run),
+        // and print the arguments that consume it in a child process.
         let names = Names::new(Imp::Rabbitry, 0);
         rt.block_on(async {
             declare(Imp::Rabbitry, &names).await;

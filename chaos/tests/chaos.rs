@@ -9,6 +9,8 @@
 //! id handled that was never published, duplicates printed. The broker restart runs last
 //! (tests run in name order with one thread), so it cannot disturb the others.
 
+#[path = "../../tests/support/cleanup.rs"]
+mod cleanup;
 #[path = "../../tests/support/relay.rs"]
 mod relay;
 
@@ -164,38 +166,13 @@ impl Scenario {
 
 impl Drop for Scenario {
     fn drop(&mut self) {
-        let queues: Vec<String> = Topology::new(&self.exchange, [&self.config().subscription()])
+        let queues = Topology::new(&self.exchange, [&self.config().subscription()])
             .queues()
             .map(str::to_owned)
             .collect();
-        let exchanges = [self.exchange.clone(), format!("{}.dlx", self.exchange)];
+        let exchanges = vec![self.exchange.clone(), format!("{}.dlx", self.exchange)];
         let _ = std::fs::remove_file(&self.ledger);
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let Ok(conn) = Connection::connect(&url(), ConnectionProperties::default()).await
-                else {
-                    return;
-                };
-                for q in &queues {
-                    if let Ok(ch) = conn.create_channel().await {
-                        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-                    }
-                }
-                for x in &exchanges {
-                    if let Ok(ch) = conn.create_channel().await {
-                        let _ = ch
-                            .exchange_delete(x.as_str().into(), Default::default())
-                            .await;
-                    }
-                }
-                let _ = conn.close(200, "OK".into()).await;
-            });
-        })
-        .join();
+        cleanup::delete(&url(), queues, exchanges);
     }
 }
 

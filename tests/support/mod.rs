@@ -4,6 +4,7 @@
 //! what it declared when its `TestEnv` is dropped, so tests run in parallel.
 #![allow(dead_code)]
 
+pub mod cleanup;
 pub mod relay;
 
 use std::collections::BTreeSet;
@@ -183,34 +184,8 @@ impl TestEnv {
 impl Drop for TestEnv {
     fn drop(&mut self) {
         let queues: Vec<String> = self.queues.lock().unwrap().iter().cloned().collect();
-        let exchanges = [self.exchange.clone(), format!("{}.dlx", self.exchange)];
-        // Cleanup must not depend on the test's runtime, which may be gone (or panicking).
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let Ok(conn) = Connection::connect(&url(), ConnectionProperties::default()).await
-                else {
-                    return;
-                };
-                for q in &queues {
-                    if let Ok(ch) = conn.create_channel().await {
-                        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-                    }
-                }
-                for x in &exchanges {
-                    if let Ok(ch) = conn.create_channel().await {
-                        let _ = ch
-                            .exchange_delete(x.as_str().into(), Default::default())
-                            .await;
-                    }
-                }
-                let _ = conn.close(200, "OK".into()).await;
-            });
-        })
-        .join();
+        let exchanges = vec![self.exchange.clone(), format!("{}.dlx", self.exchange)];
+        cleanup::delete(&url(), queues, exchanges);
     }
 }
 

@@ -6,11 +6,17 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use cleanup::DeleteOnDrop;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
-use rabbitry::Publisher;
+use rabbitry::Topology;
+use rabbitry::prelude::*;
+use rabbitry_workers::email::{EmailWorker, Outbox};
 use rabbitry_workers::orders::OrderPlaced;
+
+#[path = "../../tests/support/cleanup.rs"]
+mod cleanup;
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -53,6 +59,15 @@ async fn sigterm_finishes_the_email_in_flight_and_exits_zero() {
     let prefix = format!("t.sigterm.{}.", &id[id.len() - 8..]);
     let exchange = format!("{prefix}events");
     let queue = format!("{prefix}orders.email");
+    let subscription = EmailWorker::new(&queue, Outbox::default()).subscription();
+    let _cleanup = DeleteOnDrop {
+        url: url(),
+        queues: Topology::new(&exchange, [&subscription])
+            .queues()
+            .map(str::to_owned)
+            .collect(),
+        exchanges: vec![exchange.clone(), format!("{exchange}.dlx")],
+    };
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_email-worker"))
         .env("AMQP_URL", url())
@@ -126,17 +141,5 @@ async fn sigterm_finishes_the_email_in_flight_and_exits_zero() {
         "sent {sent}, still queued {ready}"
     );
 
-    let mut names = vec![queue.clone(), format!("{queue}.dlq")];
-    names.extend([1000, 2000, 4000, 8000].map(|ms| format!("{queue}.retry.{ms}")));
-    for name in names {
-        let _ = ch
-            .queue_delete(name.as_str().into(), Default::default())
-            .await;
-    }
-    for x in [exchange.clone(), format!("{exchange}.dlx")] {
-        let _ = ch
-            .exchange_delete(x.as_str().into(), Default::default())
-            .await;
-    }
     publisher.close().await;
 }
