@@ -7,14 +7,15 @@
 //! messages from the real workers on the same broker.
 //!
 //! ```text
-//! cargo run --example orders            # RabbitMQ at $AMQP_URL, default amqp://guest:guest@127.0.0.1:5672/%2f
+//! cargo run --example orders                                                  # in memory
+//! AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f cargo run --example orders   # on RabbitMQ
 //! ```
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rabbitry::prelude::*;
-use rabbitry::redact_url;
+use rabbitry::{MemoryBroker, redact_url};
 use rabbitry_workers::analytics::{AnalyticsWorker, Stats};
 use rabbitry_workers::email::{EmailWorker, Outbox};
 use rabbitry_workers::inventory::{InventoryWorker, Stock};
@@ -39,11 +40,24 @@ async fn main() -> ExitCode {
 }
 
 async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-    let url = std::env::var("AMQP_URL").unwrap_or_else(|_| rabbitry::DEFAULT_URL.into());
-    println!(
-        "rabbitry demo on RabbitMQ at {} (exchange {EXCHANGE})",
-        redact_url(&url)
-    );
+    // RabbitMQ when AMQP_URL says where; otherwise an in-memory broker with the same
+    // semantics, so the demo needs nothing but Rust (and no network).
+    let in_memory = MemoryBroker::new();
+    let url = match std::env::var("AMQP_URL") {
+        Ok(url) => {
+            println!(
+                "rabbitry demo on RabbitMQ at {} (exchange {EXCHANGE})",
+                redact_url(&url)
+            );
+            url
+        }
+        Err(_) => {
+            println!(
+                "rabbitry demo on the in-memory broker (set AMQP_URL=amqp://… to run it on RabbitMQ)"
+            );
+            in_memory.url()
+        }
+    };
 
     let outbox = Outbox::default();
     let stock = Stock::default();

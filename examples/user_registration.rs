@@ -2,7 +2,7 @@
 //! one worker, a publisher, and a rejected message that goes to the dead-letter queue.
 //!
 //! ```text
-//! cargo run --example user_registration     # RabbitMQ at $AMQP_URL (default localhost)
+//! cargo run --example user_registration     # in memory; set AMQP_URL to use RabbitMQ
 //! ```
 
 use std::collections::BTreeSet;
@@ -64,7 +64,11 @@ impl Worker for WelcomeEmail {
 async fn main() -> rabbitry::Result<()> {
     let sent = Arc::new(Mutex::new(BTreeSet::new()));
     let (done, mut handled) = tokio::sync::mpsc::unbounded_channel();
+    // RabbitMQ when AMQP_URL says where; otherwise the in-memory broker.
+    let in_memory = rabbitry::MemoryBroker::new();
+    let url = std::env::var("AMQP_URL").unwrap_or_else(|_| in_memory.url());
     let runtime = Runtime::builder()
+        .url(url)
         .exchange("demo.events")
         .worker(WelcomeEmail {
             sent: sent.clone(),

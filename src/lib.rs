@@ -113,6 +113,14 @@
 //! can be handled twice, so handlers that must not repeat effects should key them on
 //! [`Delivery::message_id`], which stays the same across retries.
 //!
+//! ## Testing your workers
+//!
+//! [`testing::TestBroker`] runs workers on [`MemoryBroker`], an in-process broker with
+//! RabbitMQ's semantics, and reports what was handled, retried (with which delay),
+//! dead-lettered (with which headers) and published. With tokio's time paused, retry
+//! delays pass instantly. See the [`testing`] module for a complete, runnable example.
+//! A [`MemoryBroker`]'s URL (`memory://<name>`) also works anywhere a RabbitMQ URL does.
+//!
 //! ## Bad input
 //!
 //! A body that is not JSON, does not fit the event type, is over the size limit, or has a
@@ -129,10 +137,11 @@ mod outcome;
 mod publisher;
 mod retry;
 mod runtime;
+pub mod testing;
 mod topology;
 mod worker;
 
-pub use broker::redact_url;
+pub use broker::{BrokerMessage, MemoryBroker, redact_url};
 pub use context::Context;
 pub use error::{BrokerError, Error, Result};
 pub use event::{Delivery, Event};

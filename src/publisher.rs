@@ -55,7 +55,7 @@ pub struct Publisher {
 
 struct Inner {
     url: String,
-    pool: deadpool_lapin::Pool,
+    pool: broker::Pool,
     slots: Vec<SlotCell>,
     next: AtomicUsize,
     exchange: String,
@@ -191,24 +191,7 @@ impl PublisherBuilder {
             Some(id) => Some(broker::short("app_id", &id)?),
             None => None,
         };
-        let uri = broker::parse_url(&self.url)?;
-        let name = self.name.clone();
-        let config = deadpool_lapin::Config {
-            url: Some(uri.to_string()),
-            pool: Some(deadpool_lapin::PoolConfig::new(self.connections)),
-        };
-        let pool = config
-            .create_pool(
-                move || {
-                    lapin::ConnectionProperties::default().with_connection_name(name.clone().into())
-                },
-                deadpool_lapin::Runtime::Tokio1,
-            )
-            .map_err(|e| {
-                Error::Config(format!(
-                    "cannot create the publisher's connection pool: {e}"
-                ))
-            })?;
+        let pool = broker::Pool::new(&self.url, self.name, self.connections)?;
         Ok(Publisher {
             inner: Arc::new(Inner {
                 url: broker::redact_url(&self.url),
@@ -456,19 +439,7 @@ impl Inner {
         }
         // Give a dead connection back; the pool's recycle check discards it.
         cell.set(None);
-        let pooled = self.pool.get().await.map_err(|e| {
-            let source = match e {
-                deadpool_lapin::PoolError::Backend(e) => BrokerError::from(e),
-                other => {
-                    BrokerError::from(lapin::Error::from(std::io::Error::other(other.to_string())))
-                }
-            };
-            Error::Connect {
-                url: self.url.clone(),
-                source,
-            }
-        })?;
-        let connection = Connection::pooled(pooled);
+        let connection = self.pool.get().await?;
         let channel = connection.channel().await?;
         channel.confirm_select().await?;
         let slot = Arc::new(Slot {

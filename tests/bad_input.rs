@@ -4,6 +4,7 @@
 //! valid; every good one is handled; the worker never restarts. Also: publishing mistakes
 //! and conflicting declarations give typed errors.
 
+#[macro_use]
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -412,9 +413,7 @@ fn corpus() -> Vec<Case> {
     cases
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_messages_are_dead_lettered_or_handled_and_good_ones_all_flow() {
-    let env = TestEnv::new("badinput");
+async fn hostile_messages_are_dead_lettered_or_handled_and_good_ones_all_flow(env: TestEnv) {
     let queue = env.queue("sensor");
     let (tx, mut handled) = mpsc::unbounded_channel();
     let worker = Sensor {
@@ -484,9 +483,9 @@ async fn hostile_messages_are_dead_lettered_or_handled_and_good_ones_all_flow() 
     );
     assert_eq!(env.ready(&queue).await, 0);
 
-    let by_case: BTreeMap<String, &lapin::message::Delivery> = dead
+    let by_case: BTreeMap<String, &Taken> = dead
         .iter()
-        .map(|d| (header_str(d, "x-case").expect("x-case kept"), d))
+        .map(|d| (d.header_str("x-case").expect("x-case kept"), d))
         .collect();
     let mut wrong_reasons = Vec::new();
     for case in dead_cases {
@@ -497,12 +496,12 @@ async fn hostile_messages_are_dead_lettered_or_handled_and_good_ones_all_flow() 
             .get(case.name)
             .unwrap_or_else(|| panic!("'{}' is not in the DLQ", case.name));
         assert_eq!(
-            header_str(d, headers::EXCEPTION_KIND).as_deref(),
+            d.header_str(headers::EXCEPTION_KIND).as_deref(),
             Some("undecodable"),
             "{}",
             case.name
         );
-        let message = header_str(d, headers::EXCEPTION_MESSAGE).unwrap();
+        let message = d.header_str(headers::EXCEPTION_MESSAGE).unwrap();
         if !message.contains(reason) {
             wrong_reasons.push(format!("'{}': {message:?} lacks {reason:?}", case.name));
         }
@@ -512,20 +511,18 @@ async fn hostile_messages_are_dead_lettered_or_handled_and_good_ones_all_flow() 
             case.name
         );
         assert_eq!(
-            d.data, case.body,
+            d.body, case.body,
             "'{}': the body is kept as received",
             case.name
         );
-        assert_eq!(header_str(d, headers::ORIGINAL_QUEUE), Some(queue.clone()));
+        assert_eq!(d.header_str(headers::ORIGINAL_QUEUE), Some(queue.clone()));
     }
     assert!(wrong_reasons.is_empty(), "{}", wrong_reasons.join("\n"));
     let kept = by_case["invalid json with headers to keep"];
-    assert_eq!(header_str(kept, "x-tenant").as_deref(), Some("acme"));
+    assert_eq!(kept.header_str("x-tenant").as_deref(), Some("acme"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publishing_mistakes_are_typed_errors() {
-    let env = TestEnv::new("puberr");
+async fn publishing_mistakes_are_typed_errors(env: TestEnv) {
     // Declares the exchange, with no queue bound for order.placed.
     let (probe, _seen) = env.probe(Subscription::new(env.queue("other")).bind("user.*"), |_| {
         Ok(())
@@ -559,7 +556,7 @@ async fn publishing_mistakes_are_typed_errors() {
         .await
         .unwrap();
 
-    let missing = Publisher::builder(url())
+    let missing = Publisher::builder(env.url())
         .exchange(format!("{}.missing", env.exchange))
         .connect()
         .await
@@ -574,7 +571,7 @@ async fn publishing_mistakes_are_typed_errors() {
         Err(Error::ExchangeNotFound { .. })
     ));
 
-    let small = Publisher::builder(url())
+    let small = Publisher::builder(env.url())
         .exchange(env.exchange.clone())
         .max_body_bytes(16)
         .connect()
@@ -608,9 +605,7 @@ async fn publishing_mistakes_are_typed_errors() {
     rt.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_conflicting_declaration_names_the_queue_and_argument() {
-    let env = TestEnv::new("conflict");
+async fn a_conflicting_declaration_names_the_queue_and_argument(env: TestEnv) {
     let queue = env.queue("conflicted");
     let (plain, _) = env.probe(Subscription::new(&queue).bind("order.placed"), |_| Ok(()));
     env.builder().worker(plain).declare().await.unwrap();
@@ -646,3 +641,9 @@ async fn a_conflicting_declaration_names_the_queue_and_argument() {
         "{text}"
     );
 }
+
+on_both_brokers!(
+    hostile_messages_are_dead_lettered_or_handled_and_good_ones_all_flow,
+    publishing_mistakes_are_typed_errors,
+    a_conflicting_declaration_names_the_queue_and_argument,
+);

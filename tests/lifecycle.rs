@@ -1,6 +1,7 @@
-//! Lifecycle against a real RabbitMQ: reconnecting after the network drops, graceful
-//! shutdown, and adding, removing, pausing and resuming workers while running.
+//! Lifecycle, on RabbitMQ and on the in-memory broker: reconnecting after the network drops,
+//! graceful shutdown, and adding, removing, pausing and resuming workers while running.
 
+#[macro_use]
 mod support;
 
 use std::sync::Arc;
@@ -8,36 +9,33 @@ use std::time::Duration;
 
 use rabbitry::Error;
 use rabbitry::prelude::*;
-use support::relay::Relay;
 use support::*;
 use tokio::sync::Semaphore;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_runtime_reconnects_after_the_connection_is_cut_and_redelivers_unacked_messages() {
-    let env = TestEnv::new("reconnect");
-    let mut relay = Relay::start("127.0.0.1:5672").await;
+async fn the_runtime_reconnects_after_the_connection_is_cut_and_redelivers_unacked_messages(
+    env: TestEnv,
+) {
     let queue = env.queue("resilient");
     let gate = Arc::new(Semaphore::new(0));
     let (probe, mut seen) = env.probe(Subscription::new(&queue).bind("order.placed"), |_| Ok(()));
+    // On RabbitMQ the runtime goes through a TCP relay that can cut its connections.
     let rt = env
-        .builder()
-        .url(relay.url())
+        .breakable_builder()
+        .await
         .worker(probe.gated(gate.clone()))
         .start()
         .await
         .unwrap();
-    // The consumer's connection; the runtime's publisher connects only when first needed.
-    relay.wait_for_connections(1).await;
-    // Publish directly, not through the relay.
     let publisher = env.publisher().await;
 
     publisher.publish(&order(1)).await.unwrap();
     let first = seen.next().await; // handler running, blocked on the gate
     assert!(!first.redelivered);
-    relay.cut();
+    env.break_connections();
     gate.add_permits(1); // it finishes, but its acknowledgement cannot reach the broker
 
-    // The broker gives the unacknowledged message back; the runtime reconnects by itself.
+    // The broker gives the unacknowledged message back once the runtime has reconnected
+    // by itself.
     let again = seen.next().await;
     assert_eq!(again.message_id, first.message_id);
     assert!(
@@ -45,7 +43,6 @@ async fn the_runtime_reconnects_after_the_connection_is_cut_and_redelivers_unack
         "an unacknowledged delivery comes back as a redelivery"
     );
     gate.add_permits(1);
-    relay.wait_for_connections(2).await;
 
     publisher.publish(&order(2)).await.unwrap();
     let fresh = seen.next().await;
@@ -58,9 +55,7 @@ async fn the_runtime_reconnects_after_the_connection_is_cut_and_redelivers_unack
     assert_eq!(env.ready(&queue).await, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graceful_shutdown_finishes_in_flight_work_and_returns_the_rest() {
-    let env = TestEnv::new("shutdown");
+async fn graceful_shutdown_finishes_in_flight_work_and_returns_the_rest(env: TestEnv) {
     let queue = env.queue("busy");
     let gate = Arc::new(Semaphore::new(0));
     let (probe, mut seen) = env.probe(
@@ -102,7 +97,7 @@ async fn graceful_shutdown_finishes_in_flight_work_and_returns_the_rest() {
     let mut ids: Vec<u64> = handled.iter().map(Seen::order_id).collect();
     let returned = env.take(&queue, remaining).await;
     ids.extend(returned.iter().map(|d| {
-        serde_json::from_slice::<OrderPlaced>(&d.data)
+        serde_json::from_slice::<OrderPlaced>(&d.body)
             .unwrap()
             .order_id
     }));
@@ -111,9 +106,7 @@ async fn graceful_shutdown_finishes_in_flight_work_and_returns_the_rest() {
     assert!(matches!(rt.workers().await, Err(Error::ShutDown)));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_handler_over_the_grace_period_is_abandoned_and_its_message_returned() {
-    let env = TestEnv::new("grace");
+async fn a_handler_over_the_grace_period_is_abandoned_and_its_message_returned(env: TestEnv) {
     let queue = env.queue("stuck");
     let gate = Arc::new(Semaphore::new(0)); // never opened
     let (probe, mut seen) = env.probe(Subscription::new(&queue).bind("order.placed"), |_| Ok(()));
@@ -134,9 +127,7 @@ async fn a_handler_over_the_grace_period_is_abandoned_and_its_message_returned()
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn workers_can_be_added_paused_resumed_and_removed_while_running() {
-    let env = TestEnv::new("dynamic");
+async fn workers_can_be_added_paused_resumed_and_removed_while_running(env: TestEnv) {
     let (first, mut first_seen) = env.probe(
         Subscription::new(env.queue("first")).bind("order.placed"),
         |_| Ok(()),
@@ -219,3 +210,10 @@ async fn workers_can_be_added_paused_resumed_and_removed_while_running() {
     assert_eq!(first_seen.next().await.order_id(), 4);
     rt.shutdown().await;
 }
+
+on_both_brokers!(
+    the_runtime_reconnects_after_the_connection_is_cut_and_redelivers_unacked_messages,
+    graceful_shutdown_finishes_in_flight_work_and_returns_the_rest,
+    a_handler_over_the_grace_period_is_abandoned_and_its_message_returned,
+    workers_can_be_added_paused_resumed_and_removed_while_running,
+);

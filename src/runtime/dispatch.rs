@@ -23,6 +23,7 @@ use crate::headers;
 use crate::outcome::{Action, Failure, FailureKind, Outcome};
 use crate::publisher::Publisher;
 use crate::retry::tier_for_delay;
+use crate::testing::{Handling, Recorder};
 use crate::topology::{self, Topology, dlx_name, retry_queue_name};
 use crate::worker::{Subscription, Worker};
 
@@ -95,6 +96,8 @@ pub(crate) struct Shared {
     pub(crate) max_body: usize,
     /// Retry tiers declared on demand for `retry_after` delays.
     pub(crate) extra_tiers: Mutex<HashSet<String>>,
+    /// Told how each delivery ended (the testing harness).
+    pub(crate) recorder: Option<Arc<Recorder>>,
 }
 
 /// Handle one delivery and say how to settle it. `slot` is dropped as soon as the handler
@@ -133,10 +136,14 @@ pub(crate) async fn process(
             Err(failure) => Some(failure),
         };
         drop(slot);
-        match failure {
-            None => Settle::Ack,
+        let (settle, handling) = match failure {
+            None => (Settle::Ack, Handling::Handled),
             Some(failure) => fail(entry, shared, &envelope, &body, failure).await,
+        };
+        if let Some(recorder) = &shared.recorder {
+            recorder.record(&entry.name, &envelope, handling);
         }
+        settle
     }
     .instrument(span)
     .await
@@ -246,7 +253,7 @@ async fn fail(
     envelope: &Envelope,
     body: &[u8],
     failure: Failure,
-) -> Settle {
+) -> (Settle, Handling) {
     let attempt = envelope.attempt();
     let policy = &entry.subscription.retry;
     let retry_tier = match failure.action() {
@@ -269,12 +276,21 @@ async fn fail(
             (dlx_name(&shared.exchange), entry.name.to_string())
         }
     };
+    let handling = match retry_tier {
+        Some(ms) => Handling::Retried {
+            delay: Duration::from_millis(ms),
+        },
+        None => Handling::DeadLettered {
+            kind: failure.kind(),
+            reason: failure.to_string(),
+        },
+    };
     if let Some(ms) = retry_tier
         && !policy.tiers().contains(&ms)
         && let Err(e) = ensure_tier(entry, shared, &routing_key, ms).await
     {
         error!(error = %e, queue = %routing_key, "cannot declare the retry queue; requeueing");
-        return requeue_later().await;
+        return (requeue_later().await, Handling::Requeued);
     }
     let properties = failure_properties(entry, envelope, &failure, retry_tier.is_some());
     let mut result = shared
@@ -295,10 +311,10 @@ async fn fail(
         };
     }
     match result {
-        Ok(()) => Settle::Ack,
+        Ok(()) => (Settle::Ack, handling),
         Err(e) => {
             error!(error = %e, "could not store the retry or dead-letter copy; requeueing the message");
-            requeue_later().await
+            (requeue_later().await, Handling::Requeued)
         }
     }
 }

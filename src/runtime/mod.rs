@@ -17,6 +17,7 @@ use tracing::info;
 use crate::broker;
 use crate::error::{Error, Result};
 use crate::publisher::Publisher;
+use crate::testing::Recorder;
 use crate::topology::Topology;
 use crate::worker::Worker;
 use dispatch::{Shared, WorkerEntry};
@@ -40,6 +41,7 @@ pub struct RuntimeBuilder {
     reconnect_min: Duration,
     reconnect_max: Duration,
     connection_name: String,
+    recorder: Option<Arc<Recorder>>,
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -115,6 +117,12 @@ impl RuntimeBuilder {
     /// The connection name shown in the management UI (default `rabbitry:<executable>`).
     pub fn connection_name(mut self, name: impl Into<String>) -> Self {
         self.connection_name = name.into();
+        self
+    }
+
+    /// Tell `recorder` how every delivery ends (used by [`TestBroker`](crate::testing::TestBroker)).
+    pub(crate) fn recorder(mut self, recorder: Arc<Recorder>) -> Self {
+        self.recorder = Some(recorder);
         self
     }
 
@@ -212,6 +220,7 @@ impl RuntimeBuilder {
             publisher,
             max_body: self.max_body,
             extra_tiers: Mutex::new(HashSet::new()),
+            recorder: self.recorder.clone(),
         });
         let (commands, receiver) = mpsc::channel(16);
         let mut supervisor = Supervisor::new(
@@ -303,6 +312,7 @@ impl Runtime {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(30),
             connection_name: format!("rabbitry:{exe}"),
+            recorder: None,
         }
     }
 

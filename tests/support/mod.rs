@@ -1,7 +1,9 @@
-//! Shared helpers for the integration tests, which run against a real RabbitMQ.
+//! Shared helpers for the integration tests.
 //!
 //! Every test works in its own namespace (a unique exchange and queue prefix) and deletes
-//! what it declared when its `TestEnv` is dropped, so tests run in parallel.
+//! what it declared when its `TestEnv` is dropped, so tests run in parallel. Tests written
+//! as `async fn name(env: TestEnv)` and listed in `on_both_brokers!` run twice: against
+//! RabbitMQ (`rabbitmq::name`) and against the in-memory broker (`in_memory::name`).
 #![allow(dead_code)]
 
 pub mod cleanup;
@@ -19,34 +21,134 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rabbitry::prelude::*;
-use rabbitry::{RuntimeBuilder, Topology};
+use rabbitry::{MemoryBroker, RuntimeBuilder, Topology};
 use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
+
+/// Instantiate each listed `async fn name(env: TestEnv)` as a test on each broker.
+macro_rules! on_both_brokers {
+    ($($name:ident),* $(,)?) => {
+        mod rabbitmq {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::support::TestEnv::rabbitmq(stringify!($name))).await
+                }
+            )*
+        }
+        mod in_memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::support::TestEnv::in_memory(stringify!($name))).await
+                }
+            )*
+        }
+    };
+}
 
 /// How long a test waits for something that should happen before failing. Generous: it
 /// bounds a failure, it is not a timing assertion.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
+/// The RabbitMQ URL.
 pub fn url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| rabbitry::DEFAULT_URL.to_owned())
 }
 
-/// A test's own exchange and queue names, deleted on drop.
+enum Backend {
+    RabbitMq {
+        relay: Mutex<Option<Arc<relay::Relay>>>,
+    },
+    Memory(MemoryBroker),
+}
+
+/// A message taken from a queue, from either broker.
+#[derive(Debug, Clone)]
+pub struct Taken {
+    pub body: Vec<u8>,
+    pub properties: BasicProperties,
+    pub redelivered: bool,
+}
+
+impl Taken {
+    /// A header as a string, whatever string type carried it.
+    pub fn header_str(&self, key: &str) -> Option<String> {
+        match self.properties.headers().as_ref()?.inner().get(key)? {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::ShortString(s) => Some(s.to_string()),
+            _ => None,
+        }
+    }
+
+    /// A header as an integer, whatever integer type carried it.
+    pub fn header_int(&self, key: &str) -> Option<i64> {
+        match self.properties.headers().as_ref()?.inner().get(key)? {
+            AMQPValue::LongLongInt(v) => Some(*v),
+            AMQPValue::LongInt(v) => Some((*v).into()),
+            AMQPValue::ShortInt(v) => Some((*v).into()),
+            AMQPValue::ShortShortUInt(v) => Some((*v).into()),
+            _ => None,
+        }
+    }
+
+    pub fn message_id(&self) -> Option<String> {
+        self.properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.to_string())
+    }
+}
+
+/// A test's own exchange and queue names on one broker, deleted on drop.
 pub struct TestEnv {
     pub exchange: String,
     prefix: String,
     queues: Mutex<BTreeSet<String>>,
+    backend: Backend,
 }
 
 impl TestEnv {
-    pub fn new(test: &str) -> TestEnv {
+    fn with(test: &str, backend: Backend) -> TestEnv {
         let id = uuid::Uuid::now_v7().simple().to_string();
         let prefix = format!("t.{test}.{}", &id[id.len() - 8..]);
         TestEnv {
             exchange: format!("{prefix}.events"),
             prefix,
             queues: Mutex::new(BTreeSet::new()),
+            backend,
+        }
+    }
+
+    /// On RabbitMQ.
+    pub fn rabbitmq(test: &str) -> TestEnv {
+        TestEnv::with(
+            test,
+            Backend::RabbitMq {
+                relay: Mutex::new(None),
+            },
+        )
+    }
+
+    /// On a fresh in-memory broker.
+    pub fn in_memory(test: &str) -> TestEnv {
+        TestEnv::with(test, Backend::Memory(MemoryBroker::new()))
+    }
+
+    /// The in-memory broker, when this test runs on one.
+    pub fn memory(&self) -> Option<&MemoryBroker> {
+        match &self.backend {
+            Backend::Memory(broker) => Some(broker),
+            Backend::RabbitMq { .. } => None,
+        }
+    }
+
+    /// The broker's URL.
+    pub fn url(&self) -> String {
+        match &self.backend {
+            Backend::RabbitMq { .. } => url(),
+            Backend::Memory(broker) => broker.url(),
         }
     }
 
@@ -58,11 +160,38 @@ impl TestEnv {
     /// A runtime builder on this test's exchange, with short grace and reconnect delays.
     pub fn builder(&self) -> RuntimeBuilder {
         Runtime::builder()
-            .url(url())
+            .url(self.url())
             .exchange(self.exchange.clone())
             .shutdown_grace(Duration::from_secs(10))
             .startup_timeout(Duration::from_secs(10))
             .reconnect_delay(Duration::from_millis(50), Duration::from_millis(500))
+    }
+
+    /// A runtime builder whose connections `break_connections` can break: on RabbitMQ it
+    /// goes through a TCP relay (heartbeat 2 s).
+    pub async fn breakable_builder(&self) -> RuntimeBuilder {
+        match &self.backend {
+            Backend::RabbitMq { relay } => {
+                let r = Arc::new(relay::Relay::start("127.0.0.1:5672").await);
+                let url = r.url_with("?heartbeat=2");
+                *relay.lock().unwrap() = Some(r);
+                self.builder().url(url)
+            }
+            Backend::Memory(_) => self.builder(),
+        }
+    }
+
+    /// Break every connection of a `breakable_builder` runtime, as a network failure would.
+    pub fn break_connections(&self) {
+        match &self.backend {
+            Backend::RabbitMq { relay } => relay
+                .lock()
+                .unwrap()
+                .as_ref()
+                .expect("a breakable builder")
+                .cut(),
+            Backend::Memory(broker) => broker.break_connections(),
+        }
     }
 
     /// Remember every queue `subscription` makes, for cleanup.
@@ -93,15 +222,15 @@ impl TestEnv {
     }
 
     pub async fn publisher(&self) -> Publisher {
-        Publisher::builder(url())
+        Publisher::builder(self.url())
             .exchange(self.exchange.clone())
             .connect()
             .await
             .expect("publisher connects")
     }
 
-    /// A bare lapin channel in confirm mode: what a client in another language would use.
-    pub async fn bare(&self) -> (Connection, lapin::Channel) {
+    /// A bare lapin channel in confirm mode (RabbitMQ only).
+    async fn bare(&self) -> (Connection, lapin::Channel) {
         let conn = Connection::connect(&url(), ConnectionProperties::default())
             .await
             .expect("bare client connects");
@@ -112,8 +241,14 @@ impl TestEnv {
         (conn, ch)
     }
 
-    /// Publish raw bytes with a bare client and wait for the confirm.
+    /// Publish raw bytes as a bare client of another language would.
     pub async fn publish_bare(&self, routing_key: &str, body: &[u8], props: BasicProperties) {
+        if let Some(broker) = self.memory() {
+            broker
+                .publish(&self.exchange, routing_key, body, props)
+                .expect("the exchange exists");
+            return;
+        }
         let (conn, ch) = self.bare().await;
         let confirm = ch
             .basic_publish(
@@ -133,6 +268,9 @@ impl TestEnv {
 
     /// Messages ready in `queue` (not counting unacknowledged ones).
     pub async fn ready(&self, queue: &str) -> u32 {
+        if let Some(broker) = self.memory() {
+            return broker.ready(queue).expect("queue exists") as u32;
+        }
         let (conn, ch) = self.bare().await;
         let q = ch
             .queue_declare(
@@ -150,7 +288,29 @@ impl TestEnv {
     }
 
     /// Take the next `n` messages from `queue` (waiting for them), acknowledged.
-    pub async fn take(&self, queue: &str, n: usize) -> Vec<lapin::message::Delivery> {
+    pub async fn take(&self, queue: &str, n: usize) -> Vec<Taken> {
+        if let Some(broker) = self.memory() {
+            // Once the broker is idle, everything that will reach `queue` is there.
+            tokio::time::timeout(PATIENCE, broker.idle())
+                .await
+                .expect("the broker settles");
+            let taken: Vec<Taken> = broker
+                .take(queue, n)
+                .into_iter()
+                .map(|m| Taken {
+                    body: m.body,
+                    properties: m.properties,
+                    redelivered: m.redelivered,
+                })
+                .collect();
+            assert_eq!(
+                taken.len(),
+                n,
+                "{queue} holds {} messages, not {n}",
+                taken.len()
+            );
+            return taken;
+        }
         let (conn, ch) = self.bare().await;
         let mut consumer = ch
             .basic_consume(
@@ -174,7 +334,11 @@ impl TestEnv {
                 .expect("consumer open")
                 .unwrap();
             d.ack(BasicAckOptions::default()).await.unwrap();
-            out.push(d);
+            out.push(Taken {
+                body: d.data,
+                properties: d.properties,
+                redelivered: d.redelivered,
+            });
         }
         let _ = conn.close(200, "OK".into()).await;
         out
@@ -183,6 +347,9 @@ impl TestEnv {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
+        if self.memory().is_some() {
+            return; // the in-memory broker goes with the test
+        }
         let queues: Vec<String> = self.queues.lock().unwrap().iter().cloned().collect();
         let exchanges = vec![self.exchange.clone(), format!("{}.dlx", self.exchange)];
         cleanup::delete(&url(), queues, exchanges);
@@ -328,25 +495,5 @@ pub fn order(order_id: u64) -> OrderPlaced {
             sku: "BOOK-1".into(),
             qty: 2,
         }],
-    }
-}
-
-/// Read a header as a string, whatever string type carried it.
-pub fn header_str(d: &lapin::message::Delivery, key: &str) -> Option<String> {
-    match d.properties.headers().as_ref()?.inner().get(key)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.to_string()),
-        _ => None,
-    }
-}
-
-/// Read a header as an integer, whatever integer type carried it.
-pub fn header_int(d: &lapin::message::Delivery, key: &str) -> Option<i64> {
-    match d.properties.headers().as_ref()?.inner().get(key)? {
-        AMQPValue::LongLongInt(v) => Some(*v),
-        AMQPValue::LongInt(v) => Some((*v).into()),
-        AMQPValue::ShortInt(v) => Some((*v).into()),
-        AMQPValue::ShortShortUInt(v) => Some((*v).into()),
-        _ => None,
     }
 }

@@ -1,5 +1,4 @@
-//! The narrow seam between the runtime and the broker: connections, channels, declarations,
-//! consuming, acknowledging and publishing. Everything AMQP-specific stays in here.
+//! The AMQP side of the seam: RabbitMQ through lapin.
 
 use std::future::Future;
 use std::str::FromStr;
@@ -15,33 +14,13 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, ConnectionProperties, ExchangeKind};
 
+use super::{Confirm, Incoming, redact_url};
 use crate::error::{BrokerError, Error, Result};
 
 /// Heartbeat (seconds) when the URL does not set one: a dead peer is noticed in ~2× this.
 const DEFAULT_HEARTBEAT: u16 = 10;
 /// TCP + handshake timeout (ms) when the URL does not set one.
 const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 10_000;
-
-/// `url` with its password replaced by `***`, for logs and error messages.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end..];
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    match authority[..at].find(':') {
-        Some(colon) => format!(
-            "{}{}:***{}",
-            &url[..scheme_end],
-            &authority[..colon],
-            &rest[at..]
-        ),
-        None => url.to_owned(),
-    }
-}
 
 /// Parse and check an AMQP URL, filling in rabbitry's heartbeat and connect timeout
 /// when the URL does not set them.
@@ -63,16 +42,6 @@ pub(crate) fn parse_url(url: &str) -> Result<AMQPUri> {
         .connection_timeout
         .get_or_insert(DEFAULT_CONNECT_TIMEOUT_MS);
     Ok(uri)
-}
-
-/// Turn a string into an AMQP short string, or say which field is too long.
-pub(crate) fn short(what: &str, s: &str) -> Result<ShortString> {
-    ShortString::try_new(s).map_err(|_| {
-        Error::Config(format!(
-            "{what} is {} bytes; AMQP allows at most 255",
-            s.len()
-        ))
-    })
 }
 
 /// One AMQP connection, owned or borrowed from the publisher's pool.
@@ -159,27 +128,6 @@ impl Connection {
                 .await;
         }
     }
-}
-
-/// A message received from a queue.
-#[derive(Debug)]
-pub(crate) struct Incoming {
-    pub(crate) tag: u64,
-    pub(crate) exchange: String,
-    pub(crate) routing_key: String,
-    pub(crate) redelivered: bool,
-    pub(crate) properties: BasicProperties,
-    pub(crate) body: Vec<u8>,
-}
-
-/// The broker's answer to a confirmed publish.
-#[derive(Debug)]
-pub(crate) enum Confirm {
-    /// Stored (or, for an unroutable mandatory message, dropped: `returned` then carries
-    /// the message id of a returned message, which may belong to another publish).
-    Ack { returned: Option<Option<String>> },
-    /// Refused.
-    Nack,
 }
 
 /// One AMQP channel.
@@ -373,37 +321,62 @@ fn lapin_other(msg: String) -> lapin::Error {
     lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))
 }
 
-/// Whether the broker answered `error` with this AMQP reply code.
-pub(crate) fn reply_code(error: &lapin::Error) -> Option<u16> {
-    match error.kind() {
-        lapin::ErrorKind::ProtocolError(e) => Some(e.get_id()),
-        _ => None,
-    }
+/// The publisher's pool of AMQP connections (deadpool-lapin).
+pub(crate) struct Pool {
+    pool: deadpool_lapin::Pool,
+    url: String,
 }
 
-/// 404: the exchange or queue does not exist.
-pub(crate) const NOT_FOUND: u16 = 404;
-/// 406: a declaration conflicts with what exists.
-pub(crate) const PRECONDITION_FAILED: u16 = 406;
+impl Pool {
+    /// A pool of at most `size` connections to `url`; nothing connects yet.
+    pub(crate) fn new(url: &str, name: String, size: usize) -> Result<Pool> {
+        let uri = parse_url(url)?;
+        let config = deadpool_lapin::Config {
+            url: Some(uri.to_string()),
+            pool: Some(deadpool_lapin::PoolConfig::new(size)),
+        };
+        let pool = config
+            .create_pool(
+                move || ConnectionProperties::default().with_connection_name(name.clone().into()),
+                deadpool_lapin::Runtime::Tokio1,
+            )
+            .map_err(|e| {
+                Error::Config(format!(
+                    "cannot create the publisher's connection pool: {e}"
+                ))
+            })?;
+        Ok(Pool {
+            pool,
+            url: redact_url(url),
+        })
+    }
+
+    /// A live connection: an idle pooled one, or a new one (dead ones are discarded by the
+    /// pool's recycle check). It returns to the pool when its last clone is dropped.
+    pub(crate) async fn get(&self) -> Result<Connection> {
+        let object = self.pool.get().await.map_err(|e| {
+            let source = match e {
+                deadpool_lapin::PoolError::Backend(e) => BrokerError::from(e),
+                other => {
+                    BrokerError::from(lapin::Error::from(std::io::Error::other(other.to_string())))
+                }
+            };
+            Error::Connect {
+                url: self.url.clone(),
+                source,
+            }
+        })?;
+        Ok(Connection::pooled(object))
+    }
+
+    pub(crate) fn close(&self) {
+        self.pool.close();
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_never_survive_redaction() {
-        assert_eq!(
-            redact_url("amqp://guest:s3cret@localhost:5672/%2f"),
-            "amqp://guest:***@localhost:5672/%2f"
-        );
-        assert_eq!(
-            redact_url("amqps://u:p@ss@host/vh?heartbeat=5"),
-            "amqps://u:***@host/vh?heartbeat=5"
-        );
-        assert_eq!(redact_url("amqp://localhost"), "amqp://localhost");
-        assert_eq!(redact_url("amqp://user@localhost"), "amqp://user@localhost");
-        assert_eq!(redact_url("not a url"), "not a url");
-    }
 
     #[test]
     fn urls_get_a_heartbeat_and_bad_urls_a_clear_error() {
@@ -414,11 +387,5 @@ mod tests {
         let err = parse_url("http://guest:pw@host").unwrap_err().to_string();
         assert!(err.contains("invalid AMQP URL"), "{err}");
         assert!(!err.contains("pw"), "{err}");
-    }
-
-    #[test]
-    fn overlong_names_are_errors_not_panics() {
-        assert!(short("routing key", &"k".repeat(256)).is_err());
-        assert!(short("routing key", "order.placed").is_ok());
     }
 }
