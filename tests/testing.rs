@@ -53,16 +53,21 @@ impl Worker for Gateway {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_five_attempt_exponential_schedule_runs_instantly_and_exactly() {
+async fn start(policy: RetryPolicy) -> (TestBroker, Runtime) {
     let broker = TestBroker::new();
-    let policy = RetryPolicy::exponential(Duration::from_secs(1)).max_attempts(5);
     let rt = broker
         .runtime()
         .worker(Gateway { policy })
         .start()
         .await
         .unwrap();
+    (broker, rt)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_five_attempt_exponential_schedule_runs_instantly_and_exactly() {
+    let (broker, rt) =
+        start(RetryPolicy::exponential(Duration::from_secs(1)).max_attempts(5)).await;
     broker.publish(&Charge { id: 1, cents: 500 }).await.unwrap();
     broker.idle().await;
 
@@ -105,15 +110,7 @@ async fn a_five_attempt_exponential_schedule_runs_instantly_and_exactly() {
 
 #[tokio::test(start_paused = true)]
 async fn handled_rejected_and_published_messages_are_all_visible() {
-    let broker = TestBroker::new();
-    let rt = broker
-        .runtime()
-        .worker(Gateway {
-            policy: RetryPolicy::none(),
-        })
-        .start()
-        .await
-        .unwrap();
+    let (broker, rt) = start(RetryPolicy::none()).await;
     broker
         .publish(&Charge { id: 7, cents: -300 })
         .await
@@ -139,15 +136,7 @@ async fn handled_rejected_and_published_messages_are_all_visible() {
 
 #[tokio::test(start_paused = true)]
 async fn idle_counts_a_paused_workers_queue_as_waiting_not_busy() {
-    let broker = TestBroker::new();
-    let rt = broker
-        .runtime()
-        .worker(Gateway {
-            policy: RetryPolicy::none(),
-        })
-        .start()
-        .await
-        .unwrap();
+    let (broker, rt) = start(RetryPolicy::none()).await;
     rt.pause("payments.gateway").await.unwrap();
     broker.publish(&Charge { id: 9, cents: -1 }).await.unwrap();
     broker.idle().await;
