@@ -1,26 +1,32 @@
 //! Publishing events with publisher confirms.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{AMQPValue, ShortString};
 
 use crate::broker::{self, Channel, Confirm, Connection, NOT_FOUND};
 use crate::error::{BrokerError, Error, Result};
 use crate::event::Event;
 use crate::headers;
 
+mod builder;
+mod message;
+mod returns;
+
+pub use builder::PublisherBuilder;
+pub use message::Message;
+pub(crate) use message::MessageOptions;
+use returns::Returns;
+
 /// Confirms kept in flight at once by [`Publisher::publish_batch`].
 const BATCH_WINDOW: usize = 1000;
-/// Returned-message ids kept for the publish they belong to (see [`Publisher`] docs).
-const MAX_ORPHANS: usize = 1024;
 
 /// Publishes events to a topic exchange and waits for the broker's confirm.
 ///
@@ -91,18 +97,6 @@ impl SlotCell {
     }
 }
 
-/// Configures a [`Publisher`].
-#[derive(Clone)]
-pub struct PublisherBuilder {
-    url: String,
-    exchange: String,
-    timeout: Duration,
-    connections: usize,
-    max_body: usize,
-    app_id: Option<String>,
-    name: String,
-}
-
 impl fmt::Debug for Publisher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Publisher")
@@ -111,106 +105,6 @@ impl fmt::Debug for Publisher {
             .field("connections", &self.inner.slots.len())
             .finish_non_exhaustive()
     }
-}
-
-impl fmt::Debug for PublisherBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PublisherBuilder")
-            .field("url", &broker::redact_url(&self.url))
-            .field("exchange", &self.exchange)
-            .field("timeout", &self.timeout)
-            .field("connections", &self.connections)
-            .field("max_body", &self.max_body)
-            .field("app_id", &self.app_id)
-            .field("name", &self.name)
-            .finish()
-    }
-}
-
-impl PublisherBuilder {
-    /// Publish to this exchange (default `events`).
-    pub fn exchange(mut self, exchange: impl Into<String>) -> Self {
-        self.exchange = exchange.into();
-        self
-    }
-
-    /// Fail a publish that is not confirmed within `timeout` (default 10 s).
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// Number of connections, each with one confirm channel (default 1, which keeps
-    /// messages from one task in order).
-    pub fn connections(mut self, connections: usize) -> Self {
-        self.connections = connections;
-        self
-    }
-
-    /// Refuse bodies larger than this many bytes (default 16 MiB, RabbitMQ 4's default
-    /// `max_message_size`).
-    pub fn max_body_bytes(mut self, max: usize) -> Self {
-        self.max_body = max;
-        self
-    }
-
-    /// The `app_id` property (default: the executable's name).
-    pub fn app_id(mut self, app_id: impl Into<String>) -> Self {
-        self.app_id = Some(app_id.into());
-        self
-    }
-
-    /// The connection name shown in the management UI (default `rabbitry-publisher`).
-    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
-        self.name = name.into();
-        self
-    }
-
-    /// Check the settings and connect.
-    pub async fn connect(self) -> Result<Publisher> {
-        let publisher = self.build()?;
-        // Connect now, so that a wrong URL or a stopped broker is reported here.
-        publisher.inner.slot(0).await?;
-        Ok(publisher)
-    }
-
-    /// Check the settings; the connection opens on the first publish.
-    pub(crate) fn build(self) -> Result<Publisher> {
-        if self.connections == 0 {
-            return Err(Error::Config(
-                "publisher connections must be at least 1".into(),
-            ));
-        }
-        if self.timeout.is_zero() {
-            return Err(Error::Config(
-                "publish timeout must be longer than zero".into(),
-            ));
-        }
-        broker::short("exchange name", &self.exchange)?;
-        let app_id = match self.app_id.or_else(executable_name) {
-            Some(id) => Some(broker::short("app_id", &id)?),
-            None => None,
-        };
-        let pool = broker::Pool::new(&self.url, self.name, self.connections)?;
-        Ok(Publisher {
-            inner: Arc::new(Inner {
-                url: broker::redact_url(&self.url),
-                pool,
-                slots: (0..self.connections).map(|_| SlotCell::default()).collect(),
-                next: AtomicUsize::new(0),
-                exchange: self.exchange,
-                timeout: self.timeout,
-                max_body: self.max_body,
-                app_id,
-                returns: Returns::default(),
-            }),
-        })
-    }
-}
-
-fn executable_name() -> Option<String> {
-    let exe = std::env::current_exe().ok()?;
-    Some(exe.file_stem()?.to_string_lossy().into_owned())
 }
 
 impl Publisher {
@@ -245,11 +139,7 @@ impl Publisher {
 
     /// Start a message with options: priority, correlation id, headers, routing key.
     pub fn message<'a, E: Event>(&'a self, event: &'a E) -> Message<'a, E> {
-        Message {
-            publisher: self,
-            event,
-            options: MessageOptions::default(),
-        }
+        Message::with_options(self, event, MessageOptions::default())
     }
 
     /// Publish many events with their confirms in flight together (up to 1000 at a time)
@@ -499,163 +389,10 @@ impl Inner {
     }
 }
 
-/// Returned (unroutable) messages, matched to their own publish by message id.
-///
-/// The AMQP client attaches a returned message to whichever confirm it resolves next, which
-/// under a multiple-acknowledgement may be another message's. A return that is not ours is
-/// kept here for its owner, who looks for it when its own confirm carries none.
-#[derive(Default)]
-struct Returns {
-    orphans: Mutex<VecDeque<String>>,
-    /// Mirrors the ledger's length, so that the common case (no return anywhere) takes no lock.
-    pending: AtomicUsize,
-}
-
-impl Returns {
-    /// Whether the message `id` was returned, given what its own confirm carried.
-    fn settle(&self, id: &str, returned: Option<Option<String>>) -> bool {
-        if !matches!(returned, Some(Some(_))) && self.pending.load(Ordering::Acquire) == 0 {
-            return false;
-        }
-        let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
-        let unroutable = Self::settle_locked(&mut orphans, id, returned);
-        self.pending.store(orphans.len(), Ordering::Release);
-        unroutable
-    }
-
-    fn settle_locked(
-        orphans: &mut VecDeque<String>,
-        id: &str,
-        returned: Option<Option<String>>,
-    ) -> bool {
-        match returned {
-            Some(Some(returned_id)) if returned_id == id => return true,
-            Some(Some(other)) => {
-                if orphans.len() == MAX_ORPHANS {
-                    orphans.pop_front();
-                }
-                orphans.push_back(other);
-            }
-            _ => {}
-        }
-        match orphans.iter().position(|o| o == id) {
-            Some(i) => orphans.remove(i).is_some(),
-            None => false,
-        }
-    }
-}
-
 fn unix_seconds() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-#[derive(Debug, Clone, Default)]
-pub(crate) struct MessageOptions {
-    pub(crate) priority: Option<u8>,
-    pub(crate) correlation_id: Option<String>,
-    pub(crate) message_id: Option<String>,
-    pub(crate) routing_key: Option<String>,
-    pub(crate) headers: FieldTable,
-    pub(crate) allow_unroutable: bool,
-    /// A header key that AMQP cannot carry, reported by `send`.
-    pub(crate) bad_header: Option<String>,
-}
-
-/// A message being prepared by [`Publisher::message`] or
-/// [`Context::message`](crate::Context::message); [`send`](Message::send) publishes it.
-#[must_use = "a message is only published by .send().await"]
-#[derive(Debug)]
-pub struct Message<'a, E> {
-    publisher: &'a Publisher,
-    event: &'a E,
-    options: MessageOptions,
-}
-
-impl<'a, E: Event> Message<'a, E> {
-    pub(crate) fn with_options(
-        publisher: &'a Publisher,
-        event: &'a E,
-        options: MessageOptions,
-    ) -> Self {
-        Message {
-            publisher,
-            event,
-            options,
-        }
-    }
-
-    /// The message priority (0..=255; a priority queue caps it at its `max_priority`).
-    pub fn priority(mut self, priority: u8) -> Self {
-        self.options.priority = Some(priority);
-        self
-    }
-
-    /// The correlation id (at most 255 bytes).
-    pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
-        self.options.correlation_id = Some(id.into());
-        self
-    }
-
-    /// Use this message id instead of a generated UUID v7 (at most 255 bytes), for example
-    /// to make a re-publish recognisable as a duplicate.
-    pub fn message_id(mut self, id: impl Into<String>) -> Self {
-        self.options.message_id = Some(id.into());
-        self
-    }
-
-    /// Route with this key instead of the event type (for example `order.placed.eu`).
-    pub fn routing_key(mut self, key: impl Into<String>) -> Self {
-        self.options.routing_key = Some(key.into());
-        self
-    }
-
-    /// Succeed even if no queue is bound for the message's routing key (it is then
-    /// dropped by the broker). For events that may legitimately have no subscriber yet;
-    /// by default an unroutable message is an [`Error::Unroutable`].
-    pub fn allow_unroutable(mut self) -> Self {
-        self.options.allow_unroutable = true;
-        self
-    }
-
-    /// Add a string header (the key may be at most 255 bytes, or `send` fails).
-    pub fn header(mut self, key: &str, value: impl AsRef<str>) -> Self {
-        match ShortString::try_new(key) {
-            Ok(k) => {
-                self.options
-                    .headers
-                    .insert(k, headers::string(value.as_ref()));
-            }
-            Err(_) => self.options.bad_header = Some(key.to_owned()),
-        }
-        self
-    }
-
-    /// Publish and wait for the broker's confirm; returns the message id.
-    pub async fn send(self) -> Result<String> {
-        if let Some(key) = &self.options.bad_header {
-            return Err(Error::Config(format!(
-                "header key '{}…' is {} bytes; AMQP allows at most 255",
-                key.chars().take(32).collect::<String>(),
-                key.len()
-            )));
-        }
-        let routing_key = self.options.routing_key.as_deref().unwrap_or(E::TYPE);
-        broker::short("routing key", routing_key)?;
-        let (body, props, id) = self.publisher.prepare(self.event, &self.options)?;
-        let mandatory = !self.options.allow_unroutable;
-        self.publisher
-            .send(
-                self.publisher.exchange(),
-                routing_key,
-                &body,
-                props,
-                mandatory,
-            )
-            .await?;
-        Ok(id)
-    }
 }
 
 #[cfg(test)]
@@ -670,34 +407,5 @@ mod tests {
             shown.contains("app:***@broker") && !shown.contains("s3cret"),
             "{shown}"
         );
-    }
-
-    #[test]
-    fn a_return_handed_to_another_confirm_reaches_its_owner() {
-        let returns = Returns::default();
-        // "a" was confirmed carrying the return of "b".
-        assert!(!returns.settle("a", Some(Some("b".into()))));
-        assert!(returns.settle("b", None));
-        // Claimed once only.
-        assert!(!returns.settle("b", None));
-    }
-
-    #[test]
-    fn own_returns_and_plain_acks() {
-        let returns = Returns::default();
-        assert!(returns.settle("a", Some(Some("a".into()))));
-        assert!(!returns.settle("c", None));
-        assert!(!returns.settle("d", Some(None)));
-    }
-
-    #[test]
-    fn the_ledger_is_bounded() {
-        let returns = Returns::default();
-        for i in 0..MAX_ORPHANS + 10 {
-            returns.settle("x", Some(Some(i.to_string())));
-        }
-        assert_eq!(returns.orphans.lock().unwrap().len(), MAX_ORPHANS);
-        assert!(!returns.settle("0", None), "the oldest was dropped");
-        assert!(returns.settle(&(MAX_ORPHANS + 9).to_string(), None));
     }
 }
