@@ -5,6 +5,8 @@
 //! cargo bench --bench throughput -- --count 20000 --rounds 1
 //! ```
 //!
+//! `BENCH_RSS_DETAIL=1` makes each consumer child print its RSS split (anonymous, file-backed).
+//!
 //! S1: persistent ~200-byte JSON events through a durable topic exchange to one queue:
 //! publish rate with confirms (1000 in flight), consume rate from a pre-filled queue,
 //! end-to-end rate with producer and consumer running together, and publish-to-handle
@@ -157,6 +159,12 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 }
 
 fn report(handled: u64, started: Instant, cpu_at_start: f64, mut latencies_ns: Vec<u64>) {
+    if std::env::var_os("BENCH_RSS_DETAIL").is_some() {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        for line in status.lines().filter(|l| l.starts_with("Rss") || l.starts_with("VmHWM")) {
+            eprintln!("{line}");
+        }
+    }
     let secs = started.elapsed().as_secs_f64();
     let cpu_secs = cpu_seconds() - cpu_at_start;
     latencies_ns.sort_unstable();
