@@ -161,7 +161,10 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 fn report(handled: u64, started: Instant, cpu_at_start: f64, mut latencies_ns: Vec<u64>) {
     if std::env::var_os("BENCH_RSS_DETAIL").is_some() {
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        for line in status.lines().filter(|l| l.starts_with("Rss") || l.starts_with("VmHWM")) {
+        for line in status
+            .lines()
+            .filter(|l| l.starts_with("Rss") || l.starts_with("VmHWM"))
+        {
             eprintln!("{line}");
         }
     }
