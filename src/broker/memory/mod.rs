@@ -79,26 +79,25 @@ impl Broker {
     /// A timer that dead-letters the messages of `queue` as their time-to-live runs out.
     fn expire_later(self: &Arc<Self>, queue: String) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // Outside a runtime, expiry happens lazily, whenever the queue is next touched.
-            self.lock().expire_due(&queue);
+            // Outside a runtime, expiry happens lazily, whenever the queue is next touched;
+            // a later publish from inside a runtime starts the timer.
+            let mut state = self.lock();
+            state.expire_due(&queue);
+            state.release_expiry(&queue);
             return;
         };
         let broker = Arc::downgrade(self);
         runtime.spawn(async move {
-            loop {
-                let next = match broker.upgrade() {
-                    Some(b) => b.lock().expire_due(&queue),
-                    None => return,
-                };
-                let Some(next) = next else {
-                    return;
-                };
-                tokio::time::sleep_until(next).await;
-                match broker.upgrade() {
-                    // Expire under `with`, which also wakes whoever waits for a change.
-                    Some(b) => b.with(|_| ()),
-                    None => return,
-                }
+            // Expire under `with`, which also wakes whoever waits for a change (`idle`).
+            let expire = |broker: &Weak<Broker>| {
+                broker
+                    .upgrade()
+                    .and_then(|b| b.with(|s| s.expire_due(&queue)))
+            };
+            let mut next = expire(&broker);
+            while let Some(at) = next {
+                tokio::time::sleep_until(at).await;
+                next = expire(&broker);
             }
         });
     }

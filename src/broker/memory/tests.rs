@@ -245,3 +245,21 @@ async fn broken_connections_end_consumers_with_an_error_and_are_noticed() {
         "a new connection works"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn idle_returns_once_an_expired_message_reaches_a_queue_nobody_consumes() {
+    let (broker, ch) = channel();
+    ch.declare_queue("parked", FieldTable::default()).unwrap();
+    let tier = args(&[
+        ("x-message-ttl", AMQPValue::LongLongInt(500)),
+        ("x-dead-letter-exchange", text("")),
+        ("x-dead-letter-routing-key", text("parked")),
+    ]);
+    ch.declare_queue("tier", tier).unwrap();
+    ch.publish("", "tier", b"{}", with_id("m"), true).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), broker.idle())
+        .await
+        .expect("idle once the message has expired into a queue without consumers");
+    assert_eq!(broker.ready("parked"), Some(1));
+    assert_eq!(broker.ready("tier"), Some(0));
+}

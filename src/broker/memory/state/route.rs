@@ -165,6 +165,13 @@ impl State {
         next
     }
 
+    /// Let a later enqueue start the expiry timer of `queue`.
+    pub(in crate::broker::memory) fn release_expiry(&mut self, queue: &str) {
+        if let Some(q) = self.queues.get_mut(queue) {
+            q.expiry_scheduled = false;
+        }
+    }
+
     /// Claim the expiry timer of `queue`; false if one runs already or none is needed.
     pub(in crate::broker::memory) fn claim_expiry(&mut self, queue: &str) -> bool {
         match self.queues.get_mut(queue) {
