@@ -3,8 +3,9 @@
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::event::{Envelope, Event};
-use crate::publisher::{Message, MessageOptions, Publisher};
+use crate::event::Event;
+use crate::message::Metadata;
+use crate::publisher::{MessageOptions, Outgoing, Publisher};
 
 /// Given to every handler run: publishes follow-up events that stay correlated with the
 /// message being handled.
@@ -14,14 +15,14 @@ use crate::publisher::{Message, MessageOptions, Publisher};
 #[derive(Debug)]
 pub struct Context {
     publisher: Publisher,
-    envelope: Arc<Envelope>,
+    metadata: Arc<Metadata>,
 }
 
 impl Context {
-    pub(crate) fn new(publisher: Publisher, envelope: Arc<Envelope>) -> Context {
+    pub(crate) fn new(publisher: Publisher, metadata: Arc<Metadata>) -> Context {
         Context {
             publisher,
-            envelope,
+            metadata,
         }
     }
 
@@ -32,22 +33,22 @@ impl Context {
 
     /// Start a follow-up message with options (priority, headers, …); the correlation id is
     /// already set and can be overridden.
-    pub fn message<'a, E: Event>(&'a self, event: &'a E) -> Message<'a, E> {
+    pub fn message<'a, E: Event>(&'a self, event: &'a E) -> Outgoing<'a, E> {
         let options = MessageOptions {
             correlation_id: Some(self.correlation_id().to_owned()),
             ..MessageOptions::default()
         };
-        Message::with_options(&self.publisher, event, options)
+        Outgoing::with_options(&self.publisher, event, options)
     }
 
     /// The correlation id follow-up events get.
     pub fn correlation_id(&self) -> &str {
-        self.envelope.correlation_id()
+        self.metadata.conversation_id()
     }
 
     /// The name of the worker handling the message (its queue).
     pub fn worker(&self) -> &str {
-        &self.envelope.queue
+        self.metadata.queue()
     }
 
     /// The runtime's publisher, for messages that should not be correlated.

@@ -57,6 +57,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// A worker on an existing queue ([`Subscription::existing_queue`](crate::Subscription::existing_queue))
+    /// found no such queue.
+    #[error(
+        "queue '{queue}' does not exist; a worker with existing_queue() only consumes a queue \
+         declared elsewhere (declare it first, or drop existing_queue() to let rabbitry declare it)"
+    )]
+    QueueNotFound {
+        /// The missing queue.
+        queue: String,
+    },
+
     /// Declaring an exchange, queue or binding failed for a reason other than a conflict.
     #[error("declaring {kind} '{name}' failed: {source}")]
     Declare {

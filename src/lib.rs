@@ -130,11 +130,16 @@
 
 mod broker;
 mod context;
+mod disposition;
 mod error;
 mod event;
 pub mod headers;
+mod message;
+pub mod middleware;
+pub mod observe;
 mod outcome;
 mod publisher;
+mod registration;
 mod retry;
 mod runtime;
 pub mod testing;
@@ -143,10 +148,19 @@ mod worker;
 
 pub use broker::{BrokerMessage, MemoryBroker, redact_url};
 pub use context::Context;
+pub use disposition::Disposition;
 pub use error::{BrokerError, Error, Result};
 pub use event::{Delivery, Event};
+/// The AMQP client rabbitry is built on, re-exported: the few of its types that appear in
+/// rabbitry's API ([`lapin::BasicProperties`] in [`Metadata::properties`],
+/// [`lapin::types::FieldTable`] in [`Metadata::headers`], [`lapin::Error`] inside
+/// [`BrokerError`]) are the ones named here, so you need no `lapin` dependency of your own
+/// and cannot pick a mismatched version. rabbitry's major version moves with lapin's.
+pub use lapin;
+pub use message::{Message, Metadata};
 pub use outcome::{Failure, FailureKind, Outcome};
-pub use publisher::{Message, Publisher, PublisherBuilder};
+pub use publisher::{Outgoing, Pipeline, Publisher, PublisherBuilder};
+pub use registration::Registration;
 pub use retry::RetryPolicy;
 pub use runtime::{DEFAULT_URL, Runtime, RuntimeBuilder, WorkerStatus};
 pub use topology::Topology;
@@ -160,7 +174,27 @@ pub mod prelude {
     };
 }
 
+/// The message of a caught panic.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(a non-string panic payload)")
+}
+
 /// The README's examples compile as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn panic_payloads_become_messages() {
+        let p = std::panic::catch_unwind(|| panic!("boom {}", 1)).unwrap_err();
+        assert_eq!(super::panic_message(&*p), "boom 1");
+        let p = std::panic::catch_unwind(|| std::panic::panic_any(7u8)).unwrap_err();
+        assert_eq!(super::panic_message(&*p), "(a non-string panic payload)");
+    }
+}

@@ -146,15 +146,28 @@ impl fmt::Debug for Failure {
 }
 
 impl fmt::Display for Failure {
+    /// The error and its causes: the dead-letter header is often all an operator has to go
+    /// on. An error whose own `Display` panics shows as a note instead of taking the
+    /// settlement down with it.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.error, f)?;
-        // Include the causes: the DLQ header is often all an operator has to go on.
-        let mut source = self.error.source();
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
+        let text = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut text = self.error.to_string();
+            let mut source = self.error.source();
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            text
+        }));
+        match text {
+            Ok(text) => f.write_str(&text),
+            Err(panic) => write!(
+                f,
+                "(the error's Display panicked: {})",
+                crate::panic_message(&*panic)
+            ),
         }
-        Ok(())
     }
 }
 
@@ -183,6 +196,20 @@ mod tests {
             Failure::retry_after(d, "slow down").action(),
             Action::RetryAfter(d)
         );
+    }
+
+    #[test]
+    fn an_error_whose_display_panics_still_displays() {
+        #[derive(Debug)]
+        struct Broken;
+        impl fmt::Display for Broken {
+            fn fmt(&self, _: &mut fmt::Formatter<'_>) -> fmt::Result {
+                panic!("no words for this")
+            }
+        }
+        impl StdError for Broken {}
+        let shown = Failure::retry(Broken).to_string();
+        assert_eq!(shown, "(the error's Display panicked: no words for this)");
     }
 
     #[test]

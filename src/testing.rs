@@ -81,39 +81,17 @@ use std::time::Duration;
 
 use lapin::BasicProperties;
 use serde::de::DeserializeOwned;
-use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use crate::broker::{BrokerMessage, MemoryBroker};
 use crate::error::Result;
-use crate::event::{Envelope, Event};
+use crate::event::Event;
 use crate::headers;
-use crate::outcome::FailureKind;
+pub use crate::observe::Handling;
+use crate::observe::{Lifecycle, Observer, Settled};
 use crate::publisher::Publisher;
 use crate::runtime::{Runtime, RuntimeBuilder};
 use crate::topology::dlq_name;
-
-/// How the runtime settled one delivery.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Handling {
-    /// The handler succeeded; the message was acknowledged.
-    Handled,
-    /// The handler failed; a copy waits `delay` in a retry tier.
-    Retried {
-        /// The retry tier's delay.
-        delay: Duration,
-    },
-    /// Sent to the worker's dead-letter queue.
-    DeadLettered {
-        /// The failure's kind (`x-exception-kind`).
-        kind: FailureKind,
-        /// The failure's message (`x-exception-message`, before truncation).
-        reason: String,
-    },
-    /// The retry or dead-letter copy could not be stored; the message went back to its queue.
-    Requeued,
-}
 
 /// One settled delivery.
 #[derive(Debug, Clone)]
@@ -133,45 +111,49 @@ pub struct Record {
     pub at: Instant,
 }
 
-/// Collects [`Record`]s from a runtime.
+/// Collects [`Record`]s from a runtime, as an [`Observer`], and the exchange it runs on.
 #[derive(Debug, Default)]
-pub(crate) struct Recorder {
+struct Recorder {
     records: Mutex<Vec<Record>>,
+    exchange: Mutex<Option<String>>,
 }
 
-impl Recorder {
-    pub(crate) fn record(&self, worker: &str, envelope: &Envelope, handling: Handling) {
+impl Observer for Recorder {
+    fn settled(&self, settled: &Settled<'_>) {
+        let meta = settled.metadata;
         let record = Record {
-            worker: worker.to_owned(),
-            message_id: envelope.message_id().to_owned(),
-            event_type: envelope.event_type().to_owned(),
-            attempt: envelope.attempt(),
-            handling,
+            worker: settled.worker.to_owned(),
+            message_id: meta.message_id().to_owned(),
+            event_type: meta.event_type().to_owned(),
+            attempt: meta.attempt(),
+            handling: settled.handling.clone(),
             at: Instant::now(),
         };
-        self.records
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(record);
+        lock(&self.records).push(record);
     }
 
-    fn all(&self) -> Vec<Record> {
-        self.records
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    fn lifecycle(&self, event: &Lifecycle<'_>) {
+        if let Lifecycle::Started { exchange } = event {
+            *lock(&self.exchange) = Some((*exchange).to_owned());
+        }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// An in-memory broker and a runtime wired to it, for testing workers. See the
 /// [module documentation](self) for a complete example.
 ///
-/// Events go to the exchange `events`, as with a default runtime.
+/// Events go to the exchange of the last runtime started with [`runtime`](TestBroker::runtime)
+/// (`events` unless its builder says otherwise).
 #[derive(Debug)]
 pub struct TestBroker {
     broker: MemoryBroker,
     recorder: Arc<Recorder>,
-    publisher: OnceCell<Publisher>,
+    /// The publisher, and the exchange it publishes to.
+    publisher: tokio::sync::Mutex<Option<(String, Publisher)>>,
 }
 
 impl Default for TestBroker {
@@ -188,7 +170,7 @@ impl TestBroker {
         TestBroker {
             broker,
             recorder: Arc::default(),
-            publisher: OnceCell::new(),
+            publisher: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -197,25 +179,39 @@ impl TestBroker {
         &self.broker
     }
 
-    /// A runtime builder connected to this broker, with a short shutdown grace period. Add
-    /// workers and `start()` it.
+    /// A runtime builder connected to this broker, observed by it, with a short shutdown
+    /// grace period. Add workers (and an exchange, layers, observers) and `start()` it.
     pub fn runtime(&self) -> RuntimeBuilder {
         Runtime::builder()
             .url(self.broker.url())
-            .recorder(self.recorder.clone())
+            .observer(self.recorder.clone())
             .shutdown_grace(Duration::from_secs(1))
             .startup_timeout(Duration::from_secs(1))
             .reconnect_delay(Duration::from_millis(1), Duration::from_millis(50))
     }
 
-    /// A publisher on this broker's `events` exchange (the runtime must have declared it).
-    pub async fn publisher(&self) -> Result<&Publisher> {
-        self.publisher
-            .get_or_try_init(|| async {
-                let url = self.broker.url();
-                Publisher::connect(&url).await
-            })
-            .await
+    /// The exchange events are published to: the last started runtime's.
+    pub fn exchange(&self) -> String {
+        lock(&self.recorder.exchange)
+            .clone()
+            .unwrap_or_else(|| "events".to_owned())
+    }
+
+    /// A publisher on [`exchange`](TestBroker::exchange) (a runtime must have declared it).
+    pub async fn publisher(&self) -> Result<Publisher> {
+        let exchange = self.exchange();
+        let mut current = self.publisher.lock().await;
+        if let Some((on, publisher)) = &*current
+            && *on == exchange
+        {
+            return Ok(publisher.clone());
+        }
+        let publisher = Publisher::builder(self.broker.url())
+            .exchange(exchange.clone())
+            .connect()
+            .await?;
+        *current = Some((exchange, publisher.clone()));
+        Ok(publisher)
     }
 
     /// Publish `event` as a producer would; returns its message id.
@@ -231,12 +227,11 @@ impl TestBroker {
 
     /// Every settled delivery, in order.
     pub fn records(&self) -> Vec<Record> {
-        self.recorder.all()
+        lock(&self.recorder.records).clone()
     }
 
     fn of(&self, worker: &str, keep: impl Fn(&Handling) -> bool) -> Vec<Record> {
-        self.recorder
-            .all()
+        self.records()
             .into_iter()
             .filter(|r| r.worker == worker && keep(&r.handling))
             .collect()
@@ -245,6 +240,11 @@ impl TestBroker {
     /// The deliveries `worker` handled successfully.
     pub fn handled(&self, worker: &str) -> Vec<Record> {
         self.of(worker, |h| *h == Handling::Handled)
+    }
+
+    /// The deliveries of `worker` that a layer skipped.
+    pub fn skipped(&self, worker: &str) -> Vec<Record> {
+        self.of(worker, |h| matches!(h, Handling::Skipped { .. }))
     }
 
     /// The failed deliveries of `worker` that were scheduled for a retry, with their delay.

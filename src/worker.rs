@@ -95,6 +95,8 @@ pub struct Subscription {
     pub(crate) retry: RetryPolicy,
     pub(crate) queue_type: QueueType,
     pub(crate) timeout: Option<Duration>,
+    /// Consume a queue that exists already, without declaring it.
+    pub(crate) existing: bool,
 }
 
 /// Room left in a 255-byte queue name for the longest derived name (`.retry.4294967295`).
@@ -113,6 +115,7 @@ impl Subscription {
             retry: RetryPolicy::default(),
             queue_type: QueueType::Classic,
             timeout: Some(Duration::from_secs(300)),
+            existing: false,
         }
     }
 
@@ -166,6 +169,17 @@ impl Subscription {
         self
     }
 
+    /// Consume a queue that already exists — a dead-letter queue, a queue another team
+    /// declared — without declaring it: the runtime only checks that it is there (start
+    /// fails with [`Error::QueueNotFound`](crate::Error::QueueNotFound) if not) and never
+    /// changes its arguments. Bindings are optional (added if given). The worker's retry
+    /// queues and dead-letter queue (`<queue>.retry.<ms>`, `<queue>.dlq`) are declared as
+    /// usual; retries counted in another queue do not count here.
+    pub fn existing_queue(mut self) -> Subscription {
+        self.existing = true;
+        self
+    }
+
     /// The queue name, which is also the worker's name.
     pub fn queue(&self) -> &str {
         &self.queue
@@ -203,11 +217,18 @@ impl Subscription {
         if self.queue.starts_with("amq.") {
             return fail("queue names starting with 'amq.' are reserved by the broker".into());
         }
-        if self.bindings.is_empty() {
+        if self.bindings.is_empty() && !self.existing {
             return fail("no bindings: add at least one with .bind(\"event.type\")".into());
         }
-        if let Some(b) = self.bindings.iter().find(|b| b.len() > 255) {
-            return fail(format!("binding pattern '{}…' is over 255 bytes", &b[..32]));
+        for pattern in &self.bindings {
+            check_pattern(pattern).or_else(|e| fail(format!("binding {e}")))?;
+        }
+        if self.existing && self.max_priority.is_some() {
+            return fail(
+                "max_priority cannot apply to an existing queue: its arguments belong to \
+                 whoever declared it"
+                    .into(),
+            );
         }
         if self.prefetch == 0 {
             return fail("prefetch must be at least 1 (0 would mean unlimited)".into());
@@ -229,6 +250,51 @@ impl Subscription {
         }
         self.retry.validate().or_else(fail)
     }
+}
+
+/// Check a topic binding pattern: dot-separated words, where `*` (one word) and `#` (any
+/// number of words) are wildcards only as whole words. The error describes the problem.
+pub(crate) fn check_pattern(pattern: &str) -> Result<(), String> {
+    let shown = || {
+        let mut s: String = pattern.chars().take(40).collect();
+        if s.len() < pattern.len() {
+            s.push('…');
+        }
+        s.escape_debug().to_string()
+    };
+    if pattern.is_empty() {
+        return Err("pattern is empty: use '#' to receive every event".into());
+    }
+    if pattern.len() > 255 {
+        return Err(format!(
+            "pattern '{}' is {} bytes; AMQP allows at most 255",
+            shown(),
+            pattern.len()
+        ));
+    }
+    if let Some(c) = pattern.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "pattern '{}' contains {c:?}: event types have no spaces or control characters",
+            shown()
+        ));
+    }
+    for word in pattern.split('.') {
+        if word.is_empty() {
+            return Err(format!(
+                "pattern '{}' has an empty word (a leading, trailing or doubled '.')",
+                shown()
+            ));
+        }
+        if word.len() > 1 && word.contains(['*', '#']) {
+            return Err(format!(
+                "pattern '{}': '{}' is not a wildcard — '*' and '#' match only as whole words \
+                 (write 'user.*', not 'user*'), so it would match nothing you publish",
+                shown(),
+                word.escape_debug()
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -260,10 +326,42 @@ mod tests {
         assert!(error_of(valid().max_priority(0)).contains("max_priority"));
         assert!(error_of(valid().timeout(Duration::ZERO)).contains("timeout"));
         assert!(error_of(valid().bind("x".repeat(300))).contains("255"));
+        assert!(error_of(valid().max_priority(3).existing_queue()).contains("existing queue"));
+        Subscription::new("someone.elses").existing_queue().validate().unwrap();
         let e = error_of(valid().retry(RetryPolicy::default().max_attempts(0)));
         assert!(
             e.contains("orders.email") && e.contains("max_attempts"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn binding_patterns_are_checked_whole_and_never_panic() {
+        for good in ["order.placed", "order.*", "#", "order.#", "*.placed", "commande.passée", "a.b.c.d"] {
+            assert_eq!(check_pattern(good), Ok(()), "{good}");
+        }
+        let bad = [
+            ("", "empty"),
+            ("order..placed", "empty word"),
+            (".order", "empty word"),
+            ("order.", "empty word"),
+            ("user*", "not a wildcard"),
+            ("order.#x", "not a wildcard"),
+            ("order placed", "spaces"),
+            ("order\tplaced", "spaces"),
+            ("order.\u{0}", "control"),
+        ];
+        for (pattern, says) in bad {
+            let e = check_pattern(pattern).unwrap_err();
+            assert!(e.contains(says), "{pattern:?}: {e}");
+        }
+        // Over-long patterns of multi-byte characters are cut on a character boundary.
+        for c in ['é', '€', '🐇'] {
+            let long: String = std::iter::repeat_n(c, 200).collect();
+            let e = check_pattern(&long).unwrap_err();
+            assert!(e.contains("at most 255"), "{e}");
+            let e = error_of(valid().bind(long));
+            assert!(e.contains("orders.email") && e.contains("binding"), "{e}");
+        }
     }
 }

@@ -8,7 +8,7 @@ use futures_util::{Stream, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::uri::AMQPUri;
@@ -167,9 +167,34 @@ impl Channel {
         Ok(q.message_count())
     }
 
-    pub(crate) async fn delete_queue(&self, name: &str) -> lapin::Result<u32> {
+    pub(crate) async fn declare_queue_passive(&self, name: &str) -> lapin::Result<u32> {
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let q = self
+            .inner
+            .queue_declare(name.into(), options, FieldTable::default())
+            .await?;
+        Ok(q.message_count())
+    }
+
+    pub(crate) async fn delete_queue(&self, name: &str, if_empty: bool) -> lapin::Result<u32> {
+        let options = QueueDeleteOptions {
+            if_empty,
+            ..QueueDeleteOptions::default()
+        };
+        self.inner.queue_delete(name.into(), options).await
+    }
+
+    pub(crate) async fn unbind(&self, queue: &str, exchange: &str, key: &str) -> lapin::Result<()> {
         self.inner
-            .queue_delete(name.into(), Default::default())
+            .queue_unbind(
+                queue.into(),
+                exchange.into(),
+                key.into(),
+                FieldTable::default(),
+            )
             .await
     }
 
@@ -221,6 +246,23 @@ impl Channel {
                 properties: d.properties,
                 body: d.data,
             })
+        }))
+    }
+
+    /// Fetch one message to be acknowledged; `None` when the queue is empty.
+    pub(crate) async fn get(&self, queue: &str) -> lapin::Result<Option<Incoming>> {
+        let options = lapin::options::BasicGetOptions { no_ack: false };
+        let message = self.inner.basic_get(queue.into(), options).await?;
+        Ok(message.map(|m| {
+            let d = m.delivery;
+            Incoming {
+                tag: d.delivery_tag,
+                exchange: d.exchange.into(),
+                routing_key: d.routing_key.into(),
+                redelivered: d.redelivered,
+                properties: d.properties,
+                body: d.data,
+            }
         }))
     }
 

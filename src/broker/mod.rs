@@ -159,10 +159,35 @@ impl Channel {
         }
     }
 
+    /// Check that a queue exists (404 NOT_FOUND closes the channel if not); returns the
+    /// number of messages ready in it.
+    pub(crate) async fn declare_queue_passive(&self, name: &str) -> lapin::Result<u32> {
+        match self {
+            Channel::Amqp(c) => c.declare_queue_passive(name).await,
+            Channel::Memory(c) => c.declare_queue_passive(name),
+        }
+    }
+
     pub(crate) async fn delete_queue(&self, name: &str) -> lapin::Result<u32> {
         match self {
-            Channel::Amqp(c) => c.delete_queue(name).await,
-            Channel::Memory(c) => c.delete_queue(name),
+            Channel::Amqp(c) => c.delete_queue(name, false).await,
+            Channel::Memory(c) => c.delete_queue(name, false),
+        }
+    }
+
+    /// Delete a queue only if it holds no message (406 PRECONDITION_FAILED closes the
+    /// channel if it does).
+    pub(crate) async fn delete_queue_if_empty(&self, name: &str) -> lapin::Result<u32> {
+        match self {
+            Channel::Amqp(c) => c.delete_queue(name, true).await,
+            Channel::Memory(c) => c.delete_queue(name, true),
+        }
+    }
+
+    pub(crate) async fn unbind(&self, queue: &str, exchange: &str, key: &str) -> lapin::Result<()> {
+        match self {
+            Channel::Amqp(c) => c.unbind(queue, exchange, key).await,
+            Channel::Memory(c) => c.unbind(queue, exchange, key),
         }
     }
 
@@ -197,6 +222,15 @@ impl Channel {
             Channel::Amqp(c) => Either::Left(c.consume(queue, tag).await?),
             Channel::Memory(c) => Either::Right(c.consume(queue, tag)?),
         })
+    }
+
+    /// Fetch one message to be acknowledged (or returned to the queue when the channel
+    /// closes); `None` when the queue is empty.
+    pub(crate) async fn get(&self, queue: &str) -> lapin::Result<Option<Incoming>> {
+        match self {
+            Channel::Amqp(c) => c.get(queue).await,
+            Channel::Memory(c) => c.get(queue),
+        }
     }
 
     /// Fetch one message with auto-acknowledgement and return its message id.

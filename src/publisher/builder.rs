@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::{Inner, Publisher, Returns, SlotCell};
 use crate::broker;
 use crate::error::{Error, Result};
+use crate::observe::{Observer, Observers};
 
 /// Configures a [`Publisher`].
 #[derive(Clone)]
@@ -19,6 +20,7 @@ pub struct PublisherBuilder {
     pub(super) max_body: usize,
     pub(super) app_id: Option<String>,
     pub(super) name: String,
+    pub(super) observers: Vec<Arc<dyn Observer>>,
 }
 
 impl fmt::Debug for PublisherBuilder {
@@ -31,6 +33,7 @@ impl fmt::Debug for PublisherBuilder {
             .field("max_body", &self.max_body)
             .field("app_id", &self.app_id)
             .field("name", &self.name)
+            .field("observers", &self.observers.len())
             .finish()
     }
 }
@@ -74,6 +77,18 @@ impl PublisherBuilder {
         self
     }
 
+    /// Tell `observer` how every publish ends (see [`observe`](crate::observe)).
+    pub fn observer(mut self, observer: impl Observer) -> Self {
+        self.observers.push(Arc::new(observer));
+        self
+    }
+
+    /// The runtime's observers, for its own publisher.
+    pub(crate) fn observers(mut self, observers: Vec<Arc<dyn Observer>>) -> Self {
+        self.observers = observers;
+        self
+    }
+
     /// Check the settings and connect.
     pub async fn connect(self) -> Result<Publisher> {
         let publisher = self.build()?;
@@ -111,6 +126,7 @@ impl PublisherBuilder {
                 max_body: self.max_body,
                 app_id,
                 returns: Returns::default(),
+                observers: Observers::new(self.observers),
             }),
         })
     }

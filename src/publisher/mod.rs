@@ -6,8 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, ShortString};
 
@@ -15,18 +13,22 @@ use crate::broker::{self, Channel, Confirm, Connection, NOT_FOUND};
 use crate::error::{BrokerError, Error, Result};
 use crate::event::Event;
 use crate::headers;
+use crate::observe::{Observers, PublishOutcome, Published};
 
 mod builder;
-mod message;
+mod outgoing;
+mod pipeline;
 mod returns;
 
 pub use builder::PublisherBuilder;
-pub use message::Message;
-pub(crate) use message::MessageOptions;
+pub(crate) use outgoing::MessageOptions;
+pub use outgoing::Outgoing;
+use outgoing::Prepared;
+pub use pipeline::Pipeline;
 use returns::Returns;
 
-/// Confirms kept in flight at once by [`Publisher::publish_batch`].
-const BATCH_WINDOW: usize = 1000;
+/// Confirms a [`Pipeline`] keeps in flight by default.
+const DEFAULT_WINDOW: usize = 1000;
 
 /// Publishes events to a topic exchange and waits for the broker's confirm.
 ///
@@ -69,6 +71,7 @@ struct Inner {
     max_body: usize,
     app_id: Option<ShortString>,
     returns: Returns,
+    observers: Observers,
 }
 
 /// One pooled connection and its confirm channel. Publishes take the live slot under a
@@ -123,6 +126,7 @@ impl Publisher {
             max_body: 16 * 1024 * 1024,
             app_id: None,
             name: "rabbitry-publisher".into(),
+            observers: Vec::new(),
         }
     }
 
@@ -138,59 +142,68 @@ impl Publisher {
     }
 
     /// Start a message with options: priority, correlation id, headers, routing key.
-    pub fn message<'a, E: Event>(&'a self, event: &'a E) -> Message<'a, E> {
-        Message::with_options(self, event, MessageOptions::default())
+    pub fn message<'a, E: Event>(&'a self, event: &'a E) -> Outgoing<'a, E> {
+        Outgoing::with_options(self, event, MessageOptions::default())
     }
 
-    /// Publish many events with their confirms in flight together (up to 1000 at a time)
-    /// instead of one round trip each. Nothing is sent if any event fails to serialize or is
-    /// too large. Returns the message ids in order; [`Error::Batch`] lists what failed.
+    /// A pipeline for a stream of publishes: each [`Pipeline::send`] returns as soon as the
+    /// message is handed to the connection, up to 1000 confirms stay in flight (see
+    /// [`Pipeline::window`]), and [`Pipeline::flush`] waits for them and reports what failed.
+    /// The way to publish fast from one task.
+    ///
+    /// ```no_run
+    /// # use rabbitry::{Event, Publisher};
+    /// # #[derive(serde::Serialize)] struct Reading { sensor: u32, value: f64 }
+    /// # impl Event for Reading { const TYPE: &'static str = "sensor.reading"; }
+    /// # async fn run(publisher: Publisher, readings: Vec<Reading>) -> rabbitry::Result<()> {
+    /// let mut pipeline = publisher.pipeline();
+    /// for reading in &readings {
+    ///     let key = format!("sensor.reading.{}", reading.sensor);
+    ///     pipeline.send_message(publisher.message(reading).routing_key(key)).await?;
+    /// }
+    /// pipeline.flush().await?; // every confirm is in, or Error::Batch says which failed
+    /// # Ok(()) }
+    /// ```
+    pub fn pipeline(&self) -> Pipeline<'_> {
+        Pipeline::new(self, DEFAULT_WINDOW)
+    }
+
+    /// Publish many events with routing key `E::TYPE`, up to 1000 confirms in flight (a
+    /// [`Pipeline`]), and wait for every confirm. Each event is serialized as it is sent; one
+    /// that fails to serialize or is too large is not sent, the others are. Returns the
+    /// message ids in order; [`Error::Batch`] lists what failed, by position. For a routing
+    /// key or options per message, use [`pipeline`](Publisher::pipeline).
     pub async fn publish_batch<'e, E: Event + 'e>(
         &self,
         events: impl IntoIterator<Item = &'e E>,
     ) -> Result<Vec<String>> {
-        let prepared = events
-            .into_iter()
-            .map(|e| {
-                let (body, props, id) = self.prepare(e, &MessageOptions::default())?;
-                Ok((body, props, id))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let total = prepared.len();
-        let (exchange, inner) = (self.inner.exchange.as_str(), &self.inner);
-        let slot = inner.slot(inner.pick()).await?;
-        let ch = &slot.channel;
-        let mut ids = Vec::with_capacity(total);
-        let mut failures = Vec::new();
-        // Each future sends its message when first polled, which happens in push order, so
-        // the batch goes out in order while up to BATCH_WINDOW confirms are outstanding.
-        let mut in_flight = FuturesUnordered::new();
-        for (i, (body, props, id)) in prepared.into_iter().enumerate() {
-            while in_flight.len() >= BATCH_WINDOW {
-                if let Some((j, Err(e))) = in_flight.next().await {
-                    failures.push((j, e));
+        let mut pipeline = self.pipeline();
+        let mut ids = Vec::new();
+        let mut refused = Vec::new();
+        // The pipeline numbers what it sent; this maps its numbers to batch positions.
+        let mut positions = Vec::new();
+        for (i, event) in events.into_iter().enumerate() {
+            match pipeline.send(event).await {
+                Ok(id) => {
+                    ids.push(id);
+                    positions.push(i);
+                }
+                Err(e) => {
+                    ids.push(String::new());
+                    refused.push((i, e));
                 }
             }
-            ids.push(id.clone());
-            in_flight.push(async move {
-                let sent = async {
-                    let confirm = ch
-                        .publish(exchange, E::TYPE, &body, props, true)
-                        .await
-                        .map_err(|e| inner.publish_error(exchange, E::TYPE, e))?;
-                    inner.settle(exchange, E::TYPE, &id, confirm).await
-                };
-                let result = tokio::time::timeout(inner.timeout, sent)
-                    .await
-                    .unwrap_or_else(|_| Err(inner.timeout_error(exchange, E::TYPE)));
-                (i, result)
-            });
         }
-        while let Some((j, r)) = in_flight.next().await {
-            if let Err(e) = r {
-                failures.push((j, e));
-            }
-        }
+        let total = ids.len();
+        let mut failures = match pipeline.flush().await {
+            Ok(_) => Vec::new(),
+            Err(Error::Batch { failures, .. }) => failures
+                .into_iter()
+                .map(|(seq, e)| (positions.get(seq).copied().unwrap_or(seq), e))
+                .collect(),
+            Err(other) => return Err(other),
+        };
+        failures.extend(refused);
         if failures.is_empty() {
             Ok(ids)
         } else {
@@ -251,6 +264,18 @@ impl Publisher {
             .await
     }
 
+    /// Publish a prepared message to the publisher's exchange and wait for its confirm.
+    async fn send_prepared(&self, message: &Prepared) -> Result<()> {
+        self.send(
+            &self.inner.exchange,
+            &message.routing_key,
+            &message.body,
+            message.properties.clone(),
+            message.mandatory,
+        )
+        .await
+    }
+
     /// Publish and wait for the confirm; with `mandatory`, an unroutable message is an error.
     async fn send(
         &self,
@@ -275,9 +300,11 @@ impl Publisher {
                 .map_err(|e| inner.publish_error(exchange, routing_key, e))?;
             inner.settle(exchange, routing_key, &id, confirm).await
         };
-        tokio::time::timeout(inner.timeout, attempt)
+        let result = tokio::time::timeout(inner.timeout, attempt)
             .await
-            .unwrap_or_else(|_| Err(inner.timeout_error(exchange, routing_key)))
+            .unwrap_or_else(|_| Err(inner.timeout_error(exchange, routing_key)));
+        inner.observe(exchange, routing_key, &id, result.as_ref().map(drop));
+        result
     }
 
     /// A channel on the publisher's connection, for declarations made on demand.
@@ -303,6 +330,26 @@ impl Publisher {
 }
 
 impl Inner {
+    /// Tell the observers how a publish ended.
+    fn observe(&self, exchange: &str, routing_key: &str, id: &str, result: Result<(), &Error>) {
+        if self.observers.is_empty() {
+            return;
+        }
+        let outcome = match result {
+            Ok(()) => PublishOutcome::Confirmed,
+            Err(Error::Unroutable { .. }) => PublishOutcome::Unroutable,
+            Err(Error::Nacked { .. }) => PublishOutcome::Nacked,
+            Err(_) => PublishOutcome::Failed,
+        };
+        self.observers.published(&Published {
+            exchange,
+            routing_key,
+            message_id: id,
+            outcome,
+            error: result.err(),
+        });
+    }
+
     fn pick(&self) -> usize {
         self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()
     }

@@ -1,22 +1,27 @@
 //! The consumer loop of one worker on one channel.
 
+use std::future::{Future, poll_fn};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use std::future::Future;
-
+use bytes::Bytes;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tower_service::Service;
+use tracing::{debug, error, warn};
 
 use super::acks::{AckBook, AckOp, Settle};
-use super::dispatch::{Shared, WorkerEntry, process};
+use super::settle::{Settling, Shared, WorkerEntry, requeue_later};
 use crate::broker::{Channel, Connection, Incoming};
 use crate::error::Result;
+use crate::message::{Message, Metadata};
+use crate::middleware::WorkerService;
+use crate::panic_message;
 
 /// Longest an outcome waits for its acknowledgement frame when fewer than a batch are ready.
 const ACK_DELAY: Duration = Duration::from_millis(5);
@@ -46,23 +51,49 @@ impl std::fmt::Display for Exit {
     }
 }
 
-/// A running consumer.
+/// Where a consumer reports that it ended on its own: worker, generation, why.
+pub(crate) type Exits = mpsc::UnboundedSender<(Arc<str>, u64, Exit)>;
+
+/// A running consumer, owned by the supervisor. Dropping it aborts the consumer's task (the
+/// broker then requeues its unacknowledged deliveries); [`stop`](ConsumerHandle::stop) ends it
+/// gracefully.
 pub(crate) struct ConsumerHandle {
     stop: Option<oneshot::Sender<Instant>>,
-    task: tokio::task::JoinHandle<Exit>,
+    task: Option<JoinHandle<Exit>>,
     pub(crate) generation: u64,
+    pub(crate) started: Instant,
 }
 
 impl ConsumerHandle {
     /// Stop taking deliveries, let in-flight handlers finish until `deadline`, acknowledge,
-    /// and close the channel (which returns unstarted deliveries to the queue).
-    pub(crate) async fn stop(mut self, deadline: Instant) -> Exit {
+    /// and close the channel (which returns unstarted deliveries to the queue). The stop is
+    /// requested at once; the future waits for the consumer's task to end.
+    pub(crate) fn stop(mut self, deadline: Instant) -> impl Future<Output = Exit> + Send + 'static {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(deadline);
         }
-        match self.task.await {
-            Ok(exit) => exit,
-            Err(e) => Exit::Lost(format!("consumer task failed: {e}")),
+        let task = self.task.take();
+        async move {
+            match task {
+                Some(task) => match task.await {
+                    Ok(exit) => exit,
+                    Err(e) => Exit::Lost(format!("consumer task failed: {e}")),
+                },
+                None => Exit::Stopped,
+            }
+        }
+    }
+
+    /// Whether the consumer's task has ended.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.task.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+}
+
+impl Drop for ConsumerHandle {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
         }
     }
 }
@@ -74,32 +105,39 @@ pub(crate) async fn start(
     entry: Arc<WorkerEntry>,
     shared: Arc<Shared>,
     generation: u64,
-    exits: mpsc::UnboundedSender<(Arc<str>, u64, Exit)>,
+    exits: Exits,
 ) -> Result<ConsumerHandle> {
     let channel = conn.channel().await?;
-    channel.qos(entry.subscription.prefetch).await?;
-    let tag = format!("rabbitry:{}:{}", entry.name, uuid::Uuid::now_v7());
-    let stream = channel.consume(&entry.name, &tag).await?;
+    let consumed = async {
+        channel.qos(entry.subscription.prefetch).await?;
+        let tag = format!("rabbitry:{}:{}", entry.name, uuid::Uuid::now_v7());
+        let stream = channel.consume(&entry.name, &tag).await?;
+        Ok::<_, lapin::Error>((tag, stream))
+    }
+    .await;
+    let (tag, stream) = match consumed {
+        Ok(started) => started,
+        Err(e) => {
+            channel.close().await;
+            return Err(e.into());
+        }
+    };
     let (stop_tx, stop_rx) = oneshot::channel();
-    let name = entry.name.clone();
-    let task = tokio::spawn(async move {
-        let exit = Consumer {
-            entry,
-            shared,
-            channel,
-            tag,
-        }
-        .run(stream, stop_rx)
-        .await;
-        if !matches!(exit, Exit::Stopped) {
-            let _ = exits.send((name, generation, exit.clone()));
-        }
-        exit
-    });
+    let service = entry.service();
+    let consumer = Consumer {
+        entry,
+        shared,
+        channel,
+        tag,
+        generation,
+        exits,
+    };
+    let task = tokio::spawn(consumer.run(service, stream, stop_rx));
     Ok(ConsumerHandle {
         stop: Some(stop_tx),
-        task,
+        task: Some(task),
         generation,
+        started: Instant::now(),
     })
 }
 
@@ -108,33 +146,79 @@ struct Consumer {
     shared: Arc<Shared>,
     channel: Channel,
     tag: String,
+    generation: u64,
+    exits: Exits,
+}
+
+/// How a stop request arrives: the deadline for in-flight handlers, or `None` once the
+/// supervisor let go of this consumer.
+struct StopSignal {
+    rx: oneshot::Receiver<Instant>,
+    open: bool,
+}
+
+impl StopSignal {
+    /// The deadline, once a stop is requested; pending forever if it never can be.
+    async fn requested(&mut self) -> Instant {
+        if self.open {
+            match (&mut self.rx).await {
+                Ok(deadline) => return deadline,
+                Err(_) => self.open = false,
+            }
+        }
+        std::future::pending().await
+    }
 }
 
 impl Consumer {
+    /// Consume until stopped or until the channel ends; a panic in the loop is reported as
+    /// a lost channel, never swallowed.
     async fn run(
         self,
+        service: WorkerService,
+        stream: impl Stream<Item = lapin::Result<Incoming>> + Send + Unpin + 'static,
+        stop: oneshot::Receiver<Instant>,
+    ) -> Exit {
+        let (name, generation, exits) = (self.entry.name.clone(), self.generation, self.exits.clone());
+        let stop = StopSignal { rx: stop, open: true };
+        match AssertUnwindSafe(self.consume(service, stream, stop))
+            .catch_unwind()
+            .await
+        {
+            Ok(exit) => exit,
+            Err(panic) => {
+                let exit = Exit::Lost(format!("consumer panicked: {}", panic_message(&*panic)));
+                error!(worker = %name, %exit, "consumer ended");
+                let _ = exits.send((name, generation, exit.clone()));
+                exit
+            }
+        }
+    }
+
+    async fn consume(
+        self,
+        mut service: WorkerService,
         mut stream: impl Stream<Item = lapin::Result<Incoming>> + Unpin,
-        mut stop: oneshot::Receiver<Instant>,
+        mut stop: StopSignal,
     ) -> Exit {
         let sub = &self.entry.subscription;
-        let batch = (usize::from(sub.prefetch) / 2).clamp(1, MAX_ACK_BATCH);
+        let (concurrency, batch) = (
+            sub.concurrency,
+            (usize::from(sub.prefetch) / 2).clamp(1, MAX_ACK_BATCH),
+        );
         let mut book = AckBook::default();
         let mut tasks = FuturesUnordered::new();
         let slots = Arc::new(Slots::default());
         let flush_timer = tokio::time::sleep(ACK_DELAY);
         tokio::pin!(flush_timer);
         let mut flush_armed = false;
-        // A dropped stop sender means the supervisor let go of this consumer (its connection
-        // died): keep going until the stream ends rather than abandoning handlers.
-        let mut stoppable = true;
+        // The stack said it can take a message (poll_ready); reset by each call.
+        let mut ready = false;
         let deadline = loop {
-            let free = slots.running() < sub.concurrency;
+            let free = slots.running() < concurrency;
             tokio::select! {
                 biased;
-                deadline = &mut stop, if stoppable => match deadline {
-                    Ok(deadline) => break deadline,
-                    Err(_) => stoppable = false,
-                },
+                deadline = stop.requested() => break deadline,
                 Some((tag, settle)) = tasks.next(), if !tasks.is_empty() => {
                     book.settled(tag, settle);
                     // Settle every handler that has finished meanwhile in this one turn.
@@ -144,7 +228,7 @@ impl Consumer {
                     if book.ready() >= batch {
                         flush_armed = false;
                         if let Err(e) = self.flush(&mut book, false).await {
-                            return self.lost(tasks, e);
+                            return self.lost(tasks, stop, e).await;
                         }
                     } else if !flush_armed && book.ready() > 0 {
                         flush_timer.as_mut().reset(Instant::now() + ACK_DELAY);
@@ -154,34 +238,81 @@ impl Consumer {
                 () = &mut flush_timer, if flush_armed => {
                     flush_armed = false;
                     if let Err(e) = self.flush(&mut book, false).await {
-                        return self.lost(tasks, e);
+                        return self.lost(tasks, stop, e).await;
                     }
                 }
                 // Every handler slot is taken: wait for one to free up.
                 () = slots.freed.notified(), if !free => {}
-                next = stream.next(), if free => match next {
+                // Take nothing until the stack can: back-pressure stays in the broker.
+                _ = poll_fn(|cx| service.poll_ready(cx)), if free && !ready => ready = true,
+                next = stream.next(), if free && ready => match next {
                     Some(Ok(msg)) => {
-                        book.delivered(msg.tag);
-                        tasks.push(delivery(self.entry.clone(), self.shared.clone(), msg, slots.take()));
-                        // Take every delivery already buffered, up to the free handler slots.
-                        while slots.running() < sub.concurrency {
+                        ready = false;
+                        tasks.push(self.take(&mut service, msg, &mut book, &slots));
+                        // Take every delivery already buffered, while the stack is ready
+                        // and handler slots are free.
+                        while slots.running() < concurrency {
+                            if poll_fn(|cx| service.poll_ready(cx)).now_or_never().is_none() {
+                                break;
+                            }
+                            ready = true;
                             match stream.next().now_or_never() {
                                 Some(Some(Ok(msg))) => {
-                                    book.delivered(msg.tag);
-                                    tasks.push(delivery(self.entry.clone(), self.shared.clone(), msg, slots.take()));
+                                    ready = false;
+                                    tasks.push(self.take(&mut service, msg, &mut book, &slots));
                                 }
-                                Some(Some(Err(e))) => return self.lost(tasks, e.to_string()),
-                                Some(None) => return self.cancelled(tasks),
+                                Some(Some(Err(e))) => return self.lost(tasks, stop, e.to_string()).await,
+                                Some(None) => return self.cancelled(tasks, stop).await,
                                 None => break,
                             }
                         }
                     }
-                    Some(Err(e)) => return self.lost(tasks, e.to_string()),
-                    None => return self.cancelled(tasks),
+                    Some(Err(e)) => return self.lost(tasks, stop, e.to_string()).await,
+                    None => return self.cancelled(tasks, stop).await,
                 }
             }
         };
         self.stop(stream, tasks, book, deadline).await
+    }
+
+    /// Hand one delivery to the stack (which is ready); the future settles it.
+    fn take(
+        &self,
+        service: &mut WorkerService,
+        msg: Incoming,
+        book: &mut AckBook,
+        slots: &Arc<Slots>,
+    ) -> impl Future<Output = (u64, Settle)> + Send + 'static {
+        book.delivered(msg.tag);
+        let metadata = Arc::new(Metadata::new(
+            self.entry.name.clone(),
+            msg.exchange,
+            msg.routing_key,
+            msg.redelivered,
+            msg.properties,
+        ));
+        let body = Bytes::from(msg.body);
+        let slot = slots.take();
+        let started = Instant::now();
+        let handled = service.call(Message::new(metadata.clone(), body.clone()));
+        let (entry, shared, tag) = (self.entry.clone(), self.shared.clone(), msg.tag);
+        async move {
+            let settled = guarded(async {
+                let Ok(disposition) = handled.await;
+                let duration = started.elapsed();
+                drop(slot);
+                Settling {
+                    entry: &entry,
+                    shared: &shared,
+                    metadata: &metadata,
+                    body: &body,
+                    duration,
+                }
+                .settle(disposition)
+                .await
+            });
+            (tag, settled.await)
+        }
     }
 
     async fn stop(
@@ -240,25 +371,64 @@ impl Consumer {
         Ok(())
     }
 
-    fn cancelled(
-        &self,
+    async fn cancelled(
+        self,
         tasks: InFlight<impl Future<Output = (u64, Settle)> + Send + 'static>,
+        stop: StopSignal,
     ) -> Exit {
         warn!(worker = %self.entry.name, "the broker cancelled the consumer (was the queue deleted?)");
-        finish_detached(tasks);
-        Exit::Cancelled
+        self.ended(Exit::Cancelled, tasks, stop).await
     }
 
     /// The channel died: in-flight handlers finish on their own (their deliveries will be
     /// redelivered, since they can no longer be acknowledged on this channel).
-    fn lost(
-        &self,
+    async fn lost(
+        self,
         tasks: InFlight<impl Future<Output = (u64, Settle)> + Send + 'static>,
+        stop: StopSignal,
         error: String,
     ) -> Exit {
         warn!(worker = %self.entry.name, %error, in_flight = tasks.len(), "consumer channel lost");
-        finish_detached(tasks);
-        Exit::Lost(error)
+        self.ended(Exit::Lost(error), tasks, stop).await
+    }
+
+    /// Report the end at once, so the supervisor can start a new consumer, then let the
+    /// handlers still running finish — until the stop deadline, when one is given.
+    async fn ended(
+        self,
+        exit: Exit,
+        mut tasks: InFlight<impl Future<Output = (u64, Settle)> + Send + 'static>,
+        mut stop: StopSignal,
+    ) -> Exit {
+        let _ = self
+            .exits
+            .send((self.entry.name.clone(), self.generation, exit.clone()));
+        let deadline = loop {
+            tokio::select! {
+                done = tasks.next() => if done.is_none() { return exit },
+                deadline = stop.requested() => break deadline,
+            }
+        };
+        let finished = async { while tasks.next().await.is_some() {} };
+        if tokio::time::timeout_at(deadline, finished).await.is_err() {
+            debug!(worker = %self.entry.name, "abandoning handlers of a lost channel at the deadline");
+        }
+        exit
+    }
+}
+
+/// Run a delivery to its settlement; a panic on the way (a bug: the stack has its own panic
+/// guard) is logged and the delivery requeued after a pause, so it cannot spin.
+async fn guarded(settling: impl Future<Output = Settle>) -> Settle {
+    match AssertUnwindSafe(settling).catch_unwind().await {
+        Ok(settle) => settle,
+        Err(panic) => {
+            error!(
+                panic = panic_message(&*panic),
+                "settling a delivery panicked; requeueing it after a pause"
+            );
+            requeue_later().await
+        }
     }
 }
 
@@ -266,30 +436,6 @@ impl Consumer {
 /// hop between threads per delivery. Handlers interleave on this task, so CPU-heavy work
 /// inside a handler belongs in `tokio::task::spawn_blocking`.
 type InFlight<F> = FuturesUnordered<F>;
-
-/// One delivery from start to settlement; a panic anywhere in it requeues the delivery.
-fn delivery(
-    entry: Arc<WorkerEntry>,
-    shared: Arc<Shared>,
-    msg: Incoming,
-    slot: SlotGuard,
-) -> impl Future<Output = (u64, Settle)> + Send + 'static {
-    let tag = msg.tag;
-    async move {
-        let settled = AssertUnwindSafe(process(&entry, &shared, msg, slot))
-            .catch_unwind()
-            .await;
-        (tag, settled.unwrap_or(Settle::Requeue))
-    }
-}
-
-/// The channel is gone, so these deliveries can no longer be acknowledged (the broker will
-/// redeliver them); let their handlers run to the end anyway rather than cut them off.
-fn finish_detached(mut tasks: InFlight<impl Future<Output = (u64, Settle)> + Send + 'static>) {
-    if !tasks.is_empty() {
-        tokio::spawn(async move { while tasks.next().await.is_some() {} });
-    }
-}
 
 /// How many handlers run. The concurrency limit counts handler runs only: storing a retry or
 /// dead-letter copy afterwards does not hold a slot (unsettled deliveries are bounded by the
@@ -318,5 +464,20 @@ impl Drop for SlotGuard {
     fn drop(&mut self) {
         self.0.running.fetch_sub(1, Ordering::AcqRel);
         self.0.freed.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::settle::REQUEUE_DELAY;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panic_while_settling_requeues_after_a_pause() {
+        let before = Instant::now();
+        let settle = guarded(async { panic!("storing the copy blew up") }).await;
+        assert_eq!(settle, Settle::Requeue);
+        assert_eq!(Instant::now() - before, REQUEUE_DELAY);
+        assert_eq!(guarded(async { Settle::Ack }).await, Settle::Ack);
     }
 }

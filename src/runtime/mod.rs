@@ -1,28 +1,39 @@
 //! The runtime: declares the topology, consumes for every worker, and keeps it all running.
 
 mod acks;
+mod connect;
 mod consumer;
-mod dispatch;
+mod settle;
 mod supervisor;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashSet;
+use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tower_layer::Layer;
+use tower_service::Service;
 use tracing::info;
 
 use crate::broker;
+use crate::disposition::Disposition;
 use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::middleware::WorkerService;
+use crate::observe::{Lifecycle, Observer, Observers};
 use crate::publisher::Publisher;
-use crate::testing::Recorder;
+use crate::registration::{BoxLayer, Registration, box_layer};
 use crate::topology::Topology;
-use crate::worker::Worker;
-use dispatch::{Shared, WorkerEntry};
+use connect::Settings;
+use settle::{Shared, WorkerEntry};
+use supervisor::{Command, Supervisor};
 pub use supervisor::WorkerStatus;
-use supervisor::{Command, Settings, Supervisor};
 
 /// The AMQP URL used when neither [`RuntimeBuilder::url`] nor `AMQP_URL` gives one.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -33,7 +44,10 @@ pub struct RuntimeBuilder {
     url: String,
     exchange: String,
     /// Each worker, or why its subscription is invalid (reported by `start` and `plan`).
-    workers: Vec<Result<Arc<WorkerEntry>, String>>,
+    workers: Vec<Result<Registration, String>>,
+    /// The runtime's layers, outermost first.
+    layers: Vec<BoxLayer>,
+    observers: Vec<Arc<dyn Observer>>,
     grace: Duration,
     startup_timeout: Duration,
     max_body: usize,
@@ -41,7 +55,6 @@ pub struct RuntimeBuilder {
     reconnect_min: Duration,
     reconnect_max: Duration,
     connection_name: String,
-    recorder: Option<Arc<Recorder>>,
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -50,6 +63,8 @@ impl std::fmt::Debug for RuntimeBuilder {
             .field("url", &broker::redact_url(&self.url))
             .field("exchange", &self.exchange)
             .field("workers", &self.workers.len())
+            .field("layers", &self.layers.len())
+            .field("observers", &self.observers.len())
             .field("grace", &self.grace)
             .finish_non_exhaustive()
     }
@@ -69,13 +84,37 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Register a worker. Its subscription is checked when the runtime starts.
-    pub fn worker<W: Worker>(mut self, worker: W) -> Self {
-        let entry = WorkerEntry::new(worker).map(Arc::new).map_err(|e| match e {
-            Error::Config(message) => message,
-            other => other.to_string(),
-        });
-        self.workers.push(entry);
+    /// Register a worker: a [`Worker`](crate::Worker), or a [`Registration`] that gives it
+    /// layers of its own. Its subscription is checked when the runtime starts.
+    pub fn worker(mut self, worker: impl Into<Registration>) -> Self {
+        let registration = worker.into();
+        let checked = match registration.subscription.validate() {
+            Ok(()) => Ok(registration),
+            Err(Error::Config(message)) => Err(message),
+            Err(other) => Err(other.to_string()),
+        };
+        self.workers.push(checked);
+        self
+    }
+
+    /// Wrap every worker's handler in `layer` (see [`middleware`](crate::middleware)), also
+    /// workers added later with [`Runtime::add_worker`]. The first layer added is the
+    /// outermost; the runtime's layers sit outside each worker's own.
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<WorkerService> + Send + Sync + 'static,
+        L::Service:
+            Service<Message, Response = Disposition, Error = Infallible> + Clone + Send + 'static,
+        <L::Service as Service<Message>>::Future: Send + 'static,
+    {
+        self.layers.push(box_layer(layer));
+        self
+    }
+
+    /// Tell `observer` about every settled delivery, every publish of the runtime's
+    /// publisher, and every change of state (see [`observe`](crate::observe)).
+    pub fn observer(mut self, observer: impl Observer) -> Self {
+        self.observers.push(Arc::new(observer));
         self
     }
 
@@ -120,18 +159,13 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Tell `recorder` how every delivery ends (used by [`TestBroker`](crate::testing::TestBroker)).
-    pub(crate) fn recorder(mut self, recorder: Arc<Recorder>) -> Self {
-        self.recorder = Some(recorder);
-        self
-    }
-
     /// Everything the runtime would declare, without touching the broker.
     pub fn plan(&self) -> Result<Topology> {
-        let entries = self.entries()?;
+        self.check()?;
+        let subscriptions = self.workers.iter().filter_map(|w| w.as_ref().ok());
         Ok(Topology::new(
             &self.exchange,
-            entries.iter().map(|e| &e.subscription),
+            subscriptions.map(|r| &r.subscription),
         ))
     }
 
@@ -139,12 +173,13 @@ impl RuntimeBuilder {
     pub async fn declare(&self) -> Result<()> {
         let plan = self.plan()?;
         let conn = self.connect(&CancellationToken::new()).await?;
-        let declared = plan.declare(&conn).await;
+        let declared = plan.declare_on(&conn).await;
         conn.close().await;
         declared
     }
 
-    fn entries(&self) -> Result<Vec<Arc<WorkerEntry>>> {
+    /// Check the settings and every worker; nothing is sent to the broker.
+    fn check(&self) -> Result<()> {
         broker::short("exchange name", &self.exchange)?;
         if self.exchange.is_empty() || self.exchange.starts_with("amq.") {
             return Err(Error::Config(format!(
@@ -158,15 +193,13 @@ impl RuntimeBuilder {
             ));
         }
         let mut names = HashSet::new();
-        let mut entries = Vec::with_capacity(self.workers.len());
-        for entry in &self.workers {
-            let entry = entry.clone().map_err(Error::Config)?;
-            if !names.insert(entry.name.clone()) {
-                return Err(Error::DuplicateWorker(entry.name.to_string()));
+        for worker in &self.workers {
+            let queue = worker.as_ref().map_err(|e| Error::Config(e.clone()))?.subscription.queue();
+            if !names.insert(queue) {
+                return Err(Error::DuplicateWorker(queue.to_owned()));
             }
-            entries.push(entry);
         }
-        Ok(entries)
+        Ok(())
     }
 
     fn settings(&self) -> Settings {
@@ -181,25 +214,19 @@ impl RuntimeBuilder {
 
     async fn connect(&self, shutdown: &CancellationToken) -> Result<broker::Connection> {
         let deadline = Instant::now() + self.startup_timeout;
-        supervisor::connect(&self.settings(), shutdown, Some(deadline))
+        connect::connect(&self.settings(), shutdown, Some(deadline))
             .await?
             .ok_or(Error::ShutDown)
     }
 
     /// Connect, declare the topology, start consuming for every worker, and return a handle.
     /// The runtime runs in background tasks until [`Runtime::shutdown`] (or until every
-    /// handle is dropped).
+    /// handle is dropped: keep it).
     pub async fn start(self) -> Result<Runtime> {
-        let entries = self.entries()?;
+        self.check()?;
         let shutdown = CancellationToken::new();
-        let stopped = CancellationToken::new();
         let conn = self.connect(&shutdown).await?;
-        info!(
-            url = %broker::redact_url(&self.url),
-            exchange = %self.exchange,
-            workers = entries.len(),
-            "starting runtime"
-        );
+        let observers = Observers::new(self.observers.clone());
         // Its connection opens when first needed (a retry, a dead-letter, a follow-up event):
         // a worker that never publishes holds one connection, not two.
         let publisher = Publisher::builder(self.url.clone())
@@ -207,6 +234,7 @@ impl RuntimeBuilder {
             .timeout(self.publish_timeout)
             .max_body_bytes(self.max_body)
             .connection_name(format!("{}:publisher", self.connection_name))
+            .observers(self.observers.clone())
             .build();
         let publisher = match publisher {
             Ok(p) => p,
@@ -215,28 +243,47 @@ impl RuntimeBuilder {
                 return Err(e);
             }
         };
+        info!(
+            url = %broker::redact_url(&self.url),
+            exchange = %self.exchange,
+            workers = self.workers.len(),
+            "starting runtime"
+        );
+        let settings = self.settings();
         let shared = Arc::new(Shared {
-            exchange: self.exchange.clone(),
+            exchange: self.exchange,
             publisher,
             max_body: self.max_body,
+            layers: self.layers,
             extra_tiers: Mutex::new(HashSet::new()),
-            recorder: self.recorder.clone(),
+            observers,
         });
+        let entries = self
+            .workers
+            .into_iter()
+            .flatten()
+            .map(|r| Arc::new(WorkerEntry::build(r, &shared)))
+            .collect();
         let (commands, receiver) = mpsc::channel(16);
-        let mut supervisor = Supervisor::new(
-            self.settings(),
-            shared.clone(),
-            receiver,
-            shutdown.clone(),
-            stopped.clone(),
-        );
-        supervisor.start_all(&conn, entries).await?;
-        tokio::spawn(supervisor.run(conn));
+        let mut supervisor =
+            Supervisor::new(settings, shared.clone(), receiver, shutdown.clone(), conn);
+        supervisor.start_all(entries).await?;
+        shared.observers.lifecycle(&Lifecycle::Started {
+            exchange: &shared.exchange,
+        });
+        let stopped = CancellationToken::new();
+        let guard = stopped.clone().drop_guard();
+        let task = tokio::spawn(async move {
+            // Cancelled however the supervisor ends, even by a panic or an abort.
+            let _stopped = guard;
+            supervisor.run().await;
+        });
         Ok(Runtime {
             commands,
             shared,
             shutdown,
             stopped,
+            task: Arc::new(Mutex::new(Some(task))),
         })
     }
 
@@ -275,14 +322,19 @@ async fn shutdown_signal() {
 /// shut it down.
 ///
 /// Cheap to clone. The runtime stops when [`shutdown`](Runtime::shutdown) is called or
-/// when every handle has been dropped. While the broker is unreachable, the worker commands
-/// (`add_worker`, `pause`, …) wait until the runtime has reconnected.
+/// when **every handle has been dropped** — so keep one: `let runtime = …start().await?;`
+/// and then `runtime.shutdown_on_signal().await` (or [`RuntimeBuilder::run_until_signal`],
+/// which does both). While the broker is unreachable, the worker commands (`add_worker`,
+/// `pause`, …) wait until the runtime has reconnected.
 #[derive(Clone)]
+#[must_use = "dropping every Runtime handle stops its workers: keep it, e.g. `runtime.shutdown_on_signal().await`"]
 pub struct Runtime {
     commands: mpsc::Sender<Command>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     stopped: CancellationToken,
+    /// The supervisor's task, joined by the first `shutdown`.
+    task: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -312,25 +364,31 @@ impl Runtime {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(30),
             connection_name: format!("rabbitry:{exe}"),
-            recorder: None,
+            layers: Vec::new(),
+            observers: Vec::new(),
         }
     }
 
-    /// Declare a new worker's topology and start consuming for it, without a restart.
-    pub async fn add_worker<W: Worker>(&self, worker: W) -> Result<()> {
-        let entry = Arc::new(WorkerEntry::new(worker)?);
+    /// Declare a new worker's topology and start consuming for it, without a restart. The
+    /// runtime's layers apply to it too.
+    pub async fn add_worker(&self, worker: impl Into<Registration>) -> Result<()> {
+        let registration = worker.into();
+        registration.subscription.validate()?;
+        let entry = Arc::new(WorkerEntry::build(registration, &self.shared));
         self.call(|reply| Command::Add(entry, reply)).await?
     }
 
     /// Stop a worker (in-flight handlers finish, unstarted deliveries return to its queue)
-    /// and forget it. Its queue and messages stay on the broker.
+    /// and forget it. Its queue and messages stay on the broker. Returns once it has
+    /// stopped; other commands are not held up meanwhile.
     pub async fn remove_worker(&self, name: &str) -> Result<()> {
         self.call(|reply| Command::Remove(name.to_owned(), reply))
             .await?
     }
 
     /// Stop consuming for a worker until [`resume`](Runtime::resume); messages wait in its
-    /// queue meanwhile.
+    /// queue meanwhile. Returns once its in-flight handlers have finished (or the grace
+    /// period is over); other commands are not held up meanwhile.
     pub async fn pause(&self, name: &str) -> Result<()> {
         self.call(|reply| Command::Pause(name.to_owned(), reply))
             .await?
@@ -353,10 +411,17 @@ impl Runtime {
     }
 
     /// Shut down gracefully and wait until done: stop taking deliveries, let in-flight
-    /// handlers finish within the grace period, acknowledge, close the connections.
+    /// handlers finish within the grace period, acknowledge, close the connections. When it
+    /// returns, no task of the runtime is left running.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
-        self.stopped.cancelled().await;
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match task {
+            Some(task) => {
+                let _ = task.await;
+            }
+            None => self.stopped.cancelled().await,
+        }
     }
 
     /// Wait for SIGINT or SIGTERM, then [`shutdown`](Runtime::shutdown) gracefully.

@@ -1,24 +1,36 @@
-//! The connection supervisor: owns the consuming connection and the set of workers,
-//! reconnects with backoff when the connection drops, and applies commands from handles.
+//! The supervisor: owns the consuming connection, the workers and every consumer task,
+//! reconnects with backoff when the connection drops, restarts failed consumers with
+//! backoff, and applies commands from handles without letting a slow stop block the rest.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
-use futures_util::future::join_all;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::connect::{Settings, connect};
 use super::consumer::{self, ConsumerHandle, Exit};
-use super::dispatch::{Shared, WorkerEntry};
-use crate::broker::{Connection, redact_url};
+use super::settle::{Shared, WorkerEntry};
+use crate::broker::Connection;
 use crate::error::{Error, Result};
+use crate::observe::{Lifecycle, StopReason};
+use crate::panic_message;
 
-/// Wait before restarting a consumer that ended while the connection stayed up.
-const RESTART_DELAY: Duration = Duration::from_secs(1);
+/// Wait before the first restart of a consumer that failed; doubled for each failure in a
+/// row, up to [`RESTART_MAX`].
+const RESTART_MIN: Duration = Duration::from_secs(1);
+/// Longest wait between restarts of a consumer that keeps failing.
+const RESTART_MAX: Duration = Duration::from_secs(60);
+/// A consumer that ran this long before it ended starts its backoff afresh.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
 
 /// A request from a [`Runtime`](crate::Runtime) handle.
 pub(crate) enum Command {
@@ -27,6 +39,9 @@ pub(crate) enum Command {
     Pause(String, oneshot::Sender<Result<()>>),
     Resume(String, oneshot::Sender<Result<()>>),
     List(oneshot::Sender<Vec<WorkerStatus>>),
+    /// Make the supervisor panic, to test that the runtime still shuts down cleanly.
+    #[cfg(test)]
+    Panic,
 }
 
 /// What a runtime knows about one of its workers.
@@ -45,16 +60,6 @@ pub struct WorkerStatus {
     pub restarts: u32,
 }
 
-/// Connection settings of the supervisor. (No `Debug`: the URL holds the password.)
-#[derive(Clone)]
-pub(crate) struct Settings {
-    pub(crate) url: String,
-    pub(crate) connection_name: String,
-    pub(crate) grace: Duration,
-    pub(crate) reconnect_min: Duration,
-    pub(crate) reconnect_max: Duration,
-}
-
 struct Slot {
     entry: Arc<WorkerEntry>,
     paused: bool,
@@ -62,7 +67,11 @@ struct Slot {
     last_error: Option<String>,
     /// Consumers started again after a failure or a reconnection.
     restarts: u32,
+    /// Failures in a row, for the restart backoff.
+    failures: u32,
 }
+
+type Stopping = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 pub(crate) struct Supervisor {
     settings: Settings,
@@ -70,60 +79,16 @@ pub(crate) struct Supervisor {
     workers: BTreeMap<Arc<str>, Slot>,
     commands: mpsc::Receiver<Command>,
     shutdown: CancellationToken,
-    stopped: CancellationToken,
-    exits_tx: mpsc::UnboundedSender<(Arc<str>, u64, Exit)>,
+    exits_tx: consumer::Exits,
     exits: mpsc::UnboundedReceiver<(Arc<str>, u64, Exit)>,
-    restarts_tx: mpsc::UnboundedSender<Arc<str>>,
-    restarts: mpsc::UnboundedReceiver<Arc<str>>,
+    /// When each failed worker is started again.
+    restarts: BTreeMap<Arc<str>, Instant>,
+    /// Consumers being stopped on request (pause, removal), each answering its caller.
+    stopping: FuturesUnordered<Stopping>,
+    /// Consumers that ended on their own and may still be finishing handlers.
+    retired: Vec<ConsumerHandle>,
+    conn: Connection,
     generation: u64,
-}
-
-/// Connect, retrying with exponential backoff and jitter until `deadline` (forever when
-/// `None`). `Ok(None)` when shutdown was requested meanwhile.
-pub(crate) async fn connect(
-    settings: &Settings,
-    shutdown: &CancellationToken,
-    deadline: Option<Instant>,
-) -> Result<Option<Connection>> {
-    let mut delays = ExponentialBuilder::default()
-        .with_min_delay(settings.reconnect_min)
-        .with_max_delay(settings.reconnect_max)
-        .with_jitter()
-        .without_max_times()
-        .build();
-    let url = redact_url(&settings.url);
-    for attempt in 1u64.. {
-        let error = match Connection::open(&settings.url, &settings.connection_name).await {
-            Ok(conn) => {
-                info!(%url, attempt, "connected to RabbitMQ");
-                return Ok(Some(conn));
-            }
-            // A malformed URL will not get better by waiting.
-            Err(e @ Error::Config(_)) => return Err(e),
-            // Nor will refused credentials or a missing vhost while starting; a running
-            // runtime keeps trying, in case they are being rotated.
-            Err(e) if deadline.is_some() && refused(&e) => return Err(e),
-            Err(e) => e,
-        };
-        let delay = delays.next().unwrap_or(settings.reconnect_max);
-        if deadline.is_some_and(|d| Instant::now() + delay > d) {
-            return Err(error);
-        }
-        warn!(%error, attempt, retry_in = ?delay, "cannot connect to RabbitMQ");
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(None),
-            () = tokio::time::sleep(delay) => {}
-        }
-    }
-    unreachable!("the attempt counter does not run out")
-}
-
-/// ACCESS_REFUSED (bad credentials) or NOT_ALLOWED (no such vhost, or no access to it).
-fn refused(error: &Error) -> bool {
-    const ACCESS_REFUSED: u16 = 403;
-    const NOT_ALLOWED: u16 = 530;
-    matches!(error, Error::Connect { source, .. }
-        if matches!(source.reply_code(), Some(ACCESS_REFUSED | NOT_ALLOWED)))
 }
 
 impl Supervisor {
@@ -132,101 +97,127 @@ impl Supervisor {
         shared: Arc<Shared>,
         commands: mpsc::Receiver<Command>,
         shutdown: CancellationToken,
-        stopped: CancellationToken,
+        conn: Connection,
     ) -> Supervisor {
         let (exits_tx, exits) = mpsc::unbounded_channel();
-        let (restarts_tx, restarts) = mpsc::unbounded_channel();
         Supervisor {
             settings,
             shared,
             workers: BTreeMap::new(),
             commands,
             shutdown,
-            stopped,
             exits_tx,
             exits,
-            restarts_tx,
-            restarts,
+            restarts: BTreeMap::new(),
+            stopping: FuturesUnordered::new(),
+            retired: Vec::new(),
+            conn,
             generation: 0,
         }
     }
 
-    /// Declare and start `entries` on `conn`; the first error stops what was started and
-    /// is returned.
-    pub(crate) async fn start_all(
-        &mut self,
-        conn: &Connection,
-        entries: Vec<Arc<WorkerEntry>>,
-    ) -> Result<()> {
+    /// Declare and start `entries`; the first error stops what was started and is returned.
+    pub(crate) async fn start_all(&mut self, entries: Vec<Arc<WorkerEntry>>) -> Result<()> {
         for entry in entries {
-            if let Err(e) = self.add(conn, entry).await {
-                self.stop_all().await;
-                conn.close().await;
-                self.shared.publisher.close().await;
+            if let Err(e) = self.add(entry).await {
+                self.finish().await;
                 return Err(e);
             }
         }
         Ok(())
     }
 
-    pub(crate) async fn run(mut self, mut conn: Connection) {
+    /// Supervise until shut down (or until every handle is gone), then stop everything.
+    /// A panic in the supervisor is logged and ends the runtime the same orderly way.
+    pub(crate) async fn run(mut self) {
+        if let Err(panic) = AssertUnwindSafe(self.supervise()).catch_unwind().await {
+            error!(
+                panic = panic_message(&*panic),
+                "the runtime's supervisor panicked; stopping every worker"
+            );
+        }
+        self.finish().await;
+    }
+
+    async fn supervise(&mut self) {
         loop {
-            let lost = conn.lost();
+            let lost = self.conn.lost();
             tokio::pin!(lost);
             let lost = loop {
+                let next_restart = self.restarts.values().min().copied();
                 tokio::select! {
                     () = self.shutdown.cancelled() => break None,
                     error = &mut lost => break Some(error),
                     command = self.commands.recv() => match command {
-                        Some(command) => self.apply(&conn, command).await,
-                        // Every handle is gone: nobody can stop the runtime any more, so stop now.
-                        None => break None,
+                        Some(command) => self.apply(command).await,
+                        None => {
+                            warn!("every Runtime handle was dropped: stopping the workers \
+                                   (keep the handle and await shutdown_on_signal() or shutdown())");
+                            break None;
+                        }
                     },
-                    Some((name, generation, exit)) = self.exits.recv() => self.on_exit(&conn, name, generation, exit),
-                    Some(name) = self.restarts.recv() => self.restart(&conn, &name).await,
+                    Some((name, generation, exit)) = self.exits.recv() => self.on_exit(name, generation, exit),
+                    () = sleep_until_some(next_restart), if next_restart.is_some() => self.due_restarts().await,
+                    Some(()) = self.stopping.next(), if !self.stopping.is_empty() => {}
                 }
             };
-            let Some(error) = lost else {
-                self.stop_all().await;
-                conn.close().await;
-                break;
-            };
+            let Some(error) = lost else { return };
+            let error = error.to_string();
             warn!(%error, "connection to RabbitMQ lost; reconnecting");
+            self.shared
+                .observers
+                .lifecycle(&Lifecycle::ConnectionLost { error: &error });
             for slot in self.workers.values_mut() {
-                // The consumers end on their own as their channels died with the connection.
-                slot.consumer = None;
+                // Their channels died with the connection; they end on their own.
+                self.retired.extend(slot.consumer.take());
             }
+            self.retired.retain(|c| !c.is_finished());
             match connect(&self.settings, &self.shutdown, None).await {
-                Ok(Some(new)) => {
-                    conn = new;
-                    self.restore(&conn).await;
+                Ok(Some(conn)) => {
+                    self.conn = conn;
+                    self.shared.observers.lifecycle(&Lifecycle::Reconnected);
+                    self.restore().await;
                 }
-                Ok(None) | Err(_) => break,
+                Ok(None) | Err(_) => return,
             }
         }
-        self.shared.publisher.close().await;
-        info!("runtime stopped");
-        self.stopped.cancel();
     }
 
-    async fn apply(&mut self, conn: &Connection, command: Command) {
+    async fn apply(&mut self, command: Command) {
         match command {
             Command::Add(entry, reply) => {
-                let _ = reply.send(self.add(conn, entry).await);
+                let _ = reply.send(self.add(entry).await);
             }
-            Command::Remove(name, reply) => {
-                let _ = reply.send(self.remove(&name).await);
-            }
-            Command::Pause(name, reply) => {
-                let _ = reply.send(self.pause(&name).await);
-            }
+            Command::Remove(name, reply) => match self.workers.remove(name.as_str()) {
+                Some(slot) => {
+                    self.restarts.remove(name.as_str());
+                    info!(worker = %name, "removing worker");
+                    self.stop_then_reply(&name, slot.consumer, StopReason::Removed, reply);
+                }
+                None => {
+                    let _ = reply.send(Err(Error::UnknownWorker(name)));
+                }
+            },
+            Command::Pause(name, reply) => match self.workers.get_mut(name.as_str()) {
+                Some(slot) => {
+                    slot.paused = true;
+                    let consumer = slot.consumer.take();
+                    self.restarts.remove(name.as_str());
+                    info!(worker = %name, "pausing worker");
+                    self.stop_then_reply(&name, consumer, StopReason::Paused, reply);
+                }
+                None => {
+                    let _ = reply.send(Err(Error::UnknownWorker(name)));
+                }
+            },
             Command::Resume(name, reply) => {
-                let result = match self.slot(&name) {
-                    Ok(slot) => {
+                let result = match self.workers.get_mut(name.as_str()) {
+                    Some(slot) => {
                         slot.paused = false;
-                        self.activate(conn, &name).await.map(drop)
+                        slot.failures = 0;
+                        self.activate(&name).await.map(drop)
                     }
-                    Err(e) => Err(e),
+                    None => Err(Error::UnknownWorker(name)),
                 };
                 let _ = reply.send(result);
             }
@@ -244,33 +235,37 @@ impl Supervisor {
                     .collect();
                 let _ = reply.send(statuses);
             }
+            #[cfg(test)]
+            Command::Panic => panic!("a test asked the supervisor to panic"),
         }
     }
 
-    fn slot(&mut self, name: &str) -> Result<&mut Slot> {
-        self.workers
-            .get_mut(name)
-            .ok_or_else(|| Error::UnknownWorker(name.to_owned()))
+    /// Stop `consumer` in the background (other commands go on meanwhile) and answer
+    /// `reply` once it has stopped.
+    fn stop_then_reply(
+        &mut self,
+        name: &str,
+        consumer: Option<ConsumerHandle>,
+        reason: StopReason,
+        reply: oneshot::Sender<Result<()>>,
+    ) {
+        let stopped = consumer.map(|c| c.stop(Instant::now() + self.settings.grace));
+        let observers = self.shared.observers.clone();
+        let name = name.to_owned();
+        self.stopping.push(Box::pin(async move {
+            if let Some(stopped) = stopped {
+                stopped.await;
+            }
+            info!(worker = %name, ?reason, "worker stopped");
+            observers.lifecycle(&Lifecycle::Stopped {
+                worker: &name,
+                reason,
+            });
+            let _ = reply.send(Ok(()));
+        }));
     }
 
-    async fn remove(&mut self, name: &str) -> Result<()> {
-        let consumer = self.slot(name)?.consumer.take();
-        self.stop_slot(consumer).await;
-        self.workers.remove(name);
-        info!(worker = %name, "worker removed");
-        Ok(())
-    }
-
-    async fn pause(&mut self, name: &str) -> Result<()> {
-        let slot = self.slot(name)?;
-        slot.paused = true;
-        let consumer = slot.consumer.take();
-        self.stop_slot(consumer).await;
-        info!(worker = %name, "worker paused");
-        Ok(())
-    }
-
-    async fn add(&mut self, conn: &Connection, entry: Arc<WorkerEntry>) -> Result<()> {
+    async fn add(&mut self, entry: Arc<WorkerEntry>) -> Result<()> {
         if self.workers.contains_key(&entry.name) {
             return Err(Error::DuplicateWorker(entry.name.to_string()));
         }
@@ -283,9 +278,10 @@ impl Supervisor {
                 consumer: None,
                 last_error: None,
                 restarts: 0,
+                failures: 0,
             },
         );
-        let result = self.activate(conn, &name).await.map(drop);
+        let result = self.activate(&name).await.map(drop);
         match &result {
             Ok(()) => info!(worker = %name, "worker started"),
             Err(_) => {
@@ -297,7 +293,7 @@ impl Supervisor {
 
     /// Declare the worker's topology and start its consumer, unless paused or running.
     /// `Ok(true)` when a consumer was started.
-    async fn activate(&mut self, conn: &Connection, name: &str) -> Result<bool> {
+    async fn activate(&mut self, name: &str) -> Result<bool> {
         let Some(slot) = self.workers.get_mut(name) else {
             return Ok(false);
         };
@@ -306,9 +302,9 @@ impl Supervisor {
         }
         self.generation += 1;
         let started = async {
-            slot.entry.declare(conn, &self.shared.exchange).await?;
+            slot.entry.declare(&self.conn, &self.shared.exchange).await?;
             consumer::start(
-                conn,
+                &self.conn,
                 slot.entry.clone(),
                 self.shared.clone(),
                 self.generation,
@@ -321,6 +317,9 @@ impl Supervisor {
             Ok(consumer) => {
                 slot.consumer = Some(consumer);
                 slot.last_error = None;
+                self.shared
+                    .observers
+                    .lifecycle(&Lifecycle::Consuming { worker: name });
                 Ok(true)
             }
             Err(e) => {
@@ -331,77 +330,138 @@ impl Supervisor {
     }
 
     /// After a reconnect: re-declare every worker's topology and resume the unpaused ones.
-    async fn restore(&mut self, conn: &Connection) {
+    async fn restore(&mut self) {
         let names: Vec<Arc<str>> = self.workers.keys().cloned().collect();
         for name in names {
-            match self.activate(conn, &name).await {
-                Ok(started) => self.count_restart(&name, started),
-                Err(e) => {
-                    error!(worker = %name, error = %e, "cannot restore the worker after reconnecting");
-                    self.schedule_restart(name);
+            self.restarts.remove(&name);
+            self.try_start(name).await;
+        }
+    }
+
+    /// Start a worker's consumer (again), counting it as a restart, or schedule the next try.
+    async fn try_start(&mut self, name: Arc<str>) {
+        match self.activate(&name).await {
+            Ok(started) => {
+                if let (true, Some(slot)) = (started, self.workers.get_mut(&name)) {
+                    slot.restarts += 1;
                 }
+            }
+            Err(e) => {
+                error!(worker = %name, error = %e, "cannot start the worker's consumer");
+                self.schedule_restart(name, &e.to_string());
             }
         }
     }
 
-    fn on_exit(&mut self, conn: &Connection, name: Arc<str>, generation: u64, exit: Exit) {
+    fn on_exit(&mut self, name: Arc<str>, generation: u64, exit: Exit) {
         let Some(slot) = self.workers.get_mut(&name) else {
             return;
         };
         if slot.consumer.as_ref().map(|c| c.generation) != Some(generation) {
             return; // an older consumer of this worker
         }
-        slot.consumer = None;
-        slot.last_error = Some(exit.to_string());
+        if let Some(consumer) = slot.consumer.take() {
+            if consumer.started.elapsed() >= STABLE_AFTER {
+                slot.failures = 0;
+            }
+            // It may still be finishing handlers; it is stopped with the rest at shutdown.
+            self.retired.push(consumer);
+        }
+        self.retired.retain(|c| !c.is_finished());
         // A dead connection is handled as a whole by the reconnect path.
-        if conn.is_connected() {
-            warn!(worker = %name, %exit, "consumer ended; restarting it");
-            self.schedule_restart(name);
+        if self.conn.is_connected() {
+            let error = exit.to_string();
+            warn!(worker = %name, %error, "consumer ended");
+            self.schedule_restart(name, &error);
         }
     }
 
-    fn schedule_restart(&self, name: Arc<str>) {
-        let restarts = self.restarts_tx.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(RESTART_DELAY).await;
-            let _ = restarts.send(name);
-        });
-    }
-
-    async fn restart(&mut self, conn: &Connection, name: &str) {
-        if !conn.is_connected() {
+    /// Try the worker again after a delay that doubles with each failure in a row.
+    fn schedule_restart(&mut self, name: Arc<str>, error: &str) {
+        let Some(slot) = self.workers.get_mut(&name) else {
             return;
-        }
-        match self.activate(conn, name).await {
-            Ok(started) => self.count_restart(name, started),
-            Err(e) => {
-                error!(worker = %name, error = %e, "cannot restart the worker's consumer");
-                self.schedule_restart(name.into());
+        };
+        slot.last_error = Some(error.to_owned());
+        let delay = restart_delay(slot.failures);
+        slot.failures = slot.failures.saturating_add(1);
+        self.shared.observers.lifecycle(&Lifecycle::Failed {
+            worker: &name,
+            error,
+            restart_in: delay,
+        });
+        self.restarts.insert(name, Instant::now() + delay);
+    }
+
+    async fn due_restarts(&mut self) {
+        let now = Instant::now();
+        let due: Vec<Arc<str>> = self
+            .restarts
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in due {
+            self.restarts.remove(&name);
+            // Without a connection, the reconnect path restores every worker.
+            if self.conn.is_connected() {
+                self.try_start(name).await;
             }
         }
     }
 
-    fn count_restart(&mut self, name: &str, started: bool) {
-        if let (true, Some(slot)) = (started, self.workers.get_mut(name)) {
-            slot.restarts += 1;
-        }
-    }
-
-    async fn stop_slot(&self, consumer: Option<ConsumerHandle>) {
-        if let Some(consumer) = consumer {
-            consumer.stop(Instant::now() + self.settings.grace).await;
-        }
-    }
-
-    /// Graceful stop of every consumer, all against the same deadline.
-    async fn stop_all(&mut self) {
+    /// Stop every consumer gracefully against one deadline, wait for those already being
+    /// stopped, close the connections, and tell the observers.
+    async fn finish(&mut self) {
         let deadline = Instant::now() + self.settings.grace;
-        let consumers: Vec<_> = self
+        let mut consumers: Vec<ConsumerHandle> = self
             .workers
             .values_mut()
             .filter_map(|s| s.consumer.take())
             .collect();
+        consumers.append(&mut self.retired);
         info!(consumers = consumers.len(), grace = ?self.settings.grace, "stopping");
-        join_all(consumers.into_iter().map(|c| c.stop(deadline))).await;
+        let stopped: FuturesUnordered<_> = consumers.into_iter().map(|c| c.stop(deadline)).collect();
+        let stopping = std::mem::take(&mut self.stopping);
+        futures_util::future::join(
+            stopped.collect::<Vec<_>>(),
+            stopping.collect::<Vec<_>>(),
+        )
+        .await;
+        self.conn.close().await;
+        self.shared.publisher.close().await;
+        for name in self.workers.keys() {
+            self.shared.observers.lifecycle(&Lifecycle::Stopped {
+                worker: name,
+                reason: StopReason::Shutdown,
+            });
+        }
+        self.shared.observers.lifecycle(&Lifecycle::ShutDown);
+        info!("runtime stopped");
+    }
+}
+
+/// The wait before restart number `failures + 1` of a worker.
+fn restart_delay(failures: u32) -> Duration {
+    RESTART_MIN
+        .saturating_mul(1u32 << failures.min(16))
+        .min(RESTART_MAX)
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_back_off_to_a_minute() {
+        let delays: Vec<u64> = (0..9).map(|f| restart_delay(f).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(restart_delay(u32::MAX), RESTART_MAX);
     }
 }

@@ -206,6 +206,17 @@ impl MemoryBroker {
             .with(|s| s.take(queue, max).into_iter().map(Into::into).collect())
     }
 
+    /// Delete `queue` with its messages and bindings, as an operator would; its consumers
+    /// are cancelled. Returns how many messages it held, or `None` if it did not exist.
+    pub fn delete_queue(&self, queue: &str) -> Option<usize> {
+        self.broker.with(|s| s.remove_queue(queue))
+    }
+
+    /// Whether `queue` is bound to `exchange` with exactly `key`.
+    pub fn is_bound(&self, queue: &str, exchange: &str, key: &str) -> bool {
+        self.broker.lock().is_bound(queue, exchange, key)
+    }
+
     /// Publish raw bytes as a bare AMQP client would (no confirm, not mandatory). Returns how
     /// many queues received it (0: unroutable, dropped).
     pub fn publish(

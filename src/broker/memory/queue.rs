@@ -130,6 +130,24 @@ pub(super) fn arg(value: &AMQPValue) -> Arg {
     }
 }
 
+/// An argument's value as RabbitMQ words it in a PRECONDITION_FAILED reply.
+pub(super) fn describe(value: &AMQPValue) -> String {
+    let (shown, kind) = match value {
+        AMQPValue::LongString(s) => (String::from_utf8_lossy(s.as_bytes()).into_owned(), "longstr"),
+        AMQPValue::ShortString(s) => (s.to_string(), "longstr"),
+        AMQPValue::LongLongInt(v) => (v.to_string(), "long"),
+        AMQPValue::LongInt(v) => (v.to_string(), "signedint"),
+        AMQPValue::LongUInt(v) => (v.to_string(), "unsignedint"),
+        AMQPValue::ShortInt(v) => (v.to_string(), "short"),
+        AMQPValue::ShortUInt(v) => (v.to_string(), "unsignedshort"),
+        AMQPValue::ShortShortInt(v) => (v.to_string(), "byte"),
+        AMQPValue::ShortShortUInt(v) => (v.to_string(), "unsignedbyte"),
+        AMQPValue::Boolean(v) => (v.to_string(), "bool"),
+        other => (format!("{other:?}"), "other"),
+    };
+    format!("the value '{shown}' of type '{kind}'")
+}
+
 pub(super) fn arg_text(args: &FieldTable, key: &str) -> Option<String> {
     match args.inner().get(key).map(arg) {
         Some(Arg::Text(t)) => Some(String::from_utf8_lossy(&t).into_owned()),

@@ -121,8 +121,20 @@ impl Channel {
         self.with(|s, id| s.declare_queue(id, name, args))
     }
 
-    pub(crate) fn delete_queue(&self, name: &str) -> lapin::Result<u32> {
-        self.with(|s, id| s.delete_queue(id, name))
+    pub(crate) fn declare_queue_passive(&self, name: &str) -> lapin::Result<u32> {
+        self.with(|s, id| s.declare_queue_passive(id, name))
+    }
+
+    pub(crate) fn delete_queue(&self, name: &str, if_empty: bool) -> lapin::Result<u32> {
+        self.with(|s, id| s.delete_queue(id, name, if_empty))
+    }
+
+    pub(crate) fn unbind(&self, queue: &str, exchange: &str, key: &str) -> lapin::Result<()> {
+        self.with(|s, id| s.unbind(id, queue, exchange, key))
+    }
+
+    pub(crate) fn get(&self, queue: &str) -> lapin::Result<Option<Incoming>> {
+        self.with(|s, id| s.get(id, queue))
     }
 
     pub(crate) fn bind(&self, queue: &str, exchange: &str, key: &str) -> lapin::Result<()> {

@@ -117,6 +117,41 @@ impl State {
         Ok(())
     }
 
+    /// Fetch one message to be acknowledged on this channel (requeued if it closes first).
+    pub(in crate::broker::memory) fn get(
+        &mut self,
+        chan: u64,
+        queue: &str,
+    ) -> lapin::Result<Option<Incoming>> {
+        self.chan(chan, "basic.get")?;
+        self.expire(queue);
+        let Some(q) = self.queues.get_mut(queue) else {
+            return Err(self.fail(chan, no_queue(queue)));
+        };
+        let Some(message) = q.pop() else {
+            return Ok(None);
+        };
+        let c = self.chan(chan, "basic.get")?;
+        c.next_tag += 1;
+        let incoming = Incoming {
+            tag: c.next_tag,
+            exchange: message.exchange.clone(),
+            routing_key: message.routing_key.clone(),
+            redelivered: message.redelivered,
+            properties: message.properties.clone(),
+            body: message.body.clone(),
+        };
+        c.unacked.insert(
+            c.next_tag,
+            Unacked {
+                queue: queue.to_owned(),
+                consumer: None,
+                message,
+            },
+        );
+        Ok(Some(incoming))
+    }
+
     /// Fetch one message with auto-acknowledgement; its message id.
     pub(in crate::broker::memory) fn get_message_id(
         &mut self,

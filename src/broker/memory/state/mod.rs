@@ -12,7 +12,7 @@ use lapin::types::{FieldTable, ShortString};
 use tokio::sync::{mpsc, watch};
 
 pub(super) use super::queue::Message;
-use super::queue::{Queue, arg, arg_int, arg_text};
+use super::queue::{Queue, arg, arg_int, arg_text, describe};
 
 mod consume;
 mod route;
@@ -259,11 +259,7 @@ impl State {
                 .find(|k| existing.args.inner().get(*k).map(arg) != args.inner().get(*k).map(arg))
                 .map(str::to_owned);
             if let Some(key) = differing {
-                let show = |t: &FieldTable| {
-                    t.inner()
-                        .get(key.as_str())
-                        .map_or("none".into(), |v| format!("{:?}", arg(v)))
-                };
+                let show = |t: &FieldTable| t.inner().get(key.as_str()).map_or("none".into(), describe);
                 let text = format!(
                     "PRECONDITION_FAILED - inequivalent arg '{key}' for queue '{name}' in vhost '/': \
                      received {} but current is {}",
@@ -312,11 +308,51 @@ impl State {
         Ok(())
     }
 
-    pub(super) fn delete_queue(&mut self, chan: u64, name: &str) -> lapin::Result<u32> {
+    pub(super) fn declare_queue_passive(&mut self, chan: u64, name: &str) -> lapin::Result<u32> {
+        self.chan(chan, "queue.declare")?;
+        match self.queues.get(name) {
+            Some(q) => Ok(q.len() as u32),
+            None => Err(self.fail(chan, no_queue(name))),
+        }
+    }
+
+    pub(super) fn unbind(
+        &mut self,
+        chan: u64,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+    ) -> lapin::Result<()> {
+        self.chan(chan, "queue.unbind")?;
+        if !self.exchanges.contains_key(exchange) {
+            let text = format!("NOT_FOUND - no exchange '{exchange}' in vhost '/'");
+            return Err(self.fail(chan, soft(AMQPSoftError::NOTFOUND, text)));
+        }
+        if !self.queues.contains_key(queue) {
+            return Err(self.fail(chan, no_queue(queue)));
+        }
+        self.bindings
+            .remove(&(exchange.to_owned(), queue.to_owned(), key.to_owned()));
+        Ok(())
+    }
+
+    pub(super) fn delete_queue(
+        &mut self,
+        chan: u64,
+        name: &str,
+        if_empty: bool,
+    ) -> lapin::Result<u32> {
         self.chan(chan, "queue.delete")?;
-        let Some(queue) = self.queues.remove(name) else {
-            return Ok(0);
-        };
+        if if_empty && self.queues.get(name).is_some_and(|q| q.len() > 0) {
+            let text = format!("PRECONDITION_FAILED - queue '{name}' in vhost '/' is not empty");
+            return Err(self.fail(chan, soft(AMQPSoftError::PRECONDITIONFAILED, text)));
+        }
+        Ok(self.remove_queue(name).unwrap_or(0) as u32)
+    }
+
+    /// Delete a queue, its bindings and its consumers; how many messages it held.
+    pub(super) fn remove_queue(&mut self, name: &str) -> Option<usize> {
+        let queue = self.queues.remove(name)?;
         self.bindings.retain(|(_, q, _)| q != name);
         // Its consumers are cancelled by the broker: their streams end.
         for (ch, tag) in queue.consumers.iter() {
@@ -324,10 +360,15 @@ impl State {
                 c.consumers.remove(tag);
             }
         }
-        Ok(queue.len() as u32)
+        Some(queue.len())
     }
 
     // ------------------------------------------------------------ inspection
+
+    pub(super) fn is_bound(&self, queue: &str, exchange: &str, key: &str) -> bool {
+        self.bindings
+            .contains(&(exchange.to_owned(), queue.to_owned(), key.to_owned()))
+    }
 
     pub(super) fn queue_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.queues.keys().cloned().collect();

@@ -1,13 +1,16 @@
 //! What to declare on the broker for a set of workers, and the declaring of it.
 
+mod record;
+
 use std::fmt;
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 
-use crate::broker::{self, Channel, Confirm, Connection, PRECONDITION_FAILED};
+use crate::broker::{self, Channel, Confirm, Connection, NOT_FOUND, PRECONDITION_FAILED};
 use crate::error::{BrokerError, Error, Result};
 use crate::worker::{QueueType, Subscription};
+use record::Record;
 
 /// The dead-letter exchange of `exchange`.
 pub(crate) fn dlx_name(exchange: &str) -> String {
@@ -17,6 +20,11 @@ pub(crate) fn dlx_name(exchange: &str) -> String {
 /// The dead-letter queue of worker queue `queue`.
 pub(crate) fn dlq_name(queue: &str) -> String {
     format!("{queue}.dlq")
+}
+
+/// The queue that keeps what worker queue `queue` declared last (see [`record`]).
+pub(crate) fn record_name(queue: &str) -> String {
+    format!("{queue}.topology")
 }
 
 /// The retry tier of worker queue `queue` that holds messages for `delay_ms`.
@@ -40,11 +48,24 @@ pub(crate) fn retry_queue_name(queue: &str, delay_ms: u64) -> String {
 /// assert!(text.contains("queue orders.email.retry.2000"));
 /// assert!(plan.queues().any(|q| q == "orders.email.dlq"));
 /// ```
+///
+/// [`declare`](Topology::declare) puts it on a broker, so a producer can prepare the queues
+/// of workers that have not started yet.
+///
+/// **Changed workers.** Each worker queue `q` gets a small queue `q.topology` holding the
+/// bindings and retry queues the last declaration made. When a worker comes back with fewer
+/// bindings or another retry policy, what it no longer declares is removed: old bindings
+/// are unbound (so old events stop arriving), old retry queues are deleted once empty (a
+/// retry queue still holding messages is kept, with a warning, until a later start finds
+/// it empty). Bindings someone added by hand are never touched: only what rabbitry recorded
+/// is removed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Topology {
     exchanges: Vec<(String, &'static str)>,
     queues: Vec<QueueSpec>,
     bindings: Vec<BindingSpec>,
+    /// What each worker declares, recorded to reconcile the next declaration.
+    records: Vec<(String, Record)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +76,8 @@ struct QueueSpec {
     /// A quorum queue asking for priority: RabbitMQ ≥ 4.0 gives it two levels without
     /// an argument; older brokers cannot, which is checked before declaring.
     quorum_priority: bool,
+    /// Declared elsewhere: only checked to exist, never declared.
+    existing: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -83,6 +106,7 @@ impl Topology {
             ],
             queues: Vec::new(),
             bindings: Vec::new(),
+            records: Vec::new(),
         };
         for s in subscriptions {
             plan.add(exchange, s);
@@ -110,29 +134,37 @@ impl Topology {
             queue_type: s.queue_type,
             args,
             quorum_priority,
+            existing: s.existing,
         });
-        for key in &s.bindings {
-            self.bindings.push(BindingSpec {
+        let mut bindings: Vec<BindingSpec> = s
+            .bindings
+            .iter()
+            .map(|key| BindingSpec {
                 exchange: exchange.to_owned(),
                 queue: s.queue.clone(),
                 key: key.clone(),
-            });
-        }
-        for tier in s.retry.tiers() {
-            self.queues.push(retry_tier(&s.queue, tier));
+            })
+            .collect();
+        let tiers = s.retry.tiers();
+        for tier in &tiers {
+            self.queues.push(retry_tier(&s.queue, *tier));
         }
         let dlq = dlq_name(&s.queue);
-        self.queues.push(QueueSpec {
-            name: dlq.clone(),
-            queue_type: QueueType::Classic,
-            args: vec![("x-queue-type", Arg::Str("classic".into()))],
-            quorum_priority: false,
-        });
-        self.bindings.push(BindingSpec {
+        self.queues.push(classic(dlq.clone(), Vec::new()));
+        bindings.push(BindingSpec {
             exchange: dlx,
             queue: dlq,
             key: s.queue.clone(),
         });
+        self.queues.push(classic(record_name(&s.queue), Vec::new()));
+        let record = Record::new(
+            bindings
+                .iter()
+                .map(|b| (b.queue.clone(), b.exchange.clone(), b.key.clone())),
+            tiers,
+        );
+        self.records.push((s.queue.clone(), record));
+        self.bindings.extend(bindings);
     }
 
     /// The names of every queue in the plan.
@@ -145,50 +177,88 @@ impl Topology {
         self.exchanges.iter().map(|(name, _)| name.as_str())
     }
 
-    /// Declare everything on the broker. Idempotent: declaring the same plan again changes
+    /// Connect to the broker at `url`, declare everything, and disconnect: what a runtime
+    /// does at start, for a producer or a deployment step that prepares the queues before
+    /// any worker runs. Idempotent; see [`Topology`] for what happens to what a changed
+    /// worker no longer declares.
+    pub async fn declare(&self, url: &str) -> Result<()> {
+        let conn = Connection::open(url, "rabbitry:declare").await?;
+        let declared = self.declare_on(&conn).await;
+        conn.close().await;
+        declared
+    }
+
+    /// Declare everything on `conn`. Idempotent: declaring the same plan again changes
     /// nothing. A conflicting existing declaration is an [`Error::TopologyConflict`].
-    pub(crate) async fn declare(&self, conn: &Connection) -> Result<()> {
+    pub(crate) async fn declare_on(&self, conn: &Connection) -> Result<()> {
         if let Some(q) = self.queues.iter().find(|q| q.quorum_priority) {
             check_quorum_priority(conn, &q.name).await?;
         }
         let ch = conn.channel().await?;
+        let declared = self.declare_all(&ch).await;
+        ch.close().await;
+        declared?;
+        for (queue, record) in &self.records {
+            record::reconcile(conn, queue, record).await?;
+        }
+        Ok(())
+    }
+
+    async fn declare_all(&self, ch: &Channel) -> Result<()> {
         for (name, kind) in &self.exchanges {
             ch.declare_exchange(name, kind)
                 .await
                 .map_err(|e| declare_error("exchange", name, e))?;
         }
         for q in &self.queues {
-            ch.declare_queue(&q.name, q.field_table())
-                .await
-                .map_err(|e| declare_error("queue", &q.name, e))?;
-        }
-        for b in &self.bindings {
-            ch.bind(&b.queue, &b.exchange, &b.key).await.map_err(|e| {
-                declare_error(
-                    "binding",
-                    &format!("{} -> {} ({})", b.exchange, b.queue, b.key),
-                    e,
-                )
+            let declared = match q.existing {
+                true => ch.declare_queue_passive(&q.name).await,
+                false => ch.declare_queue(&q.name, q.field_table()).await,
+            };
+            declared.map_err(|e| match broker::reply_code(&e) {
+                Some(NOT_FOUND) if q.existing => Error::QueueNotFound {
+                    queue: q.name.clone(),
+                },
+                _ => declare_error("queue", &q.name, e),
             })?;
         }
-        ch.close().await;
+        for b in &self.bindings {
+            ch.bind(&b.queue, &b.exchange, &b.key)
+                .await
+                .map_err(|e| declare_error("binding", &b.to_string(), e))?;
+        }
         Ok(())
     }
 }
 
-fn retry_tier(queue: &str, delay_ms: u64) -> QueueSpec {
+impl fmt::Display for BindingSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {} ({})", self.exchange, self.queue, self.key)
+    }
+}
+
+/// A classic queue with `args` besides its type.
+fn classic(name: String, mut args: Vec<(&'static str, Arg)>) -> QueueSpec {
+    args.insert(0, ("x-queue-type", Arg::Str("classic".into())));
     QueueSpec {
-        name: retry_queue_name(queue, delay_ms),
+        name,
         queue_type: QueueType::Classic,
-        args: vec![
-            ("x-queue-type", Arg::Str("classic".into())),
+        args,
+        quorum_priority: false,
+        existing: false,
+    }
+}
+
+fn retry_tier(queue: &str, delay_ms: u64) -> QueueSpec {
+    classic(
+        retry_queue_name(queue, delay_ms),
+        vec![
             ("x-message-ttl", Arg::Int(delay_ms as i64)),
             // Expired messages go back to the failing worker's queue only, via the default exchange.
             ("x-dead-letter-exchange", Arg::Str(String::new())),
             ("x-dead-letter-routing-key", Arg::Str(queue.to_owned())),
         ],
-        quorum_priority: false,
-    }
+    )
 }
 
 /// Declare one retry tier on demand (for a `retry_after` delay no policy tier covers).
@@ -289,6 +359,13 @@ impl fmt::Display for Topology {
             writeln!(f, "exchange {name} ({kind}, durable)")?;
         }
         for q in &self.queues {
+            if q.existing {
+                writeln!(f, "queue {} (existing: checked, never declared)", q.name)?;
+                for b in self.bindings.iter().filter(|b| b.queue == q.name) {
+                    writeln!(f, "  bound to {} with key {:?}", b.exchange, b.key)?;
+                }
+                continue;
+            }
             write!(f, "queue {} ({}, durable)", q.name, q.queue_type.as_str())?;
             for (k, v) in q.args.iter().filter(|(k, _)| *k != "x-queue-type") {
                 match v {
@@ -346,7 +423,8 @@ mod tests {
                 "orders.email",
                 "orders.email.retry.100",
                 "orders.email.retry.200",
-                "orders.email.dlq"
+                "orders.email.dlq",
+                "orders.email.topology"
             ]
         );
     }

@@ -1,5 +1,6 @@
-//! A message with options, ready to publish.
+//! An outgoing message with options, ready to publish.
 
+use lapin::BasicProperties;
 use lapin::types::{FieldTable, ShortString};
 
 use super::Publisher;
@@ -7,6 +8,15 @@ use crate::broker;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::headers;
+
+/// A serialized message with its routing key and properties, ready to send.
+pub(super) struct Prepared {
+    pub(super) routing_key: String,
+    pub(super) body: Vec<u8>,
+    pub(super) properties: BasicProperties,
+    pub(super) id: String,
+    pub(super) mandatory: bool,
+}
 
 #[derive(Debug, Clone, Default)]
 pub(crate) struct MessageOptions {
@@ -21,22 +31,24 @@ pub(crate) struct MessageOptions {
 }
 
 /// A message being prepared by [`Publisher::message`] or
-/// [`Context::message`](crate::Context::message); [`send`](Message::send) publishes it.
+/// [`Context::message`](crate::Context::message); [`send`](Outgoing::send) publishes it
+/// and waits for its confirm, [`Pipeline::send_message`](crate::Pipeline::send_message)
+/// publishes it without waiting.
 #[must_use = "a message is only published by .send().await"]
 #[derive(Debug)]
-pub struct Message<'a, E> {
-    publisher: &'a Publisher,
-    event: &'a E,
-    options: MessageOptions,
+pub struct Outgoing<'a, E> {
+    pub(super) publisher: &'a Publisher,
+    pub(super) event: &'a E,
+    pub(super) options: MessageOptions,
 }
 
-impl<'a, E: Event> Message<'a, E> {
+impl<'a, E: Event> Outgoing<'a, E> {
     pub(crate) fn with_options(
         publisher: &'a Publisher,
         event: &'a E,
         options: MessageOptions,
     ) -> Self {
-        Message {
+        Outgoing {
             publisher,
             event,
             options,
@@ -91,6 +103,13 @@ impl<'a, E: Event> Message<'a, E> {
 
     /// Publish and wait for the broker's confirm; returns the message id.
     pub async fn send(self) -> Result<String> {
+        let prepared = self.prepare()?;
+        self.publisher.send_prepared(&prepared).await?;
+        Ok(prepared.id)
+    }
+
+    /// Check the options, serialize the event and build its properties.
+    pub(super) fn prepare(&self) -> Result<Prepared> {
         if let Some(key) = &self.options.bad_header {
             return Err(Error::Config(format!(
                 "header key '{}…' is {} bytes; AMQP allows at most 255",
@@ -100,17 +119,13 @@ impl<'a, E: Event> Message<'a, E> {
         }
         let routing_key = self.options.routing_key.as_deref().unwrap_or(E::TYPE);
         broker::short("routing key", routing_key)?;
-        let (body, props, id) = self.publisher.prepare(self.event, &self.options)?;
-        let mandatory = !self.options.allow_unroutable;
-        self.publisher
-            .send(
-                self.publisher.exchange(),
-                routing_key,
-                &body,
-                props,
-                mandatory,
-            )
-            .await?;
-        Ok(id)
+        let (body, properties, id) = self.publisher.prepare(self.event, &self.options)?;
+        Ok(Prepared {
+            routing_key: routing_key.to_owned(),
+            body,
+            properties,
+            id,
+            mandatory: !self.options.allow_unroutable,
+        })
     }
 }

@@ -1,0 +1,200 @@
+//! A worker as the runtime runs it: its subscription and its service stack.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+
+use tower::util::BoxCloneService;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::context::Context;
+use crate::disposition::Disposition;
+use crate::event::Delivery;
+use crate::message::Message;
+use crate::middleware::{
+    CatchPanicLayer, JsonBodyLayer, TimeoutLayer, TraceLayer, WorkerService,
+};
+use crate::outcome::FailureKind;
+use crate::publisher::Publisher;
+use crate::worker::{Subscription, Worker};
+
+/// A layer in boxed form: applied to any worker's boxed stack.
+pub(crate) type BoxLayer = Arc<dyn Fn(WorkerService) -> WorkerService + Send + Sync>;
+
+/// Box `layer` so that it applies to any worker's stack.
+pub(crate) fn box_layer<L>(layer: L) -> BoxLayer
+where
+    L: Layer<WorkerService> + Send + Sync + 'static,
+    L::Service: Service<Message, Response = Disposition, Error = Infallible> + Clone + Send + 'static,
+    <L::Service as Service<Message>>::Future: Send + 'static,
+{
+    Arc::new(move |inner| BoxCloneService::new(layer.layer(inner)))
+}
+
+/// What the runtime lends a worker's stack when it builds it.
+pub(crate) struct Parts<'a> {
+    pub(crate) publisher: &'a Publisher,
+    pub(crate) max_body: usize,
+    /// The runtime's layers, outermost first.
+    pub(crate) layers: &'a [BoxLayer],
+}
+
+type Build = Box<dyn FnOnce(&Publisher) -> WorkerService + Send>;
+
+/// A worker with the layers of its own stack, ready to register with
+/// [`RuntimeBuilder::worker`](crate::RuntimeBuilder::worker) or
+/// [`Runtime::add_worker`](crate::Runtime::add_worker). A plain [`Worker`] converts into
+/// one, so most code never names this type.
+///
+/// ```
+/// use rabbitry::middleware::{self, Next};
+/// use rabbitry::{Disposition, Message, Registration};
+/// # use rabbitry::prelude::*;
+/// # struct Audit;
+/// # impl Worker for Audit {
+/// #     type Event = serde_json::Value;
+/// #     fn subscription(&self) -> Subscription { Subscription::new("audit").bind("#") }
+/// #     async fn handle(&self, _: Delivery<serde_json::Value>, _: &Context) -> Outcome { Ok(()) }
+/// # }
+///
+/// let log_skips = middleware::from_fn(|message: Message, next: Next| async move {
+///     let disposition = next.run(message).await;
+///     if let Disposition::Skip { reason } = &disposition {
+///         tracing::debug!(%reason, "skipped");
+///     }
+///     disposition
+/// });
+/// let audit = Registration::new(Audit).layer(log_skips);
+/// # let _ = Runtime::builder().worker(audit);
+/// ```
+#[must_use = "a registration does nothing until it is given to RuntimeBuilder::worker or Runtime::add_worker"]
+pub struct Registration {
+    pub(crate) subscription: Subscription,
+    pub(crate) handler: &'static str,
+    /// The worker's own layers, outermost first.
+    layers: Vec<BoxLayer>,
+    build: Build,
+}
+
+impl fmt::Debug for Registration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registration")
+            .field("worker", &self.subscription.queue())
+            .field("handler", &self.handler)
+            .field("layers", &self.layers.len())
+            .finish()
+    }
+}
+
+impl Registration {
+    /// `worker` with no layers of its own (the runtime's and the built-in ones still apply).
+    pub fn new<W: Worker>(worker: W) -> Registration {
+        let subscription = worker.subscription();
+        let timeout = subscription.timeout;
+        let worker = Arc::new(worker);
+        Registration {
+            subscription,
+            handler: std::any::type_name::<W>(),
+            layers: Vec::new(),
+            build: Box::new(move |publisher| {
+                let handler = Handler {
+                    worker,
+                    publisher: publisher.clone(),
+                };
+                match timeout {
+                    Some(limit) => BoxCloneService::new(TimeoutLayer::new(limit).layer(handler)),
+                    None => BoxCloneService::new(handler),
+                }
+            }),
+        }
+    }
+
+    /// Wrap this worker's handler in `layer`. The first layer added is the outermost, as
+    /// with tower's `ServiceBuilder`; all of them sit inside the runtime's layers and
+    /// outside the handler timeout.
+    pub fn layer<L>(mut self, layer: L) -> Registration
+    where
+        L: Layer<WorkerService> + Send + Sync + 'static,
+        L::Service:
+            Service<Message, Response = Disposition, Error = Infallible> + Clone + Send + 'static,
+        <L::Service as Service<Message>>::Future: Send + 'static,
+    {
+        self.layers.push(box_layer(layer));
+        self
+    }
+
+    /// The worker's subscription.
+    pub fn subscription(&self) -> &Subscription {
+        &self.subscription
+    }
+
+    /// Build the whole stack, from the handler outwards.
+    pub(crate) fn into_service(self, parts: &Parts<'_>) -> WorkerService {
+        let mut service = (self.build)(parts.publisher);
+        for layer in self.layers.iter().rev().chain(parts.layers.iter().rev()) {
+            service = layer(service);
+        }
+        let builtin = tower::ServiceBuilder::new()
+            .layer(TraceLayer)
+            .layer(CatchPanicLayer)
+            .layer(JsonBodyLayer::new(parts.max_body));
+        BoxCloneService::new(builtin.service(service))
+    }
+}
+
+impl<W: Worker> From<W> for Registration {
+    fn from(worker: W) -> Registration {
+        Registration::new(worker)
+    }
+}
+
+/// The innermost service: decodes the body into the worker's event type and runs the
+/// handler.
+struct Handler<W> {
+    worker: Arc<W>,
+    publisher: Publisher,
+}
+
+impl<W> Clone for Handler<W> {
+    fn clone(&self) -> Self {
+        Handler {
+            worker: self.worker.clone(),
+            publisher: self.publisher.clone(),
+        }
+    }
+}
+
+impl<W: Worker> Service<Message> for Handler<W> {
+    type Response = Disposition;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Disposition, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut TaskContext<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, message: Message) -> Self::Future {
+        let worker = self.worker.clone();
+        let publisher = self.publisher.clone();
+        Box::pin(async move {
+            let (metadata, body) = message.into_parts();
+            let event = match serde_json::from_slice::<W::Event>(&body) {
+                Ok(event) => event,
+                Err(e) => {
+                    let reason = format!(
+                        "cannot decode the body as {}: {e}",
+                        std::any::type_name::<W::Event>()
+                    );
+                    return Ok(Disposition::dead_letter(FailureKind::Undecodable, reason));
+                }
+            };
+            let ctx = Context::new(publisher, metadata.clone());
+            let delivery = Delivery::new(event, metadata, body);
+            Ok(worker.handle(delivery, &ctx).await.into())
+        })
+    }
+}

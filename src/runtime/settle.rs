@@ -1,0 +1,279 @@
+//! Settling one delivery: the stack's [`Disposition`] becomes an acknowledgement, or a
+//! retry or dead-letter copy that is confirmed before the original is acknowledged.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use lapin::BasicProperties;
+use lapin::types::AMQPValue;
+use tracing::{debug, error, warn};
+
+use super::acks::Settle;
+use crate::broker::Connection;
+use crate::disposition::Disposition;
+use crate::error::Error;
+use crate::headers;
+use crate::message::Metadata;
+use crate::middleware::WorkerService;
+use crate::observe::{Handling, Observers, Settled};
+use crate::outcome::Failure;
+use crate::publisher::Publisher;
+use crate::registration::{BoxLayer, Parts, Registration};
+use crate::retry::tier_for_delay;
+use crate::topology::{self, Topology, dlx_name, retry_queue_name};
+use crate::worker::Subscription;
+
+/// Pause before requeueing a message whose retry or dead-letter copy could not be stored.
+pub(crate) const REQUEUE_DELAY: Duration = Duration::from_secs(1);
+
+/// A registered worker: its subscription and its built service stack.
+pub(crate) struct WorkerEntry {
+    pub(crate) name: Arc<str>,
+    pub(crate) subscription: Subscription,
+    pub(crate) handler: &'static str,
+    /// Cloned for each consumer the worker gets.
+    service: Mutex<WorkerService>,
+}
+
+impl WorkerEntry {
+    /// Build `registration`'s stack with what the runtime lends it.
+    pub(crate) fn build(registration: Registration, shared: &Shared) -> WorkerEntry {
+        let name: Arc<str> = registration.subscription.queue().into();
+        let subscription = registration.subscription.clone();
+        let handler = registration.handler;
+        let service = registration.into_service(&Parts {
+            publisher: &shared.publisher,
+            max_body: shared.max_body,
+            layers: &shared.layers,
+        });
+        WorkerEntry {
+            name,
+            subscription,
+            handler,
+            service: Mutex::new(service),
+        }
+    }
+
+    /// A fresh handle on the worker's stack, for one consumer.
+    pub(crate) fn service(&self) -> WorkerService {
+        self.service
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Declare this worker's part of the topology (idempotent), reconciling what an earlier
+    /// declaration left behind.
+    pub(crate) async fn declare(&self, conn: &Connection, exchange: &str) -> Result<(), Error> {
+        Topology::new(exchange, [&self.subscription])
+            .declare_on(conn)
+            .await
+    }
+}
+
+/// What every delivery of a runtime shares.
+pub(crate) struct Shared {
+    pub(crate) exchange: String,
+    pub(crate) publisher: Publisher,
+    pub(crate) max_body: usize,
+    /// The runtime's layers, outermost first, for workers added later.
+    pub(crate) layers: Vec<BoxLayer>,
+    /// Retry tiers declared on demand for `retry_after` delays.
+    pub(crate) extra_tiers: Mutex<HashSet<String>>,
+    pub(crate) observers: Observers,
+}
+
+/// One delivery as it is settled.
+pub(crate) struct Settling<'a> {
+    pub(crate) entry: &'a WorkerEntry,
+    pub(crate) shared: &'a Shared,
+    pub(crate) metadata: &'a Metadata,
+    /// The body as received: what a retry or dead-letter copy carries.
+    pub(crate) body: &'a Bytes,
+    /// Time spent in the stack.
+    pub(crate) duration: Duration,
+}
+
+impl Settling<'_> {
+    /// Settle `disposition` and tell the observers.
+    pub(crate) async fn settle(self, disposition: Disposition) -> Settle {
+        let (settle, handling, failure) = match disposition {
+            Disposition::Ack => (Settle::Ack, Handling::Handled, None),
+            Disposition::Skip { reason } => {
+                debug!(worker = %self.entry.name, message_id = %self.metadata.message_id(), %reason, "skipped");
+                let handling = Handling::Skipped {
+                    reason: reason.into_owned(),
+                };
+                (Settle::Ack, handling, None)
+            }
+            Disposition::Retry { after, failure } => {
+                let (settle, handling) = self.fail(&failure, Some(after)).await;
+                (settle, handling, Some(failure))
+            }
+            Disposition::DeadLetter { failure } => {
+                let (settle, handling) = self.fail(&failure, None).await;
+                (settle, handling, Some(failure))
+            }
+        };
+        if !self.shared.observers.is_empty() {
+            self.shared.observers.settled(&Settled {
+                worker: &self.entry.name,
+                metadata: self.metadata,
+                handling: &handling,
+                failure: failure.as_ref(),
+                duration: self.duration,
+            });
+        }
+        settle
+    }
+
+    /// Retry (when `retry` is `Some`, with the delay asked for, if any) or dead-letter a
+    /// failed delivery. The copy is confirmed before the original is acknowledged; if it
+    /// cannot be, the original goes back to the queue after a pause.
+    async fn fail(&self, failure: &Failure, retry: Option<Option<Duration>>) -> (Settle, Handling) {
+        let (entry, shared, meta) = (self.entry, self.shared, self.metadata);
+        let attempt = meta.attempt();
+        let policy = &entry.subscription.retry;
+        let retry_tier = match retry {
+            None => None,
+            Some(_) if attempt >= policy.attempts() => None,
+            Some(None) => Some(policy.tier_ms(attempt)),
+            Some(Some(delay)) => Some(tier_for_delay(delay)),
+        };
+        let (worker, id, kind) = (&entry.name, meta.message_id(), failure.kind());
+        let (exchange, routing_key, handling) = match retry_tier {
+            Some(ms) => {
+                warn!(%worker, message_id = %id, error = %failure, %kind, delay_ms = ms, "handler failed; retrying");
+                let delay = Duration::from_millis(ms);
+                let queue = retry_queue_name(worker, ms);
+                (String::new(), queue, Handling::Retried { delay })
+            }
+            None => {
+                if retry.is_none() {
+                    warn!(%worker, message_id = %id, error = %failure, %kind, "dead-lettering");
+                } else {
+                    error!(%worker, message_id = %id, error = %failure, %kind, attempts = attempt, "retries exhausted; dead-lettering");
+                }
+                let handling = Handling::DeadLettered {
+                    kind,
+                    reason: failure.to_string(),
+                };
+                (dlx_name(&shared.exchange), worker.to_string(), handling)
+            }
+        };
+        if let Some(ms) = retry_tier
+            && !policy.tiers().contains(&ms)
+            && let Err(e) = self.ensure_tier(&routing_key, ms).await
+        {
+            error!(%worker, error = %e, queue = %routing_key, "cannot declare the retry queue; requeueing");
+            return (requeue_later().await, Handling::Requeued);
+        }
+        let properties = failure_properties(entry, meta, failure, retry_tier.is_some());
+        let publisher = &shared.publisher;
+        let mut result = publisher
+            .send_raw(&exchange, &routing_key, self.body, properties.clone())
+            .await;
+        if let Err(Error::Unroutable { .. }) = result {
+            // Someone deleted a retry queue or the dead-letter queue: put the topology back.
+            warn!(%worker, "retry or dead-letter queue is missing; re-declaring the worker's topology");
+            result = match self.redeclare().await {
+                Ok(()) => {
+                    publisher
+                        .send_raw(&exchange, &routing_key, self.body, properties)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+        }
+        match result {
+            Ok(()) => (Settle::Ack, handling),
+            Err(e) => {
+                error!(%worker, message_id = %id, error = %e, "could not store the retry or dead-letter copy; requeueing the message");
+                (requeue_later().await, Handling::Requeued)
+            }
+        }
+    }
+
+    async fn ensure_tier(&self, name: &str, ms: u64) -> Result<(), Error> {
+        let shared = self.shared;
+        let known = shared
+            .extra_tiers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name);
+        if !known {
+            let ch = shared.publisher.declaring_channel().await?;
+            let declared = topology::declare_retry_tier(&ch, &self.entry.name, ms).await;
+            ch.close().await;
+            declared?;
+            shared
+                .extra_tiers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name.to_owned());
+        }
+        Ok(())
+    }
+
+    async fn redeclare(&self) -> Result<(), Error> {
+        let conn = self.shared.publisher.connection().await?;
+        self.entry.declare(&conn, &self.shared.exchange).await?;
+        self.shared
+            .extra_tiers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        Ok(())
+    }
+}
+
+/// Give a message back to its queue after a pause, so that a failure that persists (a
+/// deleted dead-letter exchange, a broker refusing messages, a bug) cannot spin the worker.
+pub(crate) async fn requeue_later() -> Settle {
+    tokio::time::sleep(REQUEUE_DELAY).await;
+    Settle::Requeue
+}
+
+/// The received properties with the failure headers of DESIGN.md added.
+fn failure_properties(
+    entry: &WorkerEntry,
+    meta: &Metadata,
+    failure: &Failure,
+    retrying: bool,
+) -> BasicProperties {
+    let now = headers::timestamp(SystemTime::now());
+    let mut h = meta.headers().cloned().unwrap_or_default();
+    let retries = if retrying {
+        meta.attempt()
+    } else {
+        meta.retry_count()
+    };
+    headers::set(
+        &mut h,
+        headers::RETRY_COUNT,
+        AMQPValue::LongLongInt(retries.into()),
+    );
+    if headers::get_str(Some(&h), headers::FIRST_FAILURE_AT).is_none() {
+        headers::set(&mut h, headers::FIRST_FAILURE_AT, headers::string(&now));
+    }
+    headers::set(&mut h, headers::LAST_FAILURE_AT, headers::string(&now));
+    let message = headers::truncate(&failure.to_string(), headers::MAX_EXCEPTION_MESSAGE);
+    let pairs = [
+        (headers::EXCEPTION_MESSAGE, message.as_str()),
+        (headers::EXCEPTION_KIND, failure.kind().as_str()),
+        (headers::HANDLER, entry.handler),
+        (headers::ORIGINAL_EXCHANGE, meta.exchange()),
+        (headers::ORIGINAL_ROUTING_KEY, meta.routing_key()),
+        (headers::ORIGINAL_QUEUE, &entry.name),
+    ];
+    for (key, value) in pairs {
+        headers::set(&mut h, key, headers::string(value));
+    }
+    meta.properties()
+        .clone()
+        .with_headers(h)
+        .with_message_id(meta.message_id().into())
+        .with_delivery_mode(2)
+}
