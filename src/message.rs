@@ -82,7 +82,11 @@ impl Metadata {
     pub fn message_id(&self) -> &str {
         match &self.generated_id {
             Some(generated) => generated,
-            None => self.properties.message_id().as_ref().map_or("", |id| id.as_str()),
+            None => self
+                .properties
+                .message_id()
+                .as_ref()
+                .map_or("", |id| id.as_str()),
         }
     }
 
@@ -261,7 +265,10 @@ mod tests {
     fn retried_message_reports_its_original_route_and_attempt() {
         let h = headers(&[
             (headers::ORIGINAL_EXCHANGE, headers::string("events")),
-            (headers::ORIGINAL_ROUTING_KEY, headers::string("order.placed")),
+            (
+                headers::ORIGINAL_ROUTING_KEY,
+                headers::string("order.placed"),
+            ),
             (headers::ORIGINAL_QUEUE, headers::string("orders.email")),
             (headers::RETRY_COUNT, AMQPValue::LongInt(2)),
         ]);
@@ -327,6 +334,9 @@ mod tests {
         let mut msg = Message::new(meta.clone(), Bytes::from_static(b"{\"a\":1}"));
         msg.set_body(&b"{}"[..]);
         assert_eq!(msg.metadata().message_id(), "x");
-        assert_eq!(msg.json::<serde_json::Value>().unwrap(), serde_json::json!({}));
+        assert_eq!(
+            msg.json::<serde_json::Value>().unwrap(),
+            serde_json::json!({})
+        );
     }
 }

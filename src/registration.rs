@@ -15,9 +15,7 @@ use crate::context::Context;
 use crate::disposition::Disposition;
 use crate::event::Delivery;
 use crate::message::Message;
-use crate::middleware::{
-    CatchPanicLayer, JsonBodyLayer, TimeoutLayer, TraceLayer, WorkerService,
-};
+use crate::middleware::{CatchPanicLayer, JsonBodyLayer, TimeoutLayer, TraceLayer, WorkerService};
 use crate::outcome::FailureKind;
 use crate::publisher::Publisher;
 use crate::worker::{Subscription, Worker};
@@ -29,7 +27,8 @@ pub(crate) type BoxLayer = Arc<dyn Fn(WorkerService) -> WorkerService + Send + S
 pub(crate) fn box_layer<L>(layer: L) -> BoxLayer
 where
     L: Layer<WorkerService> + Send + Sync + 'static,
-    L::Service: Service<Message, Response = Disposition, Error = Infallible> + Clone + Send + 'static,
+    L::Service:
+        Service<Message, Response = Disposition, Error = Infallible> + Clone + Send + 'static,
     <L::Service as Service<Message>>::Future: Send + 'static,
 {
     Arc::new(move |inner| BoxCloneService::new(layer.layer(inner)))

@@ -272,7 +272,10 @@ pub(crate) fn check_pattern(pattern: &str) -> Result<(), String> {
             pattern.len()
         ));
     }
-    if let Some(c) = pattern.chars().find(|c| c.is_whitespace() || c.is_control()) {
+    if let Some(c) = pattern
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control())
+    {
         return Err(format!(
             "pattern '{}' contains {c:?}: event types have no spaces or control characters",
             shown()
@@ -327,7 +330,10 @@ mod tests {
         assert!(error_of(valid().timeout(Duration::ZERO)).contains("timeout"));
         assert!(error_of(valid().bind("x".repeat(300))).contains("255"));
         assert!(error_of(valid().max_priority(3).existing_queue()).contains("existing queue"));
-        Subscription::new("someone.elses").existing_queue().validate().unwrap();
+        Subscription::new("someone.elses")
+            .existing_queue()
+            .validate()
+            .unwrap();
         let e = error_of(valid().retry(RetryPolicy::default().max_attempts(0)));
         assert!(
             e.contains("orders.email") && e.contains("max_attempts"),
@@ -337,7 +343,15 @@ mod tests {
 
     #[test]
     fn binding_patterns_are_checked_whole_and_never_panic() {
-        for good in ["order.placed", "order.*", "#", "order.#", "*.placed", "commande.passée", "a.b.c.d"] {
+        for good in [
+            "order.placed",
+            "order.*",
+            "#",
+            "order.#",
+            "*.placed",
+            "commande.passée",
+            "a.b.c.d",
+        ] {
             assert_eq!(check_pattern(good), Ok(()), "{good}");
         }
         let bad = [

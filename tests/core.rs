@@ -583,8 +583,61 @@ async fn a_broker_that_is_down_gives_a_clear_error_without_the_password() {
     assert!(!text.contains("hunter2"), "the password leaked: {text}");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_start_keeps_trying_until_the_startup_timeout_and_no_longer() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let started = tokio::time::Instant::now();
+    let err = Runtime::builder()
+        .url(format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))
+        .startup_timeout(Duration::from_secs(30))
+        .worker(Relayer {
+            queue: "never-declared".into(),
+        })
+        .start()
+        .await
+        .expect_err("nothing listens there");
+    assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+    // On tokio's paused clock: exactly the documented timeout, not the 15-20 s the
+    // backoff alone would give.
+    assert_eq!(started.elapsed(), Duration::from_secs(30));
+}
+
+/// A worker on any binding pattern.
+struct Bound(&'static str, String);
+
+impl Worker for Bound {
+    type Event = serde_json::Value;
+    fn subscription(&self) -> Subscription {
+        Subscription::new(self.0).bind(&self.1)
+    }
+    async fn handle(&self, _: Delivery<serde_json::Value>, _: &Context) -> Outcome {
+        Ok(())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_configuration_is_refused_before_connecting() {
+    let long_accented: String = std::iter::repeat_n('é', 200).collect();
+    for (pattern, says) in [
+        (long_accented.as_str(), "at most 255"),
+        ("user*", "not a wildcard"),
+        ("order..placed", "empty word"),
+        ("order placed", "spaces"),
+        ("", "empty"),
+    ] {
+        let err = Runtime::builder()
+            .url("amqp://guest:guest@127.0.0.1:1/%2f")
+            .worker(Bound("q", pattern.to_owned()))
+            .start()
+            .await
+            .expect_err(pattern);
+        assert!(
+            matches!(&err, Error::Config(m) if m.contains(says) && m.contains("'q'")),
+            "{pattern:?}: {err}"
+        );
+    }
     let cases: BTreeMap<&str, rabbitry::RuntimeBuilder> = BTreeMap::from([
         (
             "empty queue name",

@@ -211,7 +211,68 @@ async fn workers_can_be_added_paused_resumed_and_removed_while_running(env: Test
     rt.shutdown().await;
 }
 
+async fn a_slow_pause_holds_up_no_other_command(env: TestEnv) {
+    let stuck_queue = env.queue("stuck");
+    let gate = Arc::new(Semaphore::new(0));
+    let (stuck, mut stuck_seen) = env
+        .probe(Subscription::new(&stuck_queue).bind("order.placed"), |_| {
+            Ok(())
+        });
+    let (other, mut other_seen) = env
+        .probe(Subscription::new(env.queue("other")).bind("user.*"), |_| {
+            Ok(())
+        });
+    // A grace period far beyond the test's patience: a command that waited for the stuck
+    // handler would fail the test.
+    let rt = env
+        .builder()
+        .shutdown_grace(Duration::from_secs(600))
+        .worker(stuck.gated(gate.clone()))
+        .worker(other)
+        .start()
+        .await
+        .unwrap();
+    let publisher = env.publisher().await;
+    publisher.publish(&order(1)).await.unwrap();
+    stuck_seen.next().await; // its handler runs and waits on the gate
+
+    let pausing = tokio::spawn({
+        let (rt, queue) = (rt.clone(), stuck_queue.clone());
+        async move { rt.pause(&queue).await }
+    });
+    // Meanwhile every other command is answered.
+    let other_queue = env.queue("other");
+    let commands = async {
+        rt.pause(&other_queue).await.unwrap();
+        rt.resume(&other_queue).await.unwrap();
+        rt.workers().await.unwrap()
+    };
+    let statuses = tokio::time::timeout(PATIENCE, commands)
+        .await
+        .expect("commands are not held up by a pause in progress");
+    let stuck_status = statuses.iter().find(|s| s.name == stuck_queue).unwrap();
+    assert!(
+        stuck_status.paused && !stuck_status.consuming,
+        "{stuck_status:?}"
+    );
+    publisher
+        .message(&order(2))
+        .routing_key("user.registered")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other_seen.next().await.order_id(), 2);
+
+    // The pause completes once the stuck handler finishes; its message was acknowledged.
+    assert!(!pausing.is_finished());
+    gate.add_permits(1);
+    pausing.await.unwrap().unwrap();
+    assert_eq!(env.ready(&stuck_queue).await, 0);
+    rt.shutdown().await;
+}
+
 on_both_brokers!(
+    a_slow_pause_holds_up_no_other_command,
     the_runtime_reconnects_after_the_connection_is_cut_and_redelivers_unacked_messages,
     graceful_shutdown_finishes_in_flight_work_and_returns_the_rest,
     a_handler_over_the_grace_period_is_abandoned_and_its_message_returned,

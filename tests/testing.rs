@@ -3,10 +3,14 @@
 
 use std::time::Duration;
 
+use std::sync::{Arc, Mutex};
+
+use rabbitry::observe::{Lifecycle, Observer};
 use rabbitry::prelude::*;
 use rabbitry::testing::{Handling, TestBroker};
-use rabbitry::{FailureKind, headers};
+use rabbitry::{FailureKind, Topology, headers};
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Charge {
@@ -147,5 +151,105 @@ async fn idle_counts_a_paused_workers_queue_as_waiting_not_busy() {
     broker.idle().await;
     assert_eq!(broker.handled("payments.gateway").len(), 1);
     assert_eq!(broker.broker().ready("payments.gateway"), Some(0));
+    rt.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_test_broker_follows_the_runtimes_exchange() {
+    let broker = TestBroker::new();
+    let rt = broker
+        .runtime()
+        .exchange("payments")
+        .worker(Gateway {
+            policy: RetryPolicy::none(),
+        })
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(broker.exchange(), "payments");
+    broker.publish(&Charge { id: 3, cents: -5 }).await.unwrap();
+    broker.idle().await;
+    assert_eq!(broker.handled("payments.gateway").len(), 1);
+    assert_eq!(
+        broker.published::<Charged>("payment.charged"),
+        [Charged { id: 3 }]
+    );
+    rt.shutdown().await;
+}
+
+/// The restart delays a runtime announced, with when it announced them.
+#[derive(Default)]
+struct Restarts(Mutex<Vec<(Instant, Duration)>>, tokio::sync::Notify);
+
+impl Observer for Restarts {
+    fn lifecycle(&self, event: &Lifecycle<'_>) {
+        if let Lifecycle::Failed { restart_in, .. } = event {
+            self.0.lock().unwrap().push((Instant::now(), *restart_in));
+            self.1.notify_waiters();
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_keeps_failing_to_start_backs_off_and_recovers() {
+    let broker = TestBroker::new();
+    let restarts = Arc::new(Restarts::default());
+    let rt = broker
+        .runtime()
+        .observer(restarts.clone())
+        .worker(Gateway {
+            policy: RetryPolicy::none(),
+        })
+        .start()
+        .await
+        .unwrap();
+    // An operator deletes the worker's queue and someone declares it again, differently:
+    // the consumer is cancelled and every declaration now conflicts.
+    assert_eq!(broker.broker().delete_queue("payments.gateway"), Some(0));
+    let squatter = Subscription::new("payments.gateway")
+        .bind("unrelated")
+        .max_priority(5);
+    Topology::new("events", [&squatter])
+        .declare(&broker.broker().url())
+        .await
+        .unwrap();
+    loop {
+        let notified = restarts.1.notified();
+        if restarts.0.lock().unwrap().len() >= 6 {
+            break;
+        }
+        notified.await;
+    }
+    let seen = restarts.0.lock().unwrap().clone();
+    let delays: Vec<u64> = seen.iter().map(|(_, d)| d.as_secs()).collect();
+    assert_eq!(delays[..6], [1, 2, 4, 8, 16, 32]);
+    // On tokio's paused clock each try came exactly when announced.
+    for pair in seen.windows(2) {
+        assert_eq!(pair[1].0 - pair[0].0, pair[0].1);
+    }
+    let status = &rt.workers().await.unwrap()[0];
+    assert!(!status.consuming, "{status:?}");
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("x-max-priority"),
+        "{status:?}"
+    );
+
+    // The conflict goes away: the next try consumes again.
+    assert!(broker.broker().delete_queue("payments.gateway").is_some());
+    let status = loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let status = rt.workers().await.unwrap().remove(0);
+        if status.consuming {
+            break status;
+        }
+    };
+    assert_eq!(status.restarts, 1, "{status:?}");
+    broker.publish(&Charge { id: 4, cents: -1 }).await.unwrap();
+    broker.idle().await;
+    assert_eq!(broker.handled("payments.gateway").len(), 1);
     rt.shutdown().await;
 }

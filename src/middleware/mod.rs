@@ -111,11 +111,11 @@ pub use catch_panic::{CatchPanic, CatchPanicFuture, CatchPanicLayer};
 pub use from_fn::{FromFn, FromFnLayer, Next, from_fn};
 pub use json_body::{JsonBody, JsonBodyLayer};
 pub use timeout::{Timeout, TimeoutFuture, TimeoutLayer};
-pub use trace::{Trace, TraceLayer};
 /// tower's `Layer`, re-exported (tower-layer 0.3).
 pub use tower_layer::Layer;
 /// tower's `Service`, re-exported (tower-service 0.3).
 pub use tower_service::Service;
+pub use trace::{Trace, TraceLayer};
 
 use crate::disposition::Disposition;
 use crate::message::Message;

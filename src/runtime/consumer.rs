@@ -179,8 +179,12 @@ impl Consumer {
         stream: impl Stream<Item = lapin::Result<Incoming>> + Send + Unpin + 'static,
         stop: oneshot::Receiver<Instant>,
     ) -> Exit {
-        let (name, generation, exits) = (self.entry.name.clone(), self.generation, self.exits.clone());
-        let stop = StopSignal { rx: stop, open: true };
+        let (name, generation, exits) =
+            (self.entry.name.clone(), self.generation, self.exits.clone());
+        let stop = StopSignal {
+            rx: stop,
+            open: true,
+        };
         match AssertUnwindSafe(self.consume(service, stream, stop))
             .catch_unwind()
             .await

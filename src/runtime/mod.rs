@@ -32,8 +32,8 @@ use crate::registration::{BoxLayer, Registration, box_layer};
 use crate::topology::Topology;
 use connect::Settings;
 use settle::{Shared, WorkerEntry};
-use supervisor::{Command, Supervisor};
 pub use supervisor::WorkerStatus;
+use supervisor::{Command, Supervisor};
 
 /// The AMQP URL used when neither [`RuntimeBuilder::url`] nor `AMQP_URL` gives one.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -194,7 +194,11 @@ impl RuntimeBuilder {
         }
         let mut names = HashSet::new();
         for worker in &self.workers {
-            let queue = worker.as_ref().map_err(|e| Error::Config(e.clone()))?.subscription.queue();
+            let queue = worker
+                .as_ref()
+                .map_err(|e| Error::Config(e.clone()))?
+                .subscription
+                .queue();
             if !names.insert(queue) {
                 return Err(Error::DuplicateWorker(queue.to_owned()));
             }

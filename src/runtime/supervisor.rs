@@ -302,7 +302,9 @@ impl Supervisor {
         }
         self.generation += 1;
         let started = async {
-            slot.entry.declare(&self.conn, &self.shared.exchange).await?;
+            slot.entry
+                .declare(&self.conn, &self.shared.exchange)
+                .await?;
             consumer::start(
                 &self.conn,
                 slot.entry.clone(),
@@ -420,13 +422,10 @@ impl Supervisor {
             .collect();
         consumers.append(&mut self.retired);
         info!(consumers = consumers.len(), grace = ?self.settings.grace, "stopping");
-        let stopped: FuturesUnordered<_> = consumers.into_iter().map(|c| c.stop(deadline)).collect();
+        let stopped: FuturesUnordered<_> =
+            consumers.into_iter().map(|c| c.stop(deadline)).collect();
         let stopping = std::mem::take(&mut self.stopping);
-        futures_util::future::join(
-            stopped.collect::<Vec<_>>(),
-            stopping.collect::<Vec<_>>(),
-        )
-        .await;
+        futures_util::future::join(stopped.collect::<Vec<_>>(), stopping.collect::<Vec<_>>()).await;
         self.conn.close().await;
         self.shared.publisher.close().await;
         for name in self.workers.keys() {

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use super::supervisor::Command;
-use crate::prelude::*;
 use crate::MemoryBroker;
+use crate::prelude::*;
 
 struct Idle;
 
@@ -41,8 +41,15 @@ async fn shutdown_completes_after_a_supervisor_panic_with_no_task_left_running()
     tokio::time::timeout(Duration::from_secs(30), runtime.shutdown())
         .await
         .expect("shutdown completes after the supervisor panicked");
-    assert_eq!(metrics.num_alive_tasks(), before, "every task of the runtime ended");
-    assert!(matches!(runtime.workers().await, Err(crate::Error::ShutDown)));
+    assert_eq!(
+        metrics.num_alive_tasks(),
+        before,
+        "every task of the runtime ended"
+    );
+    assert!(matches!(
+        runtime.workers().await,
+        Err(crate::Error::ShutDown)
+    ));
     // Its consumer is gone from the broker: a message for it waits in the queue.
     broker
         .publish("events", "a.b", b"{}", Default::default())

@@ -120,7 +120,9 @@ async fn unbind(conn: &Connection, queue: &str, exchange: &str, key: &str) {
             "removed a binding the worker no longer declares: these events stop arriving"
         ),
         Err(e) if is_code(&e, NOT_FOUND) => {}
-        Err(e) => warn!(%queue, %exchange, %key, error = %e, "cannot remove a binding the worker no longer declares"),
+        Err(e) => {
+            warn!(%queue, %exchange, %key, error = %e, "cannot remove a binding the worker no longer declares")
+        }
     }
 }
 

@@ -287,6 +287,76 @@ impl TestEnv {
         q.message_count()
     }
 
+    /// Wait until `queue` holds exactly `n` ready messages.
+    pub async fn wait_until_ready(&self, queue: &str, n: u32) {
+        let wait = async {
+            loop {
+                if self.ready(queue).await == n {
+                    return;
+                }
+                // RabbitMQ announces no change of a queue's count: ask again shortly.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(PATIENCE, wait)
+            .await
+            .unwrap_or_else(|_| panic!("{queue} never held {n} ready messages"));
+    }
+
+    /// Whether `queue` exists.
+    pub async fn exists(&self, queue: &str) -> bool {
+        if let Some(broker) = self.memory() {
+            return broker.ready(queue).is_some();
+        }
+        let (conn, ch) = self.bare().await;
+        let found = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .is_ok();
+        let _ = conn.close(200, "OK".into()).await;
+        found
+    }
+
+    /// Publish `body` straight into `queue` (through the default exchange).
+    pub async fn publish_to_queue(&self, queue: &str, body: &[u8]) {
+        let props = BasicProperties::default().with_delivery_mode(2);
+        if let Some(broker) = self.memory() {
+            let routed = broker
+                .publish("", queue, body, props)
+                .expect("default exchange");
+            assert_eq!(routed, 1, "{queue} exists");
+            return;
+        }
+        let (conn, ch) = self.bare().await;
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(
+            confirm.is_ack() && confirm.take_message().is_none(),
+            "{queue} exists"
+        );
+        let _ = conn.close(200, "OK".into()).await;
+    }
+
     /// Take the next `n` messages from `queue` (waiting for them), acknowledged.
     pub async fn take(&self, queue: &str, n: usize) -> Vec<Taken> {
         if let Some(broker) = self.memory() {

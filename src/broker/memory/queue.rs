@@ -133,7 +133,10 @@ pub(super) fn arg(value: &AMQPValue) -> Arg {
 /// An argument's value as RabbitMQ words it in a PRECONDITION_FAILED reply.
 pub(super) fn describe(value: &AMQPValue) -> String {
     let (shown, kind) = match value {
-        AMQPValue::LongString(s) => (String::from_utf8_lossy(s.as_bytes()).into_owned(), "longstr"),
+        AMQPValue::LongString(s) => (
+            String::from_utf8_lossy(s.as_bytes()).into_owned(),
+            "longstr",
+        ),
         AMQPValue::ShortString(s) => (s.to_string(), "longstr"),
         AMQPValue::LongLongInt(v) => (v.to_string(), "long"),
         AMQPValue::LongInt(v) => (v.to_string(), "signedint"),

@@ -200,8 +200,28 @@ async fn conflicts_missing_exchanges_and_unroutable_messages_answer_like_rabbitm
         .unwrap_err();
     assert_eq!(reply_code(&err), Some(PRECONDITION_FAILED));
     assert!(
-        err.to_string()
-            .contains("inequivalent arg 'x-max-priority' for queue 'q'"),
+        err.to_string().contains(
+            "inequivalent arg 'x-max-priority' for queue 'q' in vhost '/': \
+             received the value '10' of type 'long' but current is none"
+        ),
+        "{err}"
+    );
+    let (_broker, ch) = channel();
+    ch.declare_queue(
+        "q",
+        args(&[("x-queue-type", AMQPValue::LongString("classic".into()))]),
+    )
+    .unwrap();
+    let err = ch
+        .declare_queue(
+            "q",
+            args(&[("x-queue-type", AMQPValue::LongString("quorum".into()))]),
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "received the value 'quorum' of type 'longstr' but current is the value 'classic' of type 'longstr'"
+        ),
         "{err}"
     );
 
@@ -262,4 +282,35 @@ async fn idle_returns_once_an_expired_message_reaches_a_queue_nobody_consumes() 
         .expect("idle once the message has expired into a queue without consumers");
     assert_eq!(broker.ready("parked"), Some(1));
     assert_eq!(broker.ready("tier"), Some(0));
+}
+
+#[tokio::test]
+async fn unbind_delete_if_empty_passive_declare_and_get_answer_like_rabbitmq() {
+    let (broker, ch) = channel();
+    ch.declare_exchange("t", "topic").unwrap();
+    ch.declare_queue("q", FieldTable::default()).unwrap();
+    ch.bind("q", "t", "a.*").unwrap();
+    assert!(broker.is_bound("q", "t", "a.*"));
+    ch.unbind("q", "t", "a.*").unwrap();
+    assert!(!broker.is_bound("q", "t", "a.*"));
+    assert_eq!(ch.declare_queue_passive("q").unwrap(), 0);
+
+    ch.publish("", "q", b"{}", with_id("m"), false).unwrap();
+    let err = ch.delete_queue("q", true).unwrap_err();
+    assert_eq!(reply_code(&err), Some(PRECONDITION_FAILED));
+    assert!(err.to_string().contains("is not empty"), "{err}");
+
+    // A message fetched and not acknowledged goes back when its channel closes.
+    let broker_channel = |b: &MemoryBroker| Connection::open(&b.url()).unwrap().channel().unwrap();
+    let ch = broker_channel(&broker);
+    let got = ch.get("q").unwrap().expect("a message");
+    assert_eq!(got.properties.message_id().as_ref().unwrap().as_str(), "m");
+    assert!(ch.get("q").unwrap().is_none());
+    ch.close();
+    let ch = broker_channel(&broker);
+    let again = ch.get("q").unwrap().expect("returned on close");
+    ch.ack(again.tag, false).unwrap();
+    assert_eq!(ch.delete_queue("q", true).unwrap(), 0);
+    let err = ch.declare_queue_passive("q").unwrap_err();
+    assert_eq!(reply_code(&err), Some(NOT_FOUND));
 }

@@ -259,7 +259,8 @@ impl State {
                 .find(|k| existing.args.inner().get(*k).map(arg) != args.inner().get(*k).map(arg))
                 .map(str::to_owned);
             if let Some(key) = differing {
-                let show = |t: &FieldTable| t.inner().get(key.as_str()).map_or("none".into(), describe);
+                let show =
+                    |t: &FieldTable| t.inner().get(key.as_str()).map_or("none".into(), describe);
                 let text = format!(
                     "PRECONDITION_FAILED - inequivalent arg '{key}' for queue '{name}' in vhost '/': \
                      received {} but current is {}",
