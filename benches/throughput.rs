@@ -469,7 +469,142 @@ async fn publish(imp: Imp, names: &Names, count: u64) -> f64 {
     }
 }
 
-/// `publish_batch`: every event serialized up front, then sent with a window of confirms.
+/// Sustained publishing from one task: rabbitry's `Pipeline` keeps `IN_FLIGHT` confirms in
+/// flight across its `send` calls, serializing each event as it goes. (The raw side of this
+/// row is the raw publish loop above, which is already a single task.)
+async fn publish_sustained(names: &Names, count: u64) -> f64 {
+    let publisher = Publisher::builder(url())
+        .exchange(&names.exchange)
+        .connect()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut pipeline = publisher.pipeline().window(IN_FLIGHT);
+    for id in 0..count {
+        pipeline.send(&BenchEvent::new(id)).await.unwrap();
+    }
+    assert_eq!(pipeline.flush().await.unwrap(), count as usize);
+    let rate = count as f64 / started.elapsed().as_secs_f64();
+    drop(pipeline);
+    publisher.close().await;
+    rate
+}
+
+/// The same single-task loop written with amqprs, the other Rust AMQP client: publish,
+/// keep `IN_FLIGHT` confirms outstanding (counted by its confirm callback), wait for all.
+async fn publish_amqprs(names: &Names, count: u64) -> f64 {
+    use amqprs::channel::{BasicPublishArguments, ConfirmSelectArguments};
+    use amqprs::connection::{Connection, OpenConnectionArguments};
+
+    /// Gives back one window permit per confirmed message.
+    struct Window {
+        permits: std::sync::Arc<tokio::sync::Semaphore>,
+        confirmed_up_to: u64,
+        single: std::collections::BTreeSet<u64>,
+    }
+    impl Window {
+        fn confirm(&mut self, tag: u64, multiple: bool) {
+            let released = if multiple {
+                let above = self.single.split_off(&(tag + 1));
+                let counted = self.single.len() as u64;
+                self.single = above;
+                let n = tag.saturating_sub(self.confirmed_up_to) - counted;
+                self.confirmed_up_to = self.confirmed_up_to.max(tag);
+                n
+            } else {
+                self.single.insert(tag);
+                1
+            };
+            while self.single.remove(&(self.confirmed_up_to + 1)) {
+                self.confirmed_up_to += 1;
+            }
+            self.permits.add_permits(released as usize);
+        }
+    }
+    #[async_trait::async_trait]
+    impl amqprs::callbacks::ChannelCallback for Window {
+        async fn close(
+            &mut self,
+            _: &amqprs::channel::Channel,
+            close: amqprs::CloseChannel,
+        ) -> Result<(), amqprs::error::Error> {
+            panic!("amqprs channel closed: {close}");
+        }
+        async fn cancel(
+            &mut self,
+            _: &amqprs::channel::Channel,
+            _: amqprs::Cancel,
+        ) -> Result<(), amqprs::error::Error> {
+            Ok(())
+        }
+        async fn flow(
+            &mut self,
+            _: &amqprs::channel::Channel,
+            active: bool,
+        ) -> Result<bool, amqprs::error::Error> {
+            Ok(active)
+        }
+        async fn publish_ack(&mut self, _: &amqprs::channel::Channel, ack: amqprs::Ack) {
+            self.confirm(ack.delivery_tag(), ack.mutiple());
+        }
+        async fn publish_nack(&mut self, _: &amqprs::channel::Channel, nack: amqprs::Nack) {
+            panic!("amqprs publish nacked: {}", nack.delivery_tag());
+        }
+        async fn publish_return(
+            &mut self,
+            _: &amqprs::channel::Channel,
+            _: amqprs::Return,
+            _: amqprs::BasicProperties,
+            _: Vec<u8>,
+        ) {
+        }
+    }
+
+    // amqp://user:password@host:port/vhost, the parts this bench needs.
+    let url = url();
+    let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+    let (auth, rest) = rest.split_once('@').unwrap_or(("guest:guest", rest));
+    let (user, password) = auth.split_once(':').unwrap_or((auth, ""));
+    let hostport = rest.split('/').next().unwrap_or("127.0.0.1:5672");
+    let (host, port) = hostport.split_once(':').unwrap_or((hostport, "5672"));
+    let args = OpenConnectionArguments::new(host, port.parse().unwrap(), user, password);
+    let conn = Connection::open(&args).await.unwrap();
+    let ch = conn.open_channel(None).await.unwrap();
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    ch.register_callback(Window {
+        permits: permits.clone(),
+        confirmed_up_to: 0,
+        single: Default::default(),
+    })
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectArguments::default())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for id in 0..count {
+        permits.acquire().await.unwrap().forget();
+        let body = serde_json::to_vec(&BenchEvent::new(id)).unwrap();
+        let props = amqprs::BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json")
+            .with_message_id(&uuid::Uuid::now_v7().to_string())
+            .with_message_type(KEY)
+            .with_timestamp(now_ns() / 1_000_000_000)
+            .finish();
+        ch.basic_publish(props, body, BasicPublishArguments::new(&names.exchange, KEY))
+            .await
+            .unwrap();
+    }
+    // Every confirm is in once the whole window is free again.
+    let _all = permits.acquire_many(IN_FLIGHT as u32).await.unwrap();
+    let rate = count as f64 / started.elapsed().as_secs_f64();
+    let _ = ch.close().await;
+    let _ = conn.close().await;
+    rate
+}
+
+/// `publish_batch`: a slice of events sent through a pipeline.
 async fn publish_batch(names: &Names, count: u64) -> f64 {
     let publisher = Publisher::builder(url())
         .exchange(&names.exchange)
@@ -572,6 +707,21 @@ async fn round(round: usize, count: u64, samples: &mut Samples) {
             finish(spawn_consumer(imp, &names, count, None).await).await;
         }
         cleanup(&names).await;
+        // Sustained publishing from one task, into an empty queue as above.
+        let names = Names::new(imp, round);
+        declare(imp, &names).await;
+        let rate = match imp {
+            Imp::Raw => publish(imp, &names, count).await,
+            Imp::Rabbitry => publish_sustained(&names, count).await,
+        };
+        samples.add("sustained", imp, rate);
+        cleanup(&names).await;
+        if imp == Imp::Raw {
+            let names = Names::new(imp, round);
+            declare(imp, &names).await;
+            samples.add("sustained_amqprs", imp, publish_amqprs(&names, count).await);
+            cleanup(&names).await;
+        }
 
         // S1 end-to-end (and S2 for rabbitry): producer and consumer at once.
         let mut runs = vec![("e2e", None)];
@@ -679,6 +829,17 @@ fn table(samples: &Samples, count: u64, rounds: usize) {
             get("publish", Imp::Raw)
         )
     );
+    println!(
+        "| S1 sustained publish from one task, msgs/s (raw loop / `Pipeline`) | {} | {} | {} | >= 1.00 |",
+        fmt(get("sustained", Imp::Raw), 0),
+        fmt(get("sustained", Imp::Rabbitry), 0),
+        ratio(get("sustained", Imp::Rabbitry), get("sustained", Imp::Raw))
+    );
+    println!(
+        "| S1 sustained publish, raw amqprs loop, msgs/s | {} | — | {} (rabbitry / amqprs) | aim |",
+        fmt(get("sustained_amqprs", Imp::Raw), 0),
+        ratio(get("sustained", Imp::Rabbitry), get("sustained_amqprs", Imp::Raw))
+    );
     let (s2, s1) = (get("s2", Imp::Rabbitry), get("e2e", Imp::Rabbitry));
     println!(
         "| S2 end-to-end, 10% fail once, msgs/s | — | {} | {} (of rabbitry S1) | >= 0.90 |",
@@ -696,6 +857,39 @@ fn table(samples: &Samples, count: u64, rounds: usize) {
         fmt(get("s2_p50_ms", Imp::Rabbitry), 1),
         fmt(get("s2_p99_ms", Imp::Rabbitry), 1)
     );
+}
+
+async fn publish_only(count: u64, rounds: usize, only: Option<&str>) {
+    let mut rows: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
+    for round in 0..rounds {
+        let mut order = ["raw lapin loop", "rabbitry Pipeline", "raw amqprs loop"];
+        order.rotate_left(round % 3);
+        for who in order.into_iter().filter(|w| only.is_none_or(|o| w.contains(o))) {
+            let imp = if who.starts_with("rabbitry") { Imp::Rabbitry } else { Imp::Raw };
+            let names = Names::new(imp, round);
+            declare(imp, &names).await;
+            let cpu = cpu_seconds();
+            let rate = match who {
+                "raw lapin loop" => publish(Imp::Raw, &names, count).await,
+                "rabbitry Pipeline" => publish_sustained(&names, count).await,
+                _ => publish_amqprs(&names, count).await,
+            };
+            let cpu_us = (cpu_seconds() - cpu) * 1e6 / count as f64;
+            rows.entry(who).or_default().push((rate, cpu_us));
+            cleanup(&names).await;
+        }
+    }
+    println!("| publisher | msgs/s (median) | publisher CPU µs/msg (median) |");
+    println!("|---|---:|---:|");
+    for (who, mut v) in rows {
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        let mut rates: Vec<f64> = v.iter().map(|r| r.0).collect();
+        let mut cpus: Vec<f64> = v.drain(..).map(|r| r.1).collect();
+        println!("| {who} | {:.0} | {:.2} |", median(&mut rates), median(&mut cpus));
+    }
 }
 
 fn main() {
@@ -729,6 +923,17 @@ fn main() {
             "--child --imp rabbitry --exchange {} --queue {} --count {count}",
             names.exchange, names.queue
         );
+        return;
+    }
+    if args.iter().any(|a| a == "--publish-only") {
+        // A quick look at publishing from one task: rate and the publishing process's CPU
+        // per message, for each client (or `--only lapin|rabbitry|amqprs`), alternating who
+        // goes first.
+        let only = args
+            .iter()
+            .position(|a| a == "--only")
+            .and_then(|i| args.get(i + 1));
+        rt.block_on(publish_only(count, rounds, only.map(String::as_str)));
         return;
     }
     let mut samples = Samples::default();

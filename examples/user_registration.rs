@@ -6,6 +6,7 @@
 //! ```
 
 use std::collections::BTreeSet;
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -61,7 +62,27 @@ impl Worker for WelcomeEmail {
 }
 
 #[tokio::main]
-async fn main() -> rabbitry::Result<()> {
+async fn main() -> ExitCode {
+    // rabbitry logs through `tracing`: without a subscriber, a wrong URL or a dead-letter
+    // would go unseen. Warnings and errors to stderr; RUST_LOG=rabbitry=debug for more.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    // `main() -> Result<…>` would print an error's Debug form; this prints the readable
+    // message, which says what to do.
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let sent = Arc::new(Mutex::new(BTreeSet::new()));
     let (done, mut handled) = tokio::sync::mpsc::unbounded_channel();
     // RabbitMQ when AMQP_URL says where; otherwise the in-memory broker.
@@ -94,8 +115,8 @@ async fn main() -> rabbitry::Result<()> {
             .await
             .is_err()
         {
-            eprintln!("timed out waiting for the worker");
-            std::process::exit(1);
+            runtime.shutdown().await;
+            return Err("the worker did not handle every user within 30 s".into());
         }
     }
     runtime.shutdown().await;

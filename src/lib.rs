@@ -86,13 +86,52 @@
 //!
 //! [`RuntimeBuilder::start`] returns a [`Runtime`] handle instead, to add, remove, pause
 //! and resume workers while it runs, to publish through its connection, and to shut down.
+//! rabbitry logs through [`tracing`](https://docs.rs/tracing): install a subscriber (for
+//! example `tracing_subscriber::fmt().init()`), or failures go unseen.
+//!
+//! ## Between the broker and the handler
+//!
+//! Each worker runs as a [tower](https://docs.rs/tower) service stack that takes a raw
+//! [`Message`] (its [`Metadata`] and the body as received) and answers with a
+//! [`Disposition`]: ack, skip, retry (after a delay) or dead-letter. Built-in layers add a
+//! tracing span, turn panics into retries, refuse bodies that are not JSON or too large,
+//! and time the handler out; your layers go around every worker
+//! ([`RuntimeBuilder::layer`]) or one ([`Registration::layer`]). The [`middleware`] module
+//! shows how to write one, from an async function or as a tower `Layer`.
+//!
+//! ```
+//! use rabbitry::middleware::{self, Next};
+//! use rabbitry::{Disposition, Message, Registration};
+//! # use rabbitry::prelude::*;
+//! # struct Inventory;
+//! # impl Worker for Inventory {
+//! #     type Event = serde_json::Value;
+//! #     fn subscription(&self) -> Subscription { Subscription::new("q").bind("#") }
+//! #     async fn handle(&self, _: Delivery<serde_json::Value>, _: &Context) -> Outcome { Ok(()) }
+//! # }
+//!
+//! // Messages from the staging environment are acknowledged without being handled.
+//! let skip_staging = middleware::from_fn(|message: Message, next: Next| async move {
+//!     if message.metadata().app_id() == Some("staging") {
+//!         return Disposition::skip("published by staging");
+//!     }
+//!     next.run(message).await
+//! });
+//! let builder = Runtime::builder().worker(Registration::new(Inventory).layer(skip_staging));
+//! # let _ = builder;
+//! ```
+//!
+//! Every settled delivery, every publish and every change of a worker's state reaches the
+//! [`observe::Observer`]s given to [`RuntimeBuilder::observer`]; the testing harness is
+//! one of them.
 //!
 //! ## Publishing
 //!
 //! [`Publisher::publish`] sends an event with routing key [`Event::TYPE`] and returns once
 //! the broker has confirmed it. A message no queue is bound for is an
-//! [`Error::Unroutable`], not a silent drop. [`Publisher::publish_batch`] keeps many
-//! confirms in flight at once.
+//! [`Error::Unroutable`], not a silent drop. [`Publisher::pipeline`] publishes a stream from
+//! one task with many confirms in flight, and [`Publisher::publish_batch`] a slice.
+//! [`Topology::declare`] prepares the queues of workers that have not started yet.
 //!
 //! ## On the broker
 //!
@@ -106,6 +145,7 @@
 //! | worker queue, bound to the worker's patterns | `q` |
 //! | one retry queue per delay, whose messages expire back into `q` only | `q.retry.<ms>` |
 //! | dead-letter queue | `q.dlq` |
+//! | what the worker declared last, to remove bindings and retry queues it drops | `q.topology` |
 //!
 //! A failed message is copied to the retry queue of its delay (or to the dead-letter
 //! queue) with the failure headers in [`headers`], the copy is confirmed, and only then is
@@ -126,6 +166,27 @@
 //! A body that is not JSON, does not fit the event type, is over the size limit, or has a
 //! content type or encoding other than plain JSON is dead-lettered at once with the reason
 //! in `x-exception-message`; the worker carries on with the next message.
+//!
+//! ## Errors
+//!
+//! Every [`Error`] says what to do in its `Display` form; print that, not the `Debug` form
+//! that `main() -> Result<…>` shows:
+//!
+//! ```no_run
+//! # use rabbitry::prelude::*;
+//! use std::process::ExitCode;
+//!
+//! #[tokio::main]
+//! async fn main() -> ExitCode {
+//!     match Runtime::builder().run_until_signal().await {
+//!         Ok(()) => ExitCode::SUCCESS,
+//!         Err(e) => {
+//!             eprintln!("error: {e}");
+//!             ExitCode::FAILURE
+//!         }
+//!     }
+//! }
+//! ```
 #![warn(missing_docs, missing_debug_implementations)]
 
 mod broker;

@@ -3,11 +3,14 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 
 use futures_util::stream::FuturesUnordered;
+use futures_util::task::noop_waker_ref;
 use futures_util::{FutureExt, StreamExt};
 
-use super::{Outgoing, Prepared, Publisher};
+use super::{Inner, Outgoing, Prepared, Publisher, Slot};
 use crate::error::{Error, Result};
 use crate::event::Event;
 
@@ -24,6 +27,10 @@ type InFlight = Pin<Box<dyn Future<Output = (usize, Result<()>)> + Send>>;
 /// sent since the last flush. Errors known before sending (an event that does not
 /// serialize, a body over the limit, a broker that cannot be reached) are returned by
 /// `send` itself, and the message does not count.
+///
+/// One task with a pipeline publishes about as fast as the broker takes messages: unlike a
+/// loop of [`Publisher::publish`] calls, it waits neither for each message to be written to
+/// the socket nor for its confirm.
 ///
 /// Messages of one pipeline go out on one channel, in order. Call `flush` before dropping
 /// a pipeline: the outcome of confirms still in flight is otherwise never known.
@@ -81,61 +88,26 @@ impl<'p> Pipeline<'p> {
                 self.record(done);
             }
         }
+        let inner = self.publisher.inner.clone();
+        let slot = inner.slot(self.slot).await?;
         let id = prepared.id.clone();
-        let confirm = self.start(prepared).await?;
         let number = self.sent;
         self.sent += 1;
-        self.in_flight
-            .push(Box::pin(confirm.map(move |result| (number, result))));
+        let mut publish: InFlight =
+            Box::pin(publish_one(inner, slot, prepared).map(move |result| (number, result)));
+        // The first poll hands the frames to the connection, here and in order; the
+        // connection writing them and the broker's confirm are awaited in the background, so
+        // one task keeps many messages in flight.
+        let mut cx = TaskContext::from_waker(noop_waker_ref());
+        match publish.as_mut().poll(&mut cx) {
+            Poll::Ready(done) => self.record(done),
+            Poll::Pending => self.in_flight.push(publish),
+        }
         // Collect what has been confirmed meanwhile, so failures do not wait for flush.
         while let Some(Some(done)) = self.in_flight.next().now_or_never() {
             self.record(done);
         }
         Ok(id)
-    }
-
-    /// Hand the message to the channel; the future resolves with its confirm.
-    async fn start(
-        &self,
-        message: Prepared,
-    ) -> Result<impl Future<Output = Result<()>> + Send + 'static> {
-        let inner = self.publisher.inner.clone();
-        let Prepared {
-            routing_key,
-            body,
-            properties,
-            id,
-            mandatory,
-        } = message;
-        let exchange = inner.exchange.as_str();
-        let handed = async {
-            let slot = inner.slot(self.slot).await?;
-            slot.channel
-                .publish(exchange, &routing_key, &body, properties, mandatory)
-                .await
-                .map_err(|e| inner.publish_error(exchange, &routing_key, e))
-        };
-        let confirm = match tokio::time::timeout(inner.timeout, handed).await {
-            Ok(Ok(confirm)) => confirm,
-            Ok(Err(error)) => {
-                inner.observe(exchange, &routing_key, &id, Err(&error));
-                return Err(error);
-            }
-            Err(_) => {
-                let error = inner.timeout_error(exchange, &routing_key);
-                inner.observe(exchange, &routing_key, &id, Err(&error));
-                return Err(error);
-            }
-        };
-        Ok(async move {
-            let exchange = inner.exchange.as_str();
-            let settled = inner.settle(exchange, &routing_key, &id, confirm);
-            let result = tokio::time::timeout(inner.timeout, settled)
-                .await
-                .unwrap_or_else(|_| Err(inner.timeout_error(exchange, &routing_key)));
-            inner.observe(exchange, &routing_key, &id, result.as_ref().map(drop));
-            result
-        })
     }
 
     fn record(&mut self, (number, result): (usize, Result<()>)) {
@@ -164,6 +136,37 @@ impl<'p> Pipeline<'p> {
         }
         failures.sort_by_key(|(number, _)| *number);
         Err(Error::Batch { total, failures })
+    }
+}
+
+/// Publish one message on `slot` and wait for its confirm (within the publish timeout).
+fn publish_one(
+    inner: Arc<Inner>,
+    slot: Arc<Slot>,
+    message: Prepared,
+) -> impl Future<Output = Result<()>> + Send + 'static {
+    async move {
+        let Prepared {
+            routing_key,
+            body,
+            properties,
+            id,
+            mandatory,
+        } = message;
+        let exchange = inner.exchange.as_str();
+        let confirmed = async {
+            let confirm = slot
+                .channel
+                .publish(exchange, &routing_key, &body, properties, mandatory)
+                .await
+                .map_err(|e| inner.publish_error(exchange, &routing_key, e))?;
+            inner.settle(exchange, &routing_key, &id, confirm).await
+        };
+        let result = tokio::time::timeout(inner.timeout, confirmed)
+            .await
+            .unwrap_or_else(|_| Err(inner.timeout_error(exchange, &routing_key)));
+        inner.observe(exchange, &routing_key, &id, result.as_ref().map(drop));
+        result
     }
 }
 

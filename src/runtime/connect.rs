@@ -22,7 +22,8 @@ pub(crate) struct Settings {
 
 /// Connect, retrying with exponential backoff and jitter until `deadline` (forever when
 /// `None`). The last attempt is made at the deadline, so a start gives up after the
-/// startup timeout it was given, not before. `Ok(None)` when shutdown was requested.
+/// startup timeout it was given, not before (that attempt itself takes at most the
+/// connect timeout). `Ok(None)` when shutdown was requested.
 pub(crate) async fn connect(
     settings: &Settings,
     shutdown: &CancellationToken,
@@ -37,17 +38,7 @@ pub(crate) async fn connect(
     let url = redact_url(&settings.url);
     let mut told_stderr = false;
     for attempt in 1u64.. {
-        let opened = Connection::open(&settings.url, &settings.connection_name);
-        let opened = match deadline {
-            Some(d) => match tokio::time::timeout_at(d, opened).await {
-                Ok(opened) => opened,
-                Err(_) => Err(Error::Connect {
-                    url: url.clone(),
-                    source: timed_out(),
-                }),
-            },
-            None => opened.await,
-        };
+        let opened = Connection::open(&settings.url, &settings.connection_name).await;
         let error = match opened {
             Ok(conn) => {
                 info!(%url, attempt, "connected to RabbitMQ");
@@ -90,18 +81,22 @@ fn no_subscriber() -> bool {
     tracing::dispatcher::get_default(|d| d.is::<tracing::subscriber::NoSubscriber>())
 }
 
-fn timed_out() -> crate::error::BrokerError {
-    let e = std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        "no connection within the startup timeout",
-    );
-    lapin::Error::from(e).into()
-}
-
 /// ACCESS_REFUSED (bad credentials) or NOT_ALLOWED (no such vhost, or no access to it).
 fn refused(error: &Error) -> bool {
     const ACCESS_REFUSED: u16 = 403;
     const NOT_ALLOWED: u16 = 530;
     matches!(error, Error::Connect { source, .. }
         if matches!(source.reply_code(), Some(ACCESS_REFUSED | NOT_ALLOWED)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stderr_fallback_speaks_only_when_no_subscriber_listens() {
+        assert!(no_subscriber());
+        let subscriber = tracing_subscriber::fmt().with_writer(std::io::sink).finish();
+        tracing::subscriber::with_default(subscriber, || assert!(!no_subscriber()));
+    }
 }

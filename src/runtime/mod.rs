@@ -330,6 +330,16 @@ async fn shutdown_signal() {
 /// and then `runtime.shutdown_on_signal().await` (or [`RuntimeBuilder::run_until_signal`],
 /// which does both). While the broker is unreachable, the worker commands (`add_worker`,
 /// `pause`, …) wait until the runtime has reconnected.
+///
+/// Dropping the handle by accident is a warning at compile time (`#[must_use]`), and a
+/// warning in the log when it happens:
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// # async fn run(builder: rabbitry::RuntimeBuilder) -> rabbitry::Result<()> {
+/// builder.start().await?; // the handle is dropped here: the workers stop at once
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 #[must_use = "dropping every Runtime handle stops its workers: keep it, e.g. `runtime.shutdown_on_signal().await`"]
 pub struct Runtime {
