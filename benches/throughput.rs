@@ -592,9 +592,13 @@ async fn publish_amqprs(names: &Names, count: u64) -> f64 {
             .with_message_type(KEY)
             .with_timestamp(now_ns() / 1_000_000_000)
             .finish();
-        ch.basic_publish(props, body, BasicPublishArguments::new(&names.exchange, KEY))
-            .await
-            .unwrap();
+        ch.basic_publish(
+            props,
+            body,
+            BasicPublishArguments::new(&names.exchange, KEY),
+        )
+        .await
+        .unwrap();
     }
     // Every confirm is in once the whole window is free again.
     let _all = permits.acquire_many(IN_FLIGHT as u32).await.unwrap();
@@ -838,7 +842,10 @@ fn table(samples: &Samples, count: u64, rounds: usize) {
     println!(
         "| S1 sustained publish, raw amqprs loop, msgs/s | {} | — | {} (rabbitry / amqprs) | aim |",
         fmt(get("sustained_amqprs", Imp::Raw), 0),
-        ratio(get("sustained", Imp::Rabbitry), get("sustained_amqprs", Imp::Raw))
+        ratio(
+            get("sustained", Imp::Rabbitry),
+            get("sustained_amqprs", Imp::Raw)
+        )
     );
     let (s2, s1) = (get("s2", Imp::Rabbitry), get("e2e", Imp::Rabbitry));
     println!(
@@ -864,8 +871,15 @@ async fn publish_only(count: u64, rounds: usize, only: Option<&str>) {
     for round in 0..rounds {
         let mut order = ["raw lapin loop", "rabbitry Pipeline", "raw amqprs loop"];
         order.rotate_left(round % 3);
-        for who in order.into_iter().filter(|w| only.is_none_or(|o| w.contains(o))) {
-            let imp = if who.starts_with("rabbitry") { Imp::Rabbitry } else { Imp::Raw };
+        for who in order
+            .into_iter()
+            .filter(|w| only.is_none_or(|o| w.contains(o)))
+        {
+            let imp = if who.starts_with("rabbitry") {
+                Imp::Rabbitry
+            } else {
+                Imp::Raw
+            };
             let names = Names::new(imp, round);
             declare(imp, &names).await;
             let cpu = cpu_seconds();
@@ -888,7 +902,11 @@ async fn publish_only(count: u64, rounds: usize, only: Option<&str>) {
         };
         let mut rates: Vec<f64> = v.iter().map(|r| r.0).collect();
         let mut cpus: Vec<f64> = v.drain(..).map(|r| r.1).collect();
-        println!("| {who} | {:.0} | {:.2} |", median(&mut rates), median(&mut cpus));
+        println!(
+            "| {who} | {:.0} | {:.2} |",
+            median(&mut rates),
+            median(&mut cpus)
+        );
     }
 }
 

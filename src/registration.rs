@@ -15,24 +15,15 @@ use crate::context::Context;
 use crate::disposition::Disposition;
 use crate::event::Delivery;
 use crate::message::Message;
-use crate::middleware::{CatchPanicLayer, JsonBodyLayer, TimeoutLayer, TraceLayer, WorkerService};
+use crate::middleware::{
+    CatchPanicLayer, JsonBodyLayer, TimeoutLayer, TraceLayer, WorkerLayer, WorkerService,
+};
 use crate::outcome::FailureKind;
 use crate::publisher::Publisher;
 use crate::worker::{Subscription, Worker};
 
 /// A layer in boxed form: applied to any worker's boxed stack.
-pub(crate) type BoxLayer = Arc<dyn Fn(WorkerService) -> WorkerService + Send + Sync>;
-
-/// Box `layer` so that it applies to any worker's stack.
-pub(crate) fn box_layer<L>(layer: L) -> BoxLayer
-where
-    L: Layer<WorkerService> + Send + Sync + 'static,
-    L::Service:
-        Service<Message, Response = Disposition, Error = Infallible> + Clone + Send + 'static,
-    <L::Service as Service<Message>>::Future: Send + 'static,
-{
-    Arc::new(move |inner| BoxCloneService::new(layer.layer(inner)))
-}
+pub(crate) type BoxLayer = Arc<dyn WorkerLayer>;
 
 /// What the runtime lends a worker's stack when it builds it.
 pub(crate) struct Parts<'a> {
@@ -115,14 +106,8 @@ impl Registration {
     /// Wrap this worker's handler in `layer`. The first layer added is the outermost, as
     /// with tower's `ServiceBuilder`; all of them sit inside the runtime's layers and
     /// outside the handler timeout.
-    pub fn layer<L>(mut self, layer: L) -> Registration
-    where
-        L: Layer<WorkerService> + Send + Sync + 'static,
-        L::Service:
-            Service<Message, Response = Disposition, Error = Infallible> + Clone + Send + 'static,
-        <L::Service as Service<Message>>::Future: Send + 'static,
-    {
-        self.layers.push(box_layer(layer));
+    pub fn layer(mut self, layer: impl WorkerLayer) -> Registration {
+        self.layers.push(Arc::new(layer));
         self
     }
 
@@ -135,7 +120,7 @@ impl Registration {
     pub(crate) fn into_service(self, parts: &Parts<'_>) -> WorkerService {
         let mut service = (self.build)(parts.publisher);
         for layer in self.layers.iter().rev().chain(parts.layers.iter().rev()) {
-            service = layer(service);
+            service = layer.wrap(service);
         }
         let builtin = tower::ServiceBuilder::new()
             .layer(TraceLayer)

@@ -163,6 +163,15 @@ impl Channel {
             durable: true,
             ..QueueDeclareOptions::default()
         };
+        self.queue_declare(name, options, args).await
+    }
+
+    async fn queue_declare(
+        &self,
+        name: &str,
+        options: QueueDeclareOptions,
+        args: FieldTable,
+    ) -> lapin::Result<u32> {
         let q = self.inner.queue_declare(name.into(), options, args).await?;
         Ok(q.message_count())
     }
@@ -172,11 +181,8 @@ impl Channel {
             passive: true,
             ..QueueDeclareOptions::default()
         };
-        let q = self
-            .inner
-            .queue_declare(name.into(), options, FieldTable::default())
-            .await?;
-        Ok(q.message_count())
+        self.queue_declare(name, options, FieldTable::default())
+            .await
     }
 
     pub(crate) async fn delete_queue(&self, name: &str, if_empty: bool) -> lapin::Result<u32> {
@@ -237,33 +243,14 @@ impl Channel {
                 FieldTable::default(),
             )
             .await?;
-        Ok(consumer.map(|d| {
-            d.map(|d| Incoming {
-                tag: d.delivery_tag,
-                exchange: d.exchange.into(),
-                routing_key: d.routing_key.into(),
-                redelivered: d.redelivered,
-                properties: d.properties,
-                body: d.data,
-            })
-        }))
+        Ok(consumer.map(|d| d.map(incoming)))
     }
 
     /// Fetch one message to be acknowledged; `None` when the queue is empty.
     pub(crate) async fn get(&self, queue: &str) -> lapin::Result<Option<Incoming>> {
         let options = lapin::options::BasicGetOptions { no_ack: false };
         let message = self.inner.basic_get(queue.into(), options).await?;
-        Ok(message.map(|m| {
-            let d = m.delivery;
-            Incoming {
-                tag: d.delivery_tag,
-                exchange: d.exchange.into(),
-                routing_key: d.routing_key.into(),
-                redelivered: d.redelivered,
-                properties: d.properties,
-                body: d.data,
-            }
-        }))
+        Ok(message.map(|m| incoming(m.delivery)))
     }
 
     /// Fetch one message with auto-acknowledgement and return its message id.
@@ -356,6 +343,18 @@ impl Channel {
         if self.is_open() {
             let _ = self.inner.close(200, "OK".into()).await;
         }
+    }
+}
+
+/// A delivery as the seam hands it on.
+fn incoming(d: lapin::message::Delivery) -> Incoming {
+    Incoming {
+        tag: d.delivery_tag,
+        exchange: d.exchange.into(),
+        routing_key: d.routing_key.into(),
+        redelivered: d.redelivered,
+        properties: d.properties,
+        body: d.data,
     }
 }
 

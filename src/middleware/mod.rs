@@ -123,3 +123,25 @@ use crate::message::Message;
 /// A worker's whole stack, boxed: what runtime-wide layers wrap, and what a
 /// [`Registration`](crate::Registration)'s layers wrap.
 pub type WorkerService = tower::util::BoxCloneService<Message, Disposition, Infallible>;
+
+/// What [`RuntimeBuilder::layer`](crate::RuntimeBuilder::layer) and
+/// [`Registration::layer`](crate::Registration::layer) take: any tower [`Layer`] over a
+/// worker's stack whose service answers a [`Message`] with a [`Disposition`] and is `Clone`
+/// and `Send` (each consumer gets a clone). Implemented for every such layer; there is
+/// nothing to implement by hand.
+pub trait WorkerLayer: Send + Sync + 'static {
+    /// Wrap `inner` and box the result.
+    fn wrap(&self, inner: WorkerService) -> WorkerService;
+}
+
+impl<L> WorkerLayer for L
+where
+    L: Layer<WorkerService> + Send + Sync + 'static,
+    L::Service:
+        Service<Message, Response = Disposition, Error = Infallible> + Clone + Send + 'static,
+    <L::Service as Service<Message>>::Future: Send + 'static,
+{
+    fn wrap(&self, inner: WorkerService) -> WorkerService {
+        WorkerService::new(self.layer(inner))
+    }
+}

@@ -140,34 +140,28 @@ impl<'p> Pipeline<'p> {
 }
 
 /// Publish one message on `slot` and wait for its confirm (within the publish timeout).
-fn publish_one(
-    inner: Arc<Inner>,
-    slot: Arc<Slot>,
-    message: Prepared,
-) -> impl Future<Output = Result<()>> + Send + 'static {
-    async move {
-        let Prepared {
-            routing_key,
-            body,
-            properties,
-            id,
-            mandatory,
-        } = message;
-        let exchange = inner.exchange.as_str();
-        let confirmed = async {
-            let confirm = slot
-                .channel
-                .publish(exchange, &routing_key, &body, properties, mandatory)
-                .await
-                .map_err(|e| inner.publish_error(exchange, &routing_key, e))?;
-            inner.settle(exchange, &routing_key, &id, confirm).await
-        };
-        let result = tokio::time::timeout(inner.timeout, confirmed)
+async fn publish_one(inner: Arc<Inner>, slot: Arc<Slot>, message: Prepared) -> Result<()> {
+    let Prepared {
+        routing_key,
+        body,
+        properties,
+        id,
+        mandatory,
+    } = message;
+    let exchange = inner.exchange.as_str();
+    let confirmed = async {
+        let confirm = slot
+            .channel
+            .publish(exchange, &routing_key, &body, properties, mandatory)
             .await
-            .unwrap_or_else(|_| Err(inner.timeout_error(exchange, &routing_key)));
-        inner.observe(exchange, &routing_key, &id, result.as_ref().map(drop));
-        result
-    }
+            .map_err(|e| inner.publish_error(exchange, &routing_key, e))?;
+        inner.settle(exchange, &routing_key, &id, confirm).await
+    };
+    let result = tokio::time::timeout(inner.timeout, confirmed)
+        .await
+        .unwrap_or_else(|_| Err(inner.timeout_error(exchange, &routing_key)));
+    inner.observe(exchange, &routing_key, &id, result.as_ref().map(drop));
+    result
 }
 
 impl Drop for Pipeline<'_> {

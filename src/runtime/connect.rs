@@ -96,7 +96,9 @@ mod tests {
     #[test]
     fn the_stderr_fallback_speaks_only_when_no_subscriber_listens() {
         assert!(no_subscriber());
-        let subscriber = tracing_subscriber::fmt().with_writer(std::io::sink).finish();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(std::io::sink)
+            .finish();
         tracing::subscriber::with_default(subscriber, || assert!(!no_subscriber()));
     }
 }

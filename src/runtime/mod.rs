@@ -9,7 +9,6 @@ mod supervisor;
 mod tests;
 
 use std::collections::HashSet;
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,18 +16,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tower_layer::Layer;
-use tower_service::Service;
 use tracing::info;
 
 use crate::broker;
-use crate::disposition::Disposition;
 use crate::error::{Error, Result};
-use crate::message::Message;
-use crate::middleware::WorkerService;
+use crate::middleware::WorkerLayer;
 use crate::observe::{Lifecycle, Observer, Observers};
 use crate::publisher::Publisher;
-use crate::registration::{BoxLayer, Registration, box_layer};
+use crate::registration::{BoxLayer, Registration};
 use crate::topology::Topology;
 use connect::Settings;
 use settle::{Shared, WorkerEntry};
@@ -100,14 +95,8 @@ impl RuntimeBuilder {
     /// Wrap every worker's handler in `layer` (see [`middleware`](crate::middleware)), also
     /// workers added later with [`Runtime::add_worker`]. The first layer added is the
     /// outermost; the runtime's layers sit outside each worker's own.
-    pub fn layer<L>(mut self, layer: L) -> Self
-    where
-        L: Layer<WorkerService> + Send + Sync + 'static,
-        L::Service:
-            Service<Message, Response = Disposition, Error = Infallible> + Clone + Send + 'static,
-        <L::Service as Service<Message>>::Future: Send + 'static,
-    {
-        self.layers.push(box_layer(layer));
+    pub fn layer(mut self, layer: impl WorkerLayer) -> Self {
+        self.layers.push(Arc::new(layer));
         self
     }
 

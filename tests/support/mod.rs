@@ -268,8 +268,15 @@ impl TestEnv {
 
     /// Messages ready in `queue` (not counting unacknowledged ones).
     pub async fn ready(&self, queue: &str) -> u32 {
+        self.passive(queue)
+            .await
+            .unwrap_or_else(|| panic!("{queue} exists"))
+    }
+
+    /// Messages ready in `queue`, or `None` if it does not exist.
+    async fn passive(&self, queue: &str) -> Option<u32> {
         if let Some(broker) = self.memory() {
-            return broker.ready(queue).expect("queue exists") as u32;
+            return broker.ready(queue).map(|n| n as u32);
         }
         let (conn, ch) = self.bare().await;
         let q = ch
@@ -281,10 +288,9 @@ impl TestEnv {
                 },
                 FieldTable::default(),
             )
-            .await
-            .expect("queue exists");
+            .await;
         let _ = conn.close(200, "OK".into()).await;
-        q.message_count()
+        q.ok().map(|q| q.message_count())
     }
 
     /// Wait until `queue` holds exactly `n` ready messages.
@@ -305,23 +311,7 @@ impl TestEnv {
 
     /// Whether `queue` exists.
     pub async fn exists(&self, queue: &str) -> bool {
-        if let Some(broker) = self.memory() {
-            return broker.ready(queue).is_some();
-        }
-        let (conn, ch) = self.bare().await;
-        let found = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .is_ok();
-        let _ = conn.close(200, "OK".into()).await;
-        found
+        self.passive(queue).await.is_some()
     }
 
     /// Publish `body` straight into `queue` (through the default exchange).

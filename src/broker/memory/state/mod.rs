@@ -296,7 +296,21 @@ impl State {
         exchange: &str,
         key: &str,
     ) -> lapin::Result<()> {
-        self.chan(chan, "queue.bind")?;
+        let binding = self.binding(chan, "queue.bind", queue, exchange, key)?;
+        self.bindings.insert(binding);
+        Ok(())
+    }
+
+    /// The binding `exchange` → `queue` with `key`, once both ends are known to exist.
+    fn binding(
+        &mut self,
+        chan: u64,
+        operation: &'static str,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+    ) -> lapin::Result<(String, String, String)> {
+        self.chan(chan, operation)?;
         if !self.exchanges.contains_key(exchange) {
             let text = format!("NOT_FOUND - no exchange '{exchange}' in vhost '/'");
             return Err(self.fail(chan, soft(AMQPSoftError::NOTFOUND, text)));
@@ -304,9 +318,7 @@ impl State {
         if !self.queues.contains_key(queue) {
             return Err(self.fail(chan, no_queue(queue)));
         }
-        self.bindings
-            .insert((exchange.to_owned(), queue.to_owned(), key.to_owned()));
-        Ok(())
+        Ok((exchange.to_owned(), queue.to_owned(), key.to_owned()))
     }
 
     pub(super) fn declare_queue_passive(&mut self, chan: u64, name: &str) -> lapin::Result<u32> {
@@ -324,16 +336,8 @@ impl State {
         exchange: &str,
         key: &str,
     ) -> lapin::Result<()> {
-        self.chan(chan, "queue.unbind")?;
-        if !self.exchanges.contains_key(exchange) {
-            let text = format!("NOT_FOUND - no exchange '{exchange}' in vhost '/'");
-            return Err(self.fail(chan, soft(AMQPSoftError::NOTFOUND, text)));
-        }
-        if !self.queues.contains_key(queue) {
-            return Err(self.fail(chan, no_queue(queue)));
-        }
-        self.bindings
-            .remove(&(exchange.to_owned(), queue.to_owned(), key.to_owned()));
+        let binding = self.binding(chan, "queue.unbind", queue, exchange, key)?;
+        self.bindings.remove(&binding);
         Ok(())
     }
 
