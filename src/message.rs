@@ -118,11 +118,12 @@ impl Metadata {
         self.correlation_id().unwrap_or_else(|| self.message_id())
     }
 
-    /// When the message was published, if the publisher set the `timestamp` property.
+    /// When the message was published, if the publisher set the `timestamp` property (and
+    /// it is a time this system can represent).
     pub fn timestamp(&self) -> Option<SystemTime> {
         self.properties
             .timestamp()
-            .map(|secs| UNIX_EPOCH + Duration::from_secs(secs))
+            .and_then(|secs| UNIX_EPOCH.checked_add(Duration::from_secs(secs)))
     }
 
     /// The `app_id` property: which application published the message, if it said.
@@ -320,6 +321,17 @@ mod tests {
         assert!(uuid::Uuid::parse_str(m.message_id()).is_ok());
         assert!(m.redelivered());
         assert_eq!(m.event_version(), None);
+        assert_eq!(m.timestamp(), None);
+    }
+
+    #[test]
+    fn a_timestamp_out_of_range_reads_as_absent() {
+        let props = BasicProperties::default().with_timestamp(u64::MAX);
+        let m = Metadata::new("q".into(), "x".into(), "k".into(), false, props);
+        assert_eq!(m.timestamp(), None);
+        let props = BasicProperties::default().with_timestamp(1_700_000_000);
+        let m = Metadata::new("q".into(), "x".into(), "k".into(), false, props);
+        assert!(m.timestamp().is_some());
     }
 
     #[test]

@@ -97,6 +97,8 @@ pub struct Subscription {
     pub(crate) timeout: Option<Duration>,
     /// Consume a queue that exists already, without declaring it.
     pub(crate) existing: bool,
+    /// Unbind what an earlier declaration bound and this one does not.
+    pub(crate) prune: bool,
 }
 
 /// Room left in a 255-byte queue name for the longest derived name (`.retry.4294967295`).
@@ -116,6 +118,7 @@ impl Subscription {
             queue_type: QueueType::Classic,
             timeout: Some(Duration::from_secs(300)),
             existing: false,
+            prune: false,
         }
     }
 
@@ -180,6 +183,16 @@ impl Subscription {
         self
     }
 
+    /// Remove the bindings an earlier version of this worker declared and this one does
+    /// not, when it starts (see [`Topology`](crate::Topology)). Off by default, when they are
+    /// only reported: during a rolling deploy, an old replica that reconnects with pruning
+    /// on would remove the bindings the new version added. Turn it on once every replica
+    /// runs the new bindings (or for workers that run as one process).
+    pub fn prune_bindings(mut self) -> Subscription {
+        self.prune = true;
+        self
+    }
+
     /// The queue name, which is also the worker's name.
     pub fn queue(&self) -> &str {
         &self.queue
@@ -216,6 +229,13 @@ impl Subscription {
         }
         if self.queue.starts_with("amq.") {
             return fail("queue names starting with 'amq.' are reserved by the broker".into());
+        }
+        if !self.existing && self.queue.ends_with(".topology") {
+            return fail(
+                "queue names ending in '.topology' are where rabbitry records each worker's \
+                 topology; pick another name (or consume it with existing_queue())"
+                    .into(),
+            );
         }
         if self.bindings.is_empty() && !self.existing {
             return fail("no bindings: add at least one with .bind(\"event.type\")".into());
@@ -330,6 +350,7 @@ mod tests {
         assert!(error_of(valid().timeout(Duration::ZERO)).contains("timeout"));
         assert!(error_of(valid().bind("x".repeat(300))).contains("255"));
         assert!(error_of(valid().max_priority(3).existing_queue()).contains("existing queue"));
+        assert!(error_of(Subscription::new("orders.topology").bind("a")).contains("records"));
         Subscription::new("someone.elses")
             .existing_queue()
             .validate()

@@ -213,6 +213,8 @@ async fn each_explicit_disposition_does_what_it_says_and_is_reported_to_observer
         }
     });
     let queue = env.queue("answers");
+    // Declared on demand for the 200 ms retry_after: cleaned up with the rest.
+    env.track_names([format!("{queue}.retry.200").as_str()]);
     let journal = Arc::new(Journal::default());
     let (probe, mut seen) = env.probe(Subscription::new(&queue).bind("order.placed"), |_| Ok(()));
     let rt = env

@@ -253,3 +253,42 @@ async fn a_worker_that_keeps_failing_to_start_backs_off_and_recovers() {
     assert_eq!(broker.handled("payments.gateway").len(), 1);
     rt.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_resume_that_cannot_start_the_consumer_keeps_trying() {
+    let broker = TestBroker::new();
+    let rt = broker
+        .runtime()
+        .worker(Gateway {
+            policy: RetryPolicy::none(),
+        })
+        .start()
+        .await
+        .unwrap();
+    rt.pause("payments.gateway").await.unwrap();
+    assert!(broker.broker().delete_queue("payments.gateway").is_some());
+    let squatter = Subscription::new("payments.gateway")
+        .bind("unrelated")
+        .max_priority(5);
+    Topology::new("events", [&squatter])
+        .declare(&broker.broker().url())
+        .await
+        .unwrap();
+    let err = rt.resume("payments.gateway").await.unwrap_err();
+    assert!(err.to_string().contains("x-max-priority"), "{err}");
+    let status = &rt.workers().await.unwrap()[0];
+    assert!(!status.paused && !status.consuming, "{status:?}");
+
+    // Once the conflict is gone, the worker comes back by itself.
+    assert!(broker.broker().delete_queue("payments.gateway").is_some());
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if rt.workers().await.unwrap()[0].consuming {
+            break;
+        }
+    }
+    broker.publish(&Charge { id: 5, cents: -1 }).await.unwrap();
+    broker.idle().await;
+    assert_eq!(broker.handled("payments.gateway").len(), 1);
+    rt.shutdown().await;
+}

@@ -11,7 +11,9 @@ use rabbitry::prelude::*;
 use rabbitry::{Error, Topology};
 use support::*;
 
-async fn a_changed_worker_loses_its_old_bindings_and_empty_old_retry_queues(env: TestEnv) {
+async fn a_changed_worker_reports_or_prunes_old_bindings_and_drops_empty_old_retry_queues(
+    env: TestEnv,
+) {
     let queue = env.queue("changing");
     let tier = |ms: u64| format!("{queue}.retry.{ms}");
     let wide = Subscription::new(&queue)
@@ -36,20 +38,20 @@ async fn a_changed_worker_loses_its_old_bindings_and_empty_old_retry_queues(env:
     // A retry is still waiting out its two minutes in one of the old tiers.
     env.publish_to_queue(&tier(120_000), b"{}").await;
 
+    // By default the dropped binding is reported, not removed: its events still arrive.
     let (second, mut seen) = env.probe(narrow.clone(), |_| Ok(()));
     let rt = env.builder().worker(second).start().await.unwrap();
+    let status = rt.workers().await.unwrap().remove(0);
+    let reported = format!("exchange '{}', key 'order.cancelled'", env.exchange);
+    assert_eq!(status.stale_bindings, std::slice::from_ref(&reported), "{status:?}");
     let publisher = env.publisher().await;
-    let dropped = publisher
+    publisher
         .message(&order(1))
         .routing_key("order.cancelled")
         .send()
-        .await;
-    assert!(
-        matches!(dropped, Err(Error::Unroutable { .. })),
-        "the old binding is gone: {dropped:?}"
-    );
-    publisher.publish(&order(2)).await.unwrap();
-    assert_eq!(seen.next().await.order_id(), 2);
+        .await
+        .unwrap();
+    assert_eq!(seen.next().await.order_id(), 1);
     rt.shutdown().await;
     assert!(env.exists(&tier(100)).await);
     assert!(
@@ -62,20 +64,71 @@ async fn a_changed_worker_loses_its_old_bindings_and_empty_old_retry_queues(env:
     );
     assert_eq!(env.ready(&tier(120_000)).await, 1);
 
-    // Once it is empty, a later start removes it too.
+    // Reported again at the next start; pruned when the subscription asks for it.
+    let (third, _) = env.probe(narrow.clone(), |_| Ok(()));
+    let rt = env.builder().worker(third).start().await.unwrap();
+    assert_eq!(rt.workers().await.unwrap()[0].stale_bindings, [reported]);
+    rt.shutdown().await;
+    let (pruning, mut seen) = env.probe(narrow.clone().prune_bindings(), |_| Ok(()));
+    let rt = env.builder().worker(pruning).start().await.unwrap();
+    assert!(rt.workers().await.unwrap()[0].stale_bindings.is_empty());
+    let dropped = publisher
+        .message(&order(2))
+        .routing_key("order.cancelled")
+        .send()
+        .await;
+    assert!(
+        matches!(dropped, Err(Error::Unroutable { .. })),
+        "the old binding is gone: {dropped:?}"
+    );
+    publisher.publish(&order(3)).await.unwrap();
+    assert_eq!(seen.next().await.order_id(), 3);
+    rt.shutdown().await;
+
+    // Once the kept tier is empty, a later start removes it too.
     match env.memory() {
         Some(broker) => assert_eq!(broker.take(&tier(120_000), 1).len(), 1),
         None => assert_eq!(env.take(&tier(120_000), 1).await.len(), 1),
     }
-    let (third, _) = env.probe(narrow, |_| Ok(()));
+    let (last, _) = env.probe(narrow, |_| Ok(()));
     env.builder()
-        .worker(third)
+        .worker(last)
         .start()
         .await
         .unwrap()
         .shutdown()
         .await;
     assert!(!env.exists(&tier(120_000)).await);
+}
+
+async fn a_worker_on_an_existing_queue_leaves_the_owners_bindings_alone(env: TestEnv) {
+    let queue = env.queue("owned");
+    let (owner, _) = env.probe(
+        Subscription::new(&queue)
+            .bind("order.placed")
+            .prune_bindings(),
+        |_| Ok(()),
+    );
+    env.builder()
+        .worker(owner)
+        .start()
+        .await
+        .unwrap()
+        .shutdown()
+        .await;
+    // Another process only consumes it.
+    let (guest, mut seen) = env.probe(
+        Subscription::new(&queue).existing_queue().prune_bindings(),
+        |_| Ok(()),
+    );
+    let rt = env.builder().worker(guest).start().await.unwrap();
+    env.publisher().await.publish(&order(8)).await.unwrap();
+    assert_eq!(
+        seen.next().await.order_id(),
+        8,
+        "the owner's binding still routes"
+    );
+    rt.shutdown().await;
 }
 
 async fn a_worker_consumes_another_workers_dead_letter_queue_without_declaring_it(env: TestEnv) {
@@ -115,6 +168,9 @@ async fn a_worker_consumes_another_workers_dead_letter_queue_without_declaring_i
         );
         assert_eq!(d.exchange, env.exchange);
     }
+    // The origin's dead-lettering still reaches its queue.
+    publisher.publish(&order(3)).await.unwrap();
+    assert_eq!(seen.next().await.order_id(), 3);
     rt.shutdown().await;
     assert_eq!(env.ready(&dlq).await, 0);
 
@@ -207,7 +263,8 @@ async fn a_pipeline_sends_keys_per_message_and_reports_failures_by_number(env: T
 }
 
 on_both_brokers!(
-    a_changed_worker_loses_its_old_bindings_and_empty_old_retry_queues,
+    a_changed_worker_reports_or_prunes_old_bindings_and_drops_empty_old_retry_queues,
+    a_worker_on_an_existing_queue_leaves_the_owners_bindings_alone,
     a_worker_consumes_another_workers_dead_letter_queue_without_declaring_it,
     a_producer_declares_a_workers_queues_before_the_worker_starts,
     a_pipeline_sends_keys_per_message_and_reports_failures_by_number,

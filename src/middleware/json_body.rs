@@ -19,7 +19,9 @@ use crate::outcome::FailureKind;
 ///
 /// Built in, just inside the panic guard, with the limit of
 /// [`RuntimeBuilder::max_body_bytes`](crate::RuntimeBuilder::max_body_bytes): every layer a
-/// user adds sees a JSON body of bounded size.
+/// user adds sees a body of bounded size that claims to be JSON. Whether it parses is
+/// found out by whoever reads it (the decoding service dead-letters what does not, as
+/// `undecodable`); a layer that reads the JSON should treat a parse error the same way.
 #[derive(Debug, Clone, Copy)]
 pub struct JsonBodyLayer {
     max_bytes: usize,

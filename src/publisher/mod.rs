@@ -171,8 +171,10 @@ impl Publisher {
     /// Publish many events with routing key `E::TYPE`, up to 1000 confirms in flight (a
     /// [`Pipeline`]), and wait for every confirm. Each event is serialized as it is sent; one
     /// that fails to serialize or is too large is not sent, the others are. Returns the
-    /// message ids in order; [`Error::Batch`] lists what failed, by position. For a routing
-    /// key or options per message, use [`pipeline`](Publisher::pipeline).
+    /// message ids in order; [`Error::Batch`] lists what failed, by position. When the
+    /// broker cannot be reached, the batch stops there: that event is the last failure
+    /// listed, `total` counts the events attempted, and the rest were not sent. For a
+    /// routing key or options per message, use [`pipeline`](Publisher::pipeline).
     pub async fn publish_batch<'e, E: Event + 'e>(
         &self,
         events: impl IntoIterator<Item = &'e E>,
@@ -188,9 +190,16 @@ impl Publisher {
                     ids.push(id);
                     positions.push(i);
                 }
+                // Wrong with this one message: the others go on.
+                Err(e @ (Error::Serialize(_) | Error::BodyTooLarge { .. } | Error::Config(_))) => {
+                    ids.push(String::new());
+                    refused.push((i, e));
+                }
+                // Wrong with the connection: every later message would fail the same way.
                 Err(e) => {
                     ids.push(String::new());
                     refused.push((i, e));
+                    break;
                 }
             }
         }

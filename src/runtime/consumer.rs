@@ -21,6 +21,7 @@ use crate::broker::{Channel, Connection, Incoming};
 use crate::error::Result;
 use crate::message::{Message, Metadata};
 use crate::middleware::WorkerService;
+use crate::observe::{Handling, Settled};
 use crate::panic_message;
 
 /// Longest an outcome waits for its acknowledgement frame when fewer than a batch are ready.
@@ -266,13 +267,13 @@ impl Consumer {
                                     tasks.push(self.take(&mut service, msg, &mut book, &slots));
                                 }
                                 Some(Some(Err(e))) => return self.lost(tasks, stop, e.to_string()).await,
-                                Some(None) => return self.cancelled(tasks, stop).await,
+                                Some(None) => return self.cancelled(tasks, stop, book).await,
                                 None => break,
                             }
                         }
                     }
                     Some(Err(e)) => return self.lost(tasks, stop, e.to_string()).await,
-                    None => return self.cancelled(tasks, stop).await,
+                    None => return self.cancelled(tasks, stop, book).await,
                 }
             }
         };
@@ -301,7 +302,7 @@ impl Consumer {
         let handled = service.call(Message::new(metadata.clone(), body.clone()));
         let (entry, shared, tag) = (self.entry.clone(), self.shared.clone(), msg.tag);
         async move {
-            let settled = guarded(async {
+            let settling = async {
                 let Ok(disposition) = handled.await;
                 let duration = started.elapsed();
                 drop(slot);
@@ -314,8 +315,17 @@ impl Consumer {
                 }
                 .settle(disposition)
                 .await
-            });
-            (tag, settled.await)
+            };
+            let requeued = || {
+                shared.observers.settled(&Settled {
+                    worker: &entry.name,
+                    metadata: &metadata,
+                    handling: &Handling::Requeued,
+                    failure: None,
+                    duration: started.elapsed(),
+                })
+            };
+            (tag, guarded(settling, requeued).await)
         }
     }
 
@@ -375,13 +385,24 @@ impl Consumer {
         Ok(())
     }
 
+    /// The broker cancelled the consumer; its channel is still open, so the deliveries of
+    /// handlers still running are acknowledged as they finish (a queue that comes back,
+    /// after a node failover say, does not redeliver them).
     async fn cancelled(
         self,
         tasks: InFlight<impl Future<Output = (u64, Settle)> + Send + 'static>,
         stop: StopSignal,
+        mut book: AckBook,
     ) -> Exit {
         warn!(worker = %self.entry.name, "the broker cancelled the consumer (was the queue deleted?)");
-        self.ended(Exit::Cancelled, tasks, stop).await
+        let exit = self
+            .ended(Exit::Cancelled, tasks, stop, Some(&mut book))
+            .await;
+        if let Err(e) = self.flush(&mut book, true).await {
+            debug!(worker = %self.entry.name, error = %e, "acknowledging after a cancel failed; the broker redelivers");
+        }
+        self.channel.close().await;
+        exit
     }
 
     /// The channel died: in-flight handlers finish on their own (their deliveries will be
@@ -393,37 +414,55 @@ impl Consumer {
         error: String,
     ) -> Exit {
         warn!(worker = %self.entry.name, %error, in_flight = tasks.len(), "consumer channel lost");
-        self.ended(Exit::Lost(error), tasks, stop).await
+        self.ended(Exit::Lost(error), tasks, stop, None).await
     }
 
     /// Report the end at once, so the supervisor can start a new consumer, then let the
     /// handlers still running finish — until the stop deadline, when one is given.
+    /// Report the end at once, so the supervisor can start a new consumer, then let the
+    /// handlers still running finish — until the stop deadline, when one is given —
+    /// recording their outcomes in `book` when the channel can still acknowledge them.
     async fn ended(
-        self,
+        &self,
         exit: Exit,
         mut tasks: InFlight<impl Future<Output = (u64, Settle)> + Send + 'static>,
         mut stop: StopSignal,
+        mut book: Option<&mut AckBook>,
     ) -> Exit {
         let _ = self
             .exits
             .send((self.entry.name.clone(), self.generation, exit.clone()));
-        let deadline = loop {
+        let mut deadline = None;
+        loop {
+            let until = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                done = tasks.next() => if done.is_none() { return exit },
-                deadline = stop.requested() => break deadline,
+                done = tasks.next() => match done {
+                    Some((tag, settle)) => {
+                        if let Some(book) = book.as_deref_mut() {
+                            book.settled(tag, settle);
+                        }
+                    }
+                    None => return exit,
+                },
+                at = stop.requested(), if deadline.is_none() => deadline = Some(at),
+                () = until => {
+                    debug!(worker = %self.entry.name, "abandoning the handlers of an ended consumer at the deadline");
+                    return exit;
+                }
             }
-        };
-        let finished = async { while tasks.next().await.is_some() {} };
-        if tokio::time::timeout_at(deadline, finished).await.is_err() {
-            debug!(worker = %self.entry.name, "abandoning handlers of a lost channel at the deadline");
         }
-        exit
     }
 }
 
 /// Run a delivery to its settlement; a panic on the way (a bug: the stack has its own panic
-/// guard) is logged and the delivery requeued after a pause, so it cannot spin.
-async fn guarded(settling: impl Future<Output = Settle>) -> Settle {
+/// guard) is logged, reported through `on_panic`, and the delivery requeued after a pause,
+/// so it cannot spin.
+async fn guarded(settling: impl Future<Output = Settle>, on_panic: impl FnOnce()) -> Settle {
     match AssertUnwindSafe(settling).catch_unwind().await {
         Ok(settle) => settle,
         Err(panic) => {
@@ -431,6 +470,7 @@ async fn guarded(settling: impl Future<Output = Settle>) -> Settle {
                 panic = panic_message(&*panic),
                 "settling a delivery panicked; requeueing it after a pause"
             );
+            on_panic();
             requeue_later().await
         }
     }
@@ -479,9 +519,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_panic_while_settling_requeues_after_a_pause() {
         let before = Instant::now();
-        let settle = guarded(async { panic!("storing the copy blew up") }).await;
+        let mut reported = false;
+        let settle = guarded(async { panic!("storing the copy blew up") }, || {
+            reported = true
+        })
+        .await;
         assert_eq!(settle, Settle::Requeue);
+        assert!(reported, "observers hear of the requeue");
         assert_eq!(Instant::now() - before, REQUEUE_DELAY);
-        assert_eq!(guarded(async { Settle::Ack }).await, Settle::Ack);
+        assert_eq!(
+            guarded(async { Settle::Ack }, || panic!("not called")).await,
+            Settle::Ack
+        );
     }
 }

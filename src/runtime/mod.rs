@@ -24,7 +24,7 @@ use crate::middleware::WorkerLayer;
 use crate::observe::{Lifecycle, Observer, Observers};
 use crate::publisher::Publisher;
 use crate::registration::{BoxLayer, Registration};
-use crate::topology::Topology;
+use crate::topology::{Publishing, Topology};
 use connect::Settings;
 use settle::{Shared, WorkerEntry};
 pub use supervisor::WorkerStatus;
@@ -162,9 +162,9 @@ impl RuntimeBuilder {
     pub async fn declare(&self) -> Result<()> {
         let plan = self.plan()?;
         let conn = self.connect(&CancellationToken::new()).await?;
-        let declared = plan.declare_on(&conn).await;
+        let declared = plan.declare_on(&conn, Publishing::Here).await;
         conn.close().await;
-        declared
+        declared.map(drop)
     }
 
     /// Check the settings and every worker; nothing is sent to the broker.

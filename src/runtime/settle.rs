@@ -22,7 +22,7 @@ use crate::outcome::Failure;
 use crate::publisher::Publisher;
 use crate::registration::{BoxLayer, Parts, Registration};
 use crate::retry::tier_for_delay;
-use crate::topology::{self, Topology, dlx_name, retry_queue_name};
+use crate::topology::{self, Publishing, Topology, dlx_name, retry_queue_name};
 use crate::worker::Subscription;
 
 /// Pause before requeueing a message whose retry or dead-letter copy could not be stored.
@@ -64,12 +64,19 @@ impl WorkerEntry {
             .clone()
     }
 
-    /// Declare this worker's part of the topology (idempotent), reconciling what an earlier
-    /// declaration left behind.
-    pub(crate) async fn declare(&self, conn: &Connection, exchange: &str) -> Result<(), Error> {
-        Topology::new(exchange, [&self.subscription])
-            .declare_on(conn)
-            .await
+    /// Declare this worker's part of the topology on `conn` (idempotent), reconciling what
+    /// an earlier declaration left behind; what publishing that takes goes through the
+    /// runtime's publisher. Returns the stale bindings left in place.
+    pub(crate) async fn declare(
+        &self,
+        conn: &Connection,
+        shared: &Shared,
+    ) -> Result<Vec<String>, Error> {
+        let publishing = Publishing::Publisher(&shared.publisher);
+        let stale = Topology::new(&shared.exchange, [&self.subscription])
+            .declare_on(conn, publishing)
+            .await?;
+        Ok(stale.into_iter().flat_map(|(_, s)| s).collect())
     }
 }
 
@@ -219,7 +226,7 @@ impl Settling<'_> {
 
     async fn redeclare(&self) -> Result<(), Error> {
         let conn = self.shared.publisher.connection().await?;
-        self.entry.declare(&conn, &self.shared.exchange).await?;
+        self.entry.declare(&conn, self.shared).await?;
         self.shared
             .extra_tiers
             .lock()

@@ -58,6 +58,9 @@ pub struct WorkerStatus {
     pub last_error: Option<String>,
     /// How often its consumer was started again after a failure or a reconnection.
     pub restarts: u32,
+    /// Bindings an earlier version of the worker declared and this one does not, still in
+    /// place (see [`Subscription::prune_bindings`](crate::Subscription::prune_bindings)).
+    pub stale_bindings: Vec<String>,
 }
 
 struct Slot {
@@ -69,6 +72,8 @@ struct Slot {
     restarts: u32,
     /// Failures in a row, for the restart backoff.
     failures: u32,
+    /// Stale bindings the last declaration reported.
+    stale_bindings: Vec<String>,
 }
 
 type Stopping = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -85,8 +90,8 @@ pub(crate) struct Supervisor {
     restarts: BTreeMap<Arc<str>, Instant>,
     /// Consumers being stopped on request (pause, removal), each answering its caller.
     stopping: FuturesUnordered<Stopping>,
-    /// Consumers that ended on their own and may still be finishing handlers.
-    retired: Vec<ConsumerHandle>,
+    /// Consumers that ended on their own and may still be finishing handlers, by worker.
+    retired: Vec<(Arc<str>, ConsumerHandle)>,
     conn: Connection,
     generation: u64,
 }
@@ -167,11 +172,13 @@ impl Supervisor {
             self.shared
                 .observers
                 .lifecycle(&Lifecycle::ConnectionLost { error: &error });
-            for slot in self.workers.values_mut() {
+            for (name, slot) in self.workers.iter_mut() {
                 // Their channels died with the connection; they end on their own.
-                self.retired.extend(slot.consumer.take());
+                if let Some(consumer) = slot.consumer.take() {
+                    self.retired.push((name.clone(), consumer));
+                }
             }
-            self.retired.retain(|c| !c.is_finished());
+            self.retired.retain(|(_, c)| !c.is_finished());
             match connect(&self.settings, &self.shutdown, None).await {
                 Ok(Some(conn)) => {
                     self.conn = conn;
@@ -215,7 +222,18 @@ impl Supervisor {
                     Some(slot) => {
                         slot.paused = false;
                         slot.failures = 0;
-                        self.activate(&name).await.map(drop)
+                        let activated = self.activate(&name).await.map(drop);
+                        if let Err(e) = &activated {
+                            // Not consuming, not paused: keep trying, with backoff.
+                            let name = self
+                                .workers
+                                .get_key_value(name.as_str())
+                                .map(|(k, _)| k.clone());
+                            if let Some(name) = name {
+                                self.schedule_restart(name, &e.to_string());
+                            }
+                        }
+                        activated
                     }
                     None => Err(Error::UnknownWorker(name)),
                 };
@@ -231,6 +249,7 @@ impl Supervisor {
                         consuming: s.consumer.is_some(),
                         last_error: s.last_error.clone(),
                         restarts: s.restarts,
+                        stale_bindings: s.stale_bindings.clone(),
                     })
                     .collect();
                 let _ = reply.send(statuses);
@@ -240,8 +259,9 @@ impl Supervisor {
         }
     }
 
-    /// Stop `consumer` in the background (other commands go on meanwhile) and answer
-    /// `reply` once it has stopped.
+    /// Stop `consumer`, and the worker's consumers still finishing after a lost channel,
+    /// in the background (other commands go on meanwhile); answer `reply` once they have
+    /// stopped.
     fn stop_then_reply(
         &mut self,
         name: &str,
@@ -249,18 +269,24 @@ impl Supervisor {
         reason: StopReason,
         reply: oneshot::Sender<Result<()>>,
     ) {
-        let stopped = consumer.map(|c| c.stop(Instant::now() + self.settings.grace));
-        let observers = self.shared.observers.clone();
+        let deadline = Instant::now() + self.settings.grace;
+        let (theirs, others) = std::mem::take(&mut self.retired)
+            .into_iter()
+            .partition(|(worker, _)| &**worker == name);
+        self.retired = others;
+        let stopping: Vec<_> = consumer
+            .into_iter()
+            .chain(theirs.into_iter().map(|(_, c)| c))
+            .map(|c| c.stop(deadline))
+            .collect();
+        self.shared.observers.lifecycle(&Lifecycle::Stopped {
+            worker: name,
+            reason,
+        });
         let name = name.to_owned();
         self.stopping.push(Box::pin(async move {
-            if let Some(stopped) = stopped {
-                stopped.await;
-            }
+            futures_util::future::join_all(stopping).await;
             info!(worker = %name, ?reason, "worker stopped");
-            observers.lifecycle(&Lifecycle::Stopped {
-                worker: &name,
-                reason,
-            });
             let _ = reply.send(Ok(()));
         }));
     }
@@ -279,6 +305,7 @@ impl Supervisor {
                 last_error: None,
                 restarts: 0,
                 failures: 0,
+                stale_bindings: Vec::new(),
             },
         );
         let result = self.activate(&name).await.map(drop);
@@ -302,22 +329,22 @@ impl Supervisor {
         }
         self.generation += 1;
         let started = async {
-            slot.entry
-                .declare(&self.conn, &self.shared.exchange)
-                .await?;
-            consumer::start(
+            let stale = slot.entry.declare(&self.conn, &self.shared).await?;
+            let consumer = consumer::start(
                 &self.conn,
                 slot.entry.clone(),
                 self.shared.clone(),
                 self.generation,
                 self.exits_tx.clone(),
             )
-            .await
+            .await?;
+            Ok::<_, Error>((consumer, stale))
         }
         .await;
         match started {
-            Ok(consumer) => {
+            Ok((consumer, stale)) => {
                 slot.consumer = Some(consumer);
+                slot.stale_bindings = stale;
                 slot.last_error = None;
                 self.shared
                     .observers
@@ -367,9 +394,9 @@ impl Supervisor {
                 slot.failures = 0;
             }
             // It may still be finishing handlers; it is stopped with the rest at shutdown.
-            self.retired.push(consumer);
+            self.retired.push((name.clone(), consumer));
         }
-        self.retired.retain(|c| !c.is_finished());
+        self.retired.retain(|(_, c)| !c.is_finished());
         // A dead connection is handled as a whole by the reconnect path.
         if self.conn.is_connected() {
             let error = exit.to_string();
@@ -420,7 +447,7 @@ impl Supervisor {
             .values_mut()
             .filter_map(|s| s.consumer.take())
             .collect();
-        consumers.append(&mut self.retired);
+        consumers.extend(self.retired.drain(..).map(|(_, c)| c));
         info!(consumers = consumers.len(), grace = ?self.settings.grace, "stopping");
         let stopped: FuturesUnordered<_> =
             consumers.into_iter().map(|c| c.stop(deadline)).collect();

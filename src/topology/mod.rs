@@ -9,6 +9,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 
 use crate::broker::{self, Channel, Confirm, Connection, NOT_FOUND, PRECONDITION_FAILED};
 use crate::error::{BrokerError, Error, Result};
+use crate::publisher::Publisher;
 use crate::worker::{QueueType, Subscription};
 use record::Record;
 
@@ -53,19 +54,53 @@ pub(crate) fn retry_queue_name(queue: &str, delay_ms: u64) -> String {
 /// of workers that have not started yet.
 ///
 /// **Changed workers.** Each worker queue `q` gets a small queue `q.topology` holding the
-/// bindings and retry queues the last declaration made. When a worker comes back with fewer
-/// bindings or another retry policy, what it no longer declares is removed: old bindings
-/// are unbound (so old events stop arriving), old retry queues are deleted once empty (a
-/// retry queue still holding messages is kept, with a warning, until a later start finds
-/// it empty). Bindings someone added by hand are never touched: only what rabbitry recorded
-/// is removed.
+/// bindings and retry queues the last declaration made. When a worker comes back with
+/// another retry policy, the retry queues it no longer uses are deleted once empty (one
+/// still holding a retry is kept, with a warning, until a later start finds it empty;
+/// nothing is lost either way: a retry queue is declared again by whoever still needs it).
+/// When it comes back with fewer bindings, the old ones are reported at every start (a
+/// warning, and [`WorkerStatus::stale_bindings`](crate::WorkerStatus::stale_bindings)),
+/// and removed only for a subscription with
+/// [`prune_bindings`](Subscription::prune_bindings): during a rolling deploy, an old
+/// replica that reconnects would otherwise remove what the new version added. Bindings
+/// someone added by hand, and queues a worker only consumes
+/// ([`existing_queue`](Subscription::existing_queue)), are never touched.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Topology {
     exchanges: Vec<(String, &'static str)>,
     queues: Vec<QueueSpec>,
     bindings: Vec<BindingSpec>,
-    /// What each worker declares, recorded to reconcile the next declaration.
-    records: Vec<(String, Record)>,
+    /// What each worker declares, recorded to reconcile the next declaration (not for
+    /// workers on existing queues: those belong to someone else).
+    records: Vec<Planned>,
+}
+
+/// One worker's record and how to reconcile it.
+#[derive(Debug, Clone, PartialEq)]
+struct Planned {
+    queue: String,
+    record: Record,
+    prune: bool,
+}
+
+/// Where a declaration publishes (its topology records, the quorum priority probe): never
+/// on a consumer's connection, which a broker alarm would then block, acknowledgements and
+/// all.
+#[derive(Clone, Copy)]
+pub(crate) enum Publishing<'a> {
+    /// The connection declaring is a short-lived one of its own.
+    Here,
+    /// The runtime's publisher (its connection opens when first needed).
+    Publisher(&'a Publisher),
+}
+
+impl Publishing<'_> {
+    async fn connection(&self, here: &Connection) -> Result<Connection> {
+        match self {
+            Publishing::Here => Ok(here.clone()),
+            Publishing::Publisher(p) => p.connection().await,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -156,14 +191,20 @@ impl Topology {
             queue: dlq,
             key: s.queue.clone(),
         });
-        self.queues.push(classic(record_name(&s.queue), Vec::new()));
-        let record = Record::new(
-            bindings
-                .iter()
-                .map(|b| (b.queue.clone(), b.exchange.clone(), b.key.clone())),
-            tiers,
-        );
-        self.records.push((s.queue.clone(), record));
+        if !s.existing {
+            self.queues.push(classic(record_name(&s.queue), Vec::new()));
+            let record = Record::new(
+                bindings
+                    .iter()
+                    .map(|b| (b.queue.clone(), b.exchange.clone(), b.key.clone())),
+                tiers,
+            );
+            self.records.push(Planned {
+                queue: s.queue.clone(),
+                record,
+                prune: s.prune,
+            });
+        }
         self.bindings.extend(bindings);
     }
 
@@ -183,25 +224,43 @@ impl Topology {
     /// worker no longer declares.
     pub async fn declare(&self, url: &str) -> Result<()> {
         let conn = Connection::open(url, "rabbitry:declare").await?;
-        let declared = self.declare_on(&conn).await;
+        let declared = self.declare_on(&conn, Publishing::Here).await;
         conn.close().await;
-        declared
+        declared.map(drop)
     }
 
     /// Declare everything on `conn`. Idempotent: declaring the same plan again changes
     /// nothing. A conflicting existing declaration is an [`Error::TopologyConflict`].
-    pub(crate) async fn declare_on(&self, conn: &Connection) -> Result<()> {
+    /// Returns, per worker, the bindings an earlier declaration made that this one no longer
+    /// makes and that were left in place (see [`Subscription::prune_bindings`]).
+    pub(crate) async fn declare_on(
+        &self,
+        conn: &Connection,
+        publishing: Publishing<'_>,
+    ) -> Result<Vec<(String, Vec<String>)>> {
         if let Some(q) = self.queues.iter().find(|q| q.quorum_priority) {
-            check_quorum_priority(conn, &q.name).await?;
+            let probing = publishing.connection(conn).await?;
+            check_quorum_priority(&probing, &q.name).await?;
         }
         let ch = conn.channel().await?;
         let declared = self.declare_all(&ch).await;
         ch.close().await;
         declared?;
-        for (queue, record) in &self.records {
-            record::reconcile(conn, queue, record).await?;
+        let mut stale = Vec::new();
+        for planned in &self.records {
+            let reconciled = record::reconcile(conn, publishing, planned).await;
+            match reconciled {
+                Ok(left) => stale.push((planned.queue.clone(), left)),
+                // What is wanted is declared; only the clean-up is missed this time.
+                Err(e) => tracing::error!(
+                    worker = %planned.queue,
+                    error = %e,
+                    "cannot reconcile the worker's topology with what it declared before; \
+                     its queues and bindings are declared, stale ones may remain"
+                ),
+            }
         }
-        Ok(())
+        Ok(stale)
     }
 
     async fn declare_all(&self, ch: &Channel) -> Result<()> {

@@ -6,19 +6,21 @@
 //! undecodable); a changed retry policy would leave its old retry queues behind. Each
 //! worker queue `q` therefore has a queue `q.topology` holding one small JSON message: the
 //! bindings and retry tiers of the last declaration. Declaring reads it (holding the
-//! message unacknowledged), unbinds what is no longer wanted, deletes old retry tiers that
-//! are empty, publishes the new record with a confirm, and only then acknowledges the old
-//! one. Two processes declaring at once may leave two records; the next declaration reads
-//! them all, so nothing wanted is ever removed and nothing stale is kept for long.
+//! message unacknowledged), deletes old retry tiers that are empty, unbinds (or reports)
+//! bindings no longer wanted, and, when anything changed, publishes the new record with a
+//! confirm — on the publisher's connection, never a consumer's — and only then
+//! acknowledges the old one. An unchanged record costs no publish. Two processes declaring
+//! at once may leave two records; the next declaration reads them all.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use lapin::BasicProperties;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::{record_name, retry_queue_name};
-use crate::broker::{Confirm, Connection, NOT_FOUND, PRECONDITION_FAILED};
+use super::{Planned, Publishing, dlq_name, record_name, retry_queue_name};
+use crate::broker::{Channel, Confirm, Connection, NOT_FOUND, PRECONDITION_FAILED};
 use crate::error::{Error, Result};
 
 /// Records read at most from one record queue (a guard against a queue someone flooded).
@@ -43,69 +45,118 @@ impl Record {
     }
 }
 
-/// Read `queue`'s previous records, remove what `wanted` no longer has, and record `wanted`.
-pub(crate) async fn reconcile(conn: &Connection, queue: &str, wanted: &Record) -> Result<()> {
+/// Longest wait for the broker to take a new record.
+const RECORD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Read the worker's previous records, delete its old empty retry tiers, unbind (when
+/// pruning) or report the bindings it no longer declares, and record what is now there.
+/// Returns the stale bindings left in place, as `exchange 'x', key 'k'` descriptions.
+pub(super) async fn reconcile(
+    conn: &Connection,
+    publishing: Publishing<'_>,
+    planned: &Planned,
+) -> Result<Vec<String>> {
+    let (queue, wanted) = (planned.queue.as_str(), &planned.record);
     let record_queue = record_name(queue);
+    // Read on the declaring connection (no publish there), holding the records
+    // unacknowledged: closing the channel puts them back unless they are replaced.
     let ch = conn.channel().await?;
-    let result = async {
-        ch.confirm_select().await?;
-        let mut previous = Record::default();
-        let (mut last_tag, mut records) = (None, 0);
-        for _ in 0..MAX_RECORDS {
-            let Some(message) = ch.get(&record_queue).await? else {
-                break;
-            };
-            last_tag = Some(message.tag);
-            records += 1;
-            // A record this version cannot read is dropped: it only loses a clean-up.
-            if let Ok(record) = serde_json::from_slice::<Record>(&message.body) {
-                previous.bindings.extend(record.bindings);
-                previous.tiers.extend(record.tiers);
+    let outcome = async {
+        let (previous, last_tag, records) = read(&ch, &record_queue).await?;
+        // Only the worker's own queues: a record never reaches beyond them.
+        let ours = [queue.to_owned(), dlq_name(queue)];
+        let mut next = wanted.clone();
+        let mut stale = Vec::new();
+        for binding in previous.bindings.difference(&wanted.bindings) {
+            let (bound, exchange, key) = binding;
+            if !ours.contains(bound) {
+                continue;
             }
+            if planned.prune && unbind(conn, bound, exchange, key).await {
+                continue;
+            }
+            warn!(
+                worker = %queue, %exchange, %key,
+                "the worker no longer declares this binding, but it is still bound: these events \
+                 keep arriving (Subscription::prune_bindings removes it)"
+            );
+            stale.push(format!("exchange '{exchange}', key '{key}'"));
+            next.bindings.insert(binding.clone());
         }
-        if previous == *wanted && records == 1 {
-            // Unchanged: keep the record as it is (it goes back to the queue).
-            return Ok::<_, Error>(None);
-        }
-        for (bound, exchange, key) in previous.bindings.difference(&wanted.bindings) {
-            unbind(conn, bound, exchange, key).await;
-        }
-        let mut kept = wanted.clone();
         for tier in previous.tiers.difference(&wanted.tiers) {
             if !delete_if_empty(conn, &retry_queue_name(queue, *tier)).await {
-                kept.tiers.insert(*tier);
+                next.tiers.insert(*tier);
             }
         }
-        let body = serde_json::to_vec(&kept).map_err(Error::Serialize)?;
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into());
-        let confirm = ch
-            .publish("", &record_queue, &body, properties, true)
-            .await?
-            .await?;
-        if !matches!(confirm, Confirm::Ack { returned: None }) {
-            return Err(Error::Nacked {
-                exchange: String::new(),
-                routing_key: record_queue.clone(),
-            });
+        if next != previous || records != 1 {
+            let publishing = publishing.connection(conn).await?;
+            tokio::time::timeout(RECORD_TIMEOUT, write(&publishing, &record_queue, &next))
+                .await
+                .map_err(|_| Error::PublishTimeout {
+                    exchange: String::new(),
+                    routing_key: record_queue.clone(),
+                    timeout: RECORD_TIMEOUT,
+                })??;
+            if let Some(tag) = last_tag {
+                ch.ack_up_to(tag).await?;
+            }
         }
-        Ok(last_tag)
+        Ok::<_, Error>(stale)
     }
     .await;
-    let acked = match &result {
-        Ok(Some(tag)) => ch.ack_up_to(*tag).await.map_err(Error::from),
-        _ => Ok(()),
-    };
-    // Closing returns unacknowledged records to the queue: an unchanged one, or the old
-    // ones when anything above failed.
     ch.close().await;
-    result.and(acked)
+    outcome
+}
+
+/// The union of the records in `record_queue` (at most [`MAX_RECORDS`]), the last delivery
+/// tag, and how many there were.
+async fn read(ch: &Channel, record_queue: &str) -> Result<(Record, Option<u64>, usize)> {
+    let mut previous = Record::default();
+    let (mut last_tag, mut records) = (None, 0);
+    for _ in 0..MAX_RECORDS {
+        let Some(message) = ch.get(record_queue).await? else {
+            break;
+        };
+        last_tag = Some(message.tag);
+        records += 1;
+        // A record this version cannot read is dropped: it only loses a clean-up.
+        if let Ok(record) = serde_json::from_slice::<Record>(&message.body) {
+            previous.bindings.extend(record.bindings);
+            previous.tiers.extend(record.tiers);
+        }
+    }
+    Ok((previous, last_tag, records))
+}
+
+/// Publish `record` into `record_queue` and wait for the broker's confirm.
+async fn write(conn: &Connection, record_queue: &str, record: &Record) -> Result<()> {
+    let body = serde_json::to_vec(record).map_err(Error::Serialize)?;
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into());
+    let ch = conn.channel().await?;
+    let confirmed = async {
+        ch.confirm_select().await?;
+        let confirm = ch
+            .publish("", record_queue, &body, properties, true)
+            .await?
+            .await?;
+        Ok::<_, lapin::Error>(confirm)
+    }
+    .await;
+    ch.close().await;
+    match confirmed? {
+        Confirm::Ack { returned: None } => Ok(()),
+        _ => Err(Error::Nacked {
+            exchange: String::new(),
+            routing_key: record_queue.to_owned(),
+        }),
+    }
 }
 
 /// Remove a binding the worker no longer declares, on a channel of its own (a missing
-/// exchange closes it).
-async fn unbind(conn: &Connection, queue: &str, exchange: &str, key: &str) {
+/// exchange closes it). `true` when it is gone.
+async fn unbind(conn: &Connection, queue: &str, exchange: &str, key: &str) -> bool {
     let outcome = match conn.channel().await {
         Ok(ch) => {
             let r = ch.unbind(queue, exchange, key).await;
@@ -115,13 +166,17 @@ async fn unbind(conn: &Connection, queue: &str, exchange: &str, key: &str) {
         Err(e) => Err(e),
     };
     match outcome {
-        Ok(()) => warn!(
-            %queue, %exchange, %key,
-            "removed a binding the worker no longer declares: these events stop arriving"
-        ),
-        Err(e) if is_code(&e, NOT_FOUND) => {}
+        Ok(()) => {
+            warn!(
+                %queue, %exchange, %key,
+                "removed a binding the worker no longer declares: these events stop arriving"
+            );
+            true
+        }
+        Err(e) if is_code(&e, NOT_FOUND) => true,
         Err(e) => {
-            warn!(%queue, %exchange, %key, error = %e, "cannot remove a binding the worker no longer declares")
+            warn!(%queue, %exchange, %key, error = %e, "cannot remove a binding the worker no longer declares");
+            false
         }
     }
 }
