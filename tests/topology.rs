@@ -43,7 +43,11 @@ async fn a_changed_worker_reports_or_prunes_old_bindings_and_drops_empty_old_ret
     let rt = env.builder().worker(second).start().await.unwrap();
     let status = rt.workers().await.unwrap().remove(0);
     let reported = format!("exchange '{}', key 'order.cancelled'", env.exchange);
-    assert_eq!(status.stale_bindings, std::slice::from_ref(&reported), "{status:?}");
+    assert_eq!(
+        status.stale_bindings,
+        std::slice::from_ref(&reported),
+        "{status:?}"
+    );
     let publisher = env.publisher().await;
     publisher
         .message(&order(1))
