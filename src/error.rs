@@ -167,6 +167,16 @@ pub enum Error {
         failures: Vec<(usize, Error)>,
     },
 
+    /// Not sent: an earlier message of the same batch (at this position) failed with an
+    /// error that every later one would have met too (the broker could not be reached).
+    #[error(
+        "not sent: message #{cause} of the batch could not reach the broker, so the rest were not tried"
+    )]
+    NotSent {
+        /// The position of the message whose error stopped the batch.
+        cause: usize,
+    },
+
     /// An event could not be serialized to JSON.
     #[error("cannot serialize the event to JSON: {0}")]
     Serialize(#[source] serde_json::Error),

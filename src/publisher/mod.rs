@@ -171,10 +171,10 @@ impl Publisher {
     /// Publish many events with routing key `E::TYPE`, up to 1000 confirms in flight (a
     /// [`Pipeline`]), and wait for every confirm. Each event is serialized as it is sent; one
     /// that fails to serialize or is too large is not sent, the others are. Returns the
-    /// message ids in order; [`Error::Batch`] lists what failed, by position. When the
-    /// broker cannot be reached, the batch stops there: that event is the last failure
-    /// listed, `total` counts the events attempted, and the rest were not sent. For a
-    /// routing key or options per message, use [`pipeline`](Publisher::pipeline).
+    /// message ids in order; [`Error::Batch`] lists every event that was not confirmed, by
+    /// position. When the broker cannot be reached, the batch stops there: that event fails
+    /// with the connection error and every later one with [`Error::NotSent`]. For a routing
+    /// key or options per message, use [`pipeline`](Publisher::pipeline).
     pub async fn publish_batch<'e, E: Event + 'e>(
         &self,
         events: impl IntoIterator<Item = &'e E>,
@@ -184,7 +184,8 @@ impl Publisher {
         let mut refused = Vec::new();
         // The pipeline numbers what it sent; this maps its numbers to batch positions.
         let mut positions = Vec::new();
-        for (i, event) in events.into_iter().enumerate() {
+        let mut events = events.into_iter().enumerate();
+        for (i, event) in events.by_ref() {
             match pipeline.send(event).await {
                 Ok(id) => {
                     ids.push(id);
@@ -199,6 +200,10 @@ impl Publisher {
                 Err(e) => {
                     ids.push(String::new());
                     refused.push((i, e));
+                    for (j, _) in events.by_ref() {
+                        ids.push(String::new());
+                        refused.push((j, Error::NotSent { cause: i }));
+                    }
                     break;
                 }
             }
@@ -454,6 +459,41 @@ fn unix_seconds() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(serde::Serialize)]
+    struct Ping(u8);
+    impl Event for Ping {
+        const TYPE: &'static str = "ping";
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_cannot_reach_the_broker_stops_and_lists_every_event() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let publisher = Publisher::builder(format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))
+            .build()
+            .unwrap();
+        let err = publisher
+            .publish_batch(&[Ping(1), Ping(2), Ping(3)])
+            .await
+            .unwrap_err();
+        let Error::Batch { total, failures } = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(total, 3);
+        assert!(
+            matches!(failures[0], (0, Error::Connect { .. })),
+            "{failures:?}"
+        );
+        assert!(matches!(
+            failures[1..],
+            [
+                (1, Error::NotSent { cause: 0 }),
+                (2, Error::NotSent { cause: 0 })
+            ]
+        ));
+    }
 
     #[test]
     fn debug_output_never_shows_the_password() {
