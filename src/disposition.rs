@@ -16,6 +16,10 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// happens to the acknowledgement: a filter *skips* (it does not fail), a layer that gives
 /// up *dead-letters* with a kind and a reason.
 ///
+/// The variant decides what happens: a [`Failure`] carried by `Retry` is retried even if it
+/// was made with [`Failure::reject`] (how a `Failure` was made only matters when a handler
+/// returns it, through `From<Outcome>`).
+///
 /// ```
 /// use rabbitry::{Disposition, FailureKind};
 /// use std::time::Duration;

@@ -106,6 +106,18 @@ impl Connection {
         }
     }
 
+    /// Run `op` on a channel of its own and close it afterwards, whatever `op` returned:
+    /// a refused operation (404, 406) closes that channel only.
+    pub(crate) async fn on_channel<T, E: From<Error>>(
+        &self,
+        op: impl AsyncFnOnce(&Channel) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let ch = self.channel().await?;
+        let result = op(&ch).await;
+        ch.close().await;
+        result
+    }
+
     pub(crate) fn is_connected(&self) -> bool {
         match self {
             Connection::Amqp(c) => c.is_connected(),

@@ -321,11 +321,6 @@ impl Publisher {
         result
     }
 
-    /// A channel on the publisher's connection, for declarations made on demand.
-    pub(crate) async fn declaring_channel(&self) -> Result<Channel> {
-        self.connection().await?.channel().await
-    }
-
     /// The publisher's first connection (opened if needed).
     pub(crate) async fn connection(&self) -> Result<Connection> {
         Ok(self.inner.slot(0).await?.connection.clone())

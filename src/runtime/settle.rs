@@ -211,10 +211,11 @@ impl Settling<'_> {
             .unwrap_or_else(|e| e.into_inner())
             .contains(name);
         if !known {
-            let ch = shared.publisher.declaring_channel().await?;
-            let declared = topology::declare_retry_tier(&ch, &self.entry.name, ms).await;
-            ch.close().await;
-            declared?;
+            let conn = shared.publisher.connection().await?;
+            conn.on_channel(async |ch| {
+                topology::declare_retry_tier(ch, &self.entry.name, ms).await
+            })
+            .await?;
             shared
                 .extra_tiers
                 .lock()

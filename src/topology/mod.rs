@@ -242,10 +242,8 @@ impl Topology {
             let probing = publishing.connection(conn).await?;
             check_quorum_priority(&probing, &q.name).await?;
         }
-        let ch = conn.channel().await?;
-        let declared = self.declare_all(&ch).await;
-        ch.close().await;
-        declared?;
+        conn.on_channel(async |ch| self.declare_all(ch).await)
+            .await?;
         let mut stale = Vec::new();
         for planned in &self.records {
             let reconciled = record::reconcile(conn, publishing, planned).await;
@@ -344,9 +342,10 @@ impl QueueSpec {
 }
 
 /// Map a failed declaration to an error that names what conflicts.
-fn declare_error(kind: &'static str, name: &str, e: lapin::Error) -> Error {
-    if broker::reply_code(&e) == Some(PRECONDITION_FAILED) {
-        let detail = BrokerError::from(e).to_string();
+fn declare_error(kind: &'static str, name: &str, e: impl Into<BrokerError>) -> Error {
+    let e = e.into();
+    if e.reply_code() == Some(PRECONDITION_FAILED) {
+        let detail = e.to_string();
         // "… inequivalent arg 'x-max-priority' for queue …" / "… invalid arg 'x-max-priority' …"
         let argument = detail
             .split_once(" arg '")
@@ -362,7 +361,7 @@ fn declare_error(kind: &'static str, name: &str, e: lapin::Error) -> Error {
     Error::Declare {
         kind,
         name: name.to_owned(),
-        source: BrokerError::from(e),
+        source: e,
     }
 }
 
@@ -371,14 +370,13 @@ fn declare_error(kind: &'static str, name: &str, e: lapin::Error) -> Error {
 /// message published after a normal one must be delivered first.
 async fn check_quorum_priority(conn: &Connection, queue: &str) -> Result<()> {
     let probe = format!("rabbitry.probe.{}", uuid::Uuid::now_v7());
-    let ch = conn.channel().await?;
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
         AMQPValue::LongString("quorum".into()),
     );
     args.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
-    let supported = async {
+    let probing = async |ch: &Channel| {
         ch.declare_queue(&probe, args).await?;
         ch.confirm_select().await?;
         for priority in [0u8, 9] {
@@ -392,11 +390,9 @@ async fn check_quorum_priority(conn: &Connection, queue: &str) -> Result<()> {
         }
         let first = ch.get_message_id(&probe).await?;
         ch.delete_queue(&probe).await?;
-        Ok::<_, lapin::Error>(Some(first.as_deref() == Some("9")))
-    }
-    .await;
-    ch.close().await;
-    match supported {
+        Ok::<_, Error>(Some(first.as_deref() == Some("9")))
+    };
+    match conn.on_channel(probing).await {
         Ok(Some(true)) => Ok(()),
         Ok(Some(false)) => Err(Error::Unsupported {
             worker: queue.to_owned(),
@@ -408,7 +404,8 @@ async fn check_quorum_priority(conn: &Connection, queue: &str) -> Result<()> {
             worker: queue.to_owned(),
             reason: format!("the broker refused the probe messages sent to '{probe}'"),
         }),
-        Err(e) => Err(declare_error("queue", &probe, e)),
+        Err(Error::Broker(e)) => Err(declare_error("queue", &probe, e)),
+        Err(e) => Err(e),
     }
 }
 

@@ -60,9 +60,8 @@ pub(super) async fn reconcile(
     let record_queue = record_name(queue);
     // Read on the declaring connection (no publish there), holding the records
     // unacknowledged: closing the channel puts them back unless they are replaced.
-    let ch = conn.channel().await?;
-    let outcome = async {
-        let (previous, last_tag, records) = read(&ch, &record_queue).await?;
+    conn.on_channel(async |ch| {
+        let (previous, last_tag, records) = read(ch, &record_queue).await?;
         // Only the worker's own queues: a record never reaches beyond them.
         let ours = [queue.to_owned(), dlq_name(queue)];
         let mut next = wanted.clone();
@@ -101,11 +100,9 @@ pub(super) async fn reconcile(
                 ch.ack_up_to(tag).await?;
             }
         }
-        Ok::<_, Error>(stale)
-    }
-    .await;
-    ch.close().await;
-    outcome
+        Ok(stale)
+    })
+    .await
 }
 
 /// The union of the records in `record_queue` (at most [`MAX_RECORDS`]), the last delivery
@@ -134,17 +131,16 @@ async fn write(conn: &Connection, record_queue: &str, record: &Record) -> Result
     let properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into());
-    let ch = conn.channel().await?;
-    let confirmed = async {
-        ch.confirm_select().await?;
-        let confirm = ch
-            .publish("", record_queue, &body, properties, true)
-            .await?
-            .await?;
-        Ok::<_, lapin::Error>(confirm)
-    }
-    .await;
-    ch.close().await;
+    let confirmed = conn
+        .on_channel(async |ch| {
+            ch.confirm_select().await?;
+            Ok::<_, Error>(
+                ch.publish("", record_queue, &body, properties, true)
+                    .await?
+                    .await?,
+            )
+        })
+        .await;
     match confirmed? {
         Confirm::Ack { returned: None } => Ok(()),
         _ => Err(Error::Nacked {
@@ -157,14 +153,9 @@ async fn write(conn: &Connection, record_queue: &str, record: &Record) -> Result
 /// Remove a binding the worker no longer declares, on a channel of its own (a missing
 /// exchange closes it). `true` when it is gone.
 async fn unbind(conn: &Connection, queue: &str, exchange: &str, key: &str) -> bool {
-    let outcome = match conn.channel().await {
-        Ok(ch) => {
-            let r = ch.unbind(queue, exchange, key).await;
-            ch.close().await;
-            r.map_err(Error::from)
-        }
-        Err(e) => Err(e),
-    };
+    let outcome = conn
+        .on_channel(async |ch| Ok::<_, Error>(ch.unbind(queue, exchange, key).await?))
+        .await;
     match outcome {
         Ok(()) => {
             warn!(
@@ -184,14 +175,9 @@ async fn unbind(conn: &Connection, queue: &str, exchange: &str, key: &str) -> bo
 /// Delete a retry tier the worker no longer uses, unless it still holds messages (they
 /// go back to the worker when they expire). `true` when it is gone.
 async fn delete_if_empty(conn: &Connection, tier: &str) -> bool {
-    let outcome = match conn.channel().await {
-        Ok(ch) => {
-            let r = ch.delete_queue_if_empty(tier).await;
-            ch.close().await;
-            r.map_err(Error::from)
-        }
-        Err(e) => Err(e),
-    };
+    let outcome = conn
+        .on_channel(async |ch| Ok::<_, Error>(ch.delete_queue_if_empty(tier).await?))
+        .await;
     match outcome {
         Ok(_) => {
             info!(queue = %tier, "deleted a retry queue the worker's policy no longer uses");

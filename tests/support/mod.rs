@@ -243,27 +243,38 @@ impl TestEnv {
 
     /// Publish raw bytes as a bare client of another language would.
     pub async fn publish_bare(&self, routing_key: &str, body: &[u8], props: BasicProperties) {
+        self.publish_raw(&self.exchange, routing_key, body, props)
+            .await;
+    }
+
+    /// Publish as a bare client to `exchange`; returns how many queues got the message.
+    async fn publish_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> usize {
         if let Some(broker) = self.memory() {
-            broker
-                .publish(&self.exchange, routing_key, body, props)
+            return broker
+                .publish(exchange, routing_key, body, props)
                 .expect("the exchange exists");
-            return;
         }
         let (conn, ch) = self.bare().await;
+        let mandatory = BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        };
         let confirm = ch
-            .basic_publish(
-                self.exchange.as_str().into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                body,
-                props,
-            )
+            .basic_publish(exchange.into(), routing_key.into(), mandatory, body, props)
             .await
             .unwrap()
             .await
             .unwrap();
         assert!(confirm.is_ack(), "broker refused a bare publish");
+        let routed = usize::from(confirm.take_message().is_none());
         let _ = conn.close(200, "OK".into()).await;
+        routed
     }
 
     /// Messages ready in `queue` (not counting unacknowledged ones).
@@ -317,34 +328,8 @@ impl TestEnv {
     /// Publish `body` straight into `queue` (through the default exchange).
     pub async fn publish_to_queue(&self, queue: &str, body: &[u8]) {
         let props = BasicProperties::default().with_delivery_mode(2);
-        if let Some(broker) = self.memory() {
-            let routed = broker
-                .publish("", queue, body, props)
-                .expect("default exchange");
-            assert_eq!(routed, 1, "{queue} exists");
-            return;
-        }
-        let (conn, ch) = self.bare().await;
-        let confirm = ch
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                body,
-                props,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        assert!(
-            confirm.is_ack() && confirm.take_message().is_none(),
-            "{queue} exists"
-        );
-        let _ = conn.close(200, "OK".into()).await;
+        let routed = self.publish_raw("", queue, body, props).await;
+        assert_eq!(routed, 1, "{queue} exists");
     }
 
     /// Take the next `n` messages from `queue` (waiting for them), acknowledged.
