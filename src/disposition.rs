@@ -56,6 +56,17 @@ pub enum Disposition {
         /// What went wrong (its kind and message go into the copy's headers).
         failure: Failure,
     },
+    /// Not now, and not a failure: put it back in the worker's queue after `after`
+    /// (through a delay queue, as a retry waits), without counting an attempt or adding
+    /// failure headers. For a layer that holds a message back, like
+    /// [`OrderedLayer`](crate::middleware::OrderedLayer) while an earlier message of the same
+    /// key waits for its retry.
+    Defer {
+        /// How long it waits in the broker (rounded up to a delay queue's tier).
+        after: Duration,
+        /// Why, for observers and the logs.
+        reason: Cow<'static, str>,
+    },
 }
 
 impl Disposition {
@@ -91,6 +102,15 @@ impl Disposition {
 
     /// A failure of `kind` that is retried like a transient one (the kind is what the
     /// headers and observers report: a panic, a timeout).
+    /// Put the message back in the worker's queue after `after`, without counting an
+    /// attempt: see [`Disposition::Defer`].
+    pub fn defer(after: Duration, reason: impl Into<Cow<'static, str>>) -> Disposition {
+        Disposition::Defer {
+            after,
+            reason: reason.into(),
+        }
+    }
+
     pub(crate) fn retry_as(kind: FailureKind, error: impl Into<BoxError>) -> Disposition {
         Disposition::Retry {
             after: None,

@@ -177,6 +177,16 @@ pub enum Error {
         cause: usize,
     },
 
+    /// An event breaks the JSON Schema registered for its type
+    /// ([`PublisherBuilder::schemas`](crate::PublisherBuilder::schemas)); nothing was sent.
+    #[error("event '{event_type}' does not match its schema, so it was not sent: {reason}")]
+    Invalid {
+        /// The event type.
+        event_type: String,
+        /// The first few violations, each with the field's JSON pointer.
+        reason: String,
+    },
+
     /// An event could not be serialized to JSON.
     #[error("cannot serialize the event to JSON: {0}")]
     Serialize(#[source] serde_json::Error),

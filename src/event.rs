@@ -34,6 +34,12 @@ pub trait Event: Serialize {
     const TYPE: &'static str;
     /// The schema version, sent in the `x-event-version` header when it is not 1.
     const VERSION: u32 = 1;
+    /// The priority every message of this type is published with, unless the message sets
+    /// its own ([`Outgoing::priority`](crate::Outgoing::priority)). In a queue with a
+    /// [`max_priority`](crate::Subscription::max_priority), higher-priority types overtake
+    /// the waiting messages of lower ones. `None` (the default) sends no priority, which
+    /// the broker treats as 0.
+    const PRIORITY: Option<u8> = None;
 }
 
 /// A decoded event and everything known about the message that carried it.
@@ -56,6 +62,10 @@ impl<T> Delivery<T> {
             metadata,
             body,
         }
+    }
+
+    pub(crate) fn metadata_arc(&self) -> Arc<Metadata> {
+        self.metadata.clone()
     }
 
     /// The decoded event.

@@ -189,7 +189,10 @@
 //! ```
 #![warn(missing_docs, missing_debug_implementations)]
 
+mod batch;
 mod broker;
+mod condition;
+mod content_router;
 mod context;
 mod disposition;
 mod error;
@@ -200,14 +203,22 @@ pub mod middleware;
 pub mod observe;
 mod outcome;
 mod publisher;
+mod rate;
 mod registration;
 mod retry;
+mod router;
 mod runtime;
+#[cfg(feature = "schema")]
+mod schema;
 pub mod testing;
+mod topic;
 mod topology;
 mod worker;
 
+pub use batch::{BatchSize, BatchWorker};
 pub use broker::{BrokerMessage, MemoryBroker, redact_url};
+pub use condition::{Condition, FieldCondition, Test};
+pub use content_router::{ContentRouter, ROUTED_BY, Rule};
 pub use context::Context;
 pub use disposition::Disposition;
 pub use error::{BrokerError, Error, Result};
@@ -221,9 +232,13 @@ pub use lapin;
 pub use message::{Message, Metadata};
 pub use outcome::{Failure, FailureKind, Outcome};
 pub use publisher::{Outgoing, Pipeline, Publisher, PublisherBuilder};
+pub use rate::Rate;
 pub use registration::Registration;
 pub use retry::RetryPolicy;
+pub use router::{EventHandler, Router};
 pub use runtime::{DEFAULT_URL, Runtime, RuntimeBuilder, WorkerStatus};
+#[cfg(feature = "schema")]
+pub use schema::{Schema, Schemas, Violations};
 pub use topology::Topology;
 pub use worker::{QueueType, Subscription, Worker};
 

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use lapin::BasicProperties;
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use serde::de::DeserializeOwned;
 
 use crate::headers;
@@ -27,6 +27,7 @@ pub struct Metadata {
     /// A message id made up for a message that arrived without one.
     generated_id: Option<String>,
     retry_count: u32,
+    max_attempts: u32,
 }
 
 impl Metadata {
@@ -72,7 +73,20 @@ impl Metadata {
             properties,
             generated_id,
             retry_count,
+            max_attempts: u32::MAX,
         }
+    }
+
+    /// The worker's retry policy allows `max` attempts.
+    pub(crate) fn with_max_attempts(mut self, max: u32) -> Metadata {
+        self.max_attempts = max;
+        self
+    }
+
+    /// Whether this is the worker's last attempt: a retry now would be dead-lettered
+    /// instead, as the retry policy's attempts are spent.
+    pub fn is_last_attempt(&self) -> bool {
+        self.attempt() >= self.max_attempts
     }
 
     /// The message id: stable across retries, so handlers can use it for idempotency.
@@ -88,6 +102,13 @@ impl Metadata {
                 .as_ref()
                 .map_or("", |id| id.as_str()),
         }
+    }
+
+    /// Whether the publisher gave the message an id. When it did not (bare AMQP clients
+    /// often do not), [`message_id`](Metadata::message_id) is one rabbitry made up on
+    /// receipt, different on every delivery, so it cannot tell a duplicate.
+    pub fn has_message_id(&self) -> bool {
+        self.generated_id.is_none()
     }
 
     /// The event type: the AMQP `type` property, or the routing key when it is absent.
@@ -236,6 +257,16 @@ impl Message {
     /// Replace the body (for example with rewritten JSON).
     pub fn set_body(&mut self, body: impl Into<Bytes>) {
         self.body = body.into();
+    }
+
+    /// Set header `key` to `value` on this message, for the layers below and the handler
+    /// (and on its retry and dead-letter copies). What the metadata computed on receipt —
+    /// the attempt, the original exchange and routing key — does not change.
+    pub fn set_header(&mut self, key: &str, value: AMQPValue) {
+        let metadata = Arc::make_mut(&mut self.metadata);
+        let mut table = metadata.properties.headers().clone().unwrap_or_default();
+        headers::set(&mut table, key, value);
+        metadata.properties = std::mem::take(&mut metadata.properties).with_headers(table);
     }
 
     /// Decode the body as JSON.

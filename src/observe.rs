@@ -95,10 +95,20 @@ pub enum Handling {
     /// The retry or dead-letter copy could not be stored; the message went back to its
     /// queue (after a pause) to be delivered again.
     Requeued,
+    /// A layer held it back ([`Disposition::Defer`](crate::Disposition::Defer)): a copy waits
+    /// `delay` in a delay queue and returns with the same attempt count, and the original
+    /// was acknowledged.
+    Deferred {
+        /// The delay queue's delay.
+        delay: Duration,
+        /// The layer's reason.
+        reason: String,
+    },
 }
 
 impl Handling {
-    /// A short name: `handled`, `skipped`, `retried`, `dead_lettered` or `requeued`.
+    /// A short name: `handled`, `skipped`, `retried`, `dead_lettered`, `requeued` or
+    /// `deferred`.
     pub fn as_str(&self) -> &'static str {
         match self {
             Handling::Handled => "handled",
@@ -106,6 +116,7 @@ impl Handling {
             Handling::Retried { .. } => "retried",
             Handling::DeadLettered { .. } => "dead_lettered",
             Handling::Requeued => "requeued",
+            Handling::Deferred { .. } => "deferred",
         }
     }
 }

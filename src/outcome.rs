@@ -63,6 +63,15 @@ pub enum FailureKind {
     /// The message could not be decoded: bad JSON, wrong shape, unsupported content type
     /// or encoding, or a body over the size limit.
     Undecodable,
+    /// The payload is JSON but breaks the event's JSON Schema
+    /// ([`ValidateLayer`](crate::middleware::ValidateLayer)).
+    Invalid,
+    /// The event's version (`x-event-version`) is newer than the handler knows, or no
+    /// upcaster brings it to the handler's version
+    /// ([`UpcastLayer`](crate::middleware::UpcastLayer)).
+    UnsupportedVersion,
+    /// No handler of a [`Router`](crate::Router) takes this event type.
+    UnknownType,
 }
 
 impl FailureKind {
@@ -74,6 +83,9 @@ impl FailureKind {
             FailureKind::Panic => "panic",
             FailureKind::Timeout => "timeout",
             FailureKind::Undecodable => "undecodable",
+            FailureKind::Invalid => "invalid",
+            FailureKind::UnsupportedVersion => "unsupported_version",
+            FailureKind::UnknownType => "unknown_type",
         }
     }
 }

@@ -68,6 +68,8 @@ pub struct Registration {
     /// The worker's own layers, outermost first.
     layers: Vec<BoxLayer>,
     build: Build,
+    /// A configuration mistake found while building it, reported on registration.
+    problem: Option<String>,
 }
 
 impl fmt::Debug for Registration {
@@ -84,22 +86,70 @@ impl Registration {
     /// `worker` with no layers of its own (the runtime's and the built-in ones still apply).
     pub fn new<W: Worker>(worker: W) -> Registration {
         let subscription = worker.subscription();
-        let timeout = subscription.timeout;
         let worker = Arc::new(worker);
+        Registration::innermost(subscription, std::any::type_name::<W>(), move |publisher| {
+            Handler {
+                worker,
+                publisher: publisher.clone(),
+            }
+        })
+    }
+
+    /// A registration whose innermost service (made from the runtime's publisher) is
+    /// `make`'s, inside the subscription's handler timeout.
+    pub(crate) fn innermost<S, F>(
+        subscription: Subscription,
+        handler: &'static str,
+        make: F,
+    ) -> Registration
+    where
+        F: FnOnce(&Publisher) -> S + Send + 'static,
+        S: Service<Message, Response = Disposition, Error = Infallible> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        let timeout = subscription.timeout;
+        Registration::from_build(subscription, handler, move |publisher| {
+            let service = make(publisher);
+            match timeout {
+                Some(limit) => BoxCloneService::new(TimeoutLayer::new(limit).layer(service)),
+                None => BoxCloneService::new(service),
+            }
+        })
+    }
+
+    /// A registration whose whole inner stack `build` makes (timeouts included).
+    pub(crate) fn from_build<F>(
+        subscription: Subscription,
+        handler: &'static str,
+        build: F,
+    ) -> Registration
+    where
+        F: FnOnce(&Publisher) -> WorkerService + Send + 'static,
+    {
         Registration {
             subscription,
-            handler: std::any::type_name::<W>(),
+            handler,
             layers: Vec::new(),
-            build: Box::new(move |publisher| {
-                let handler = Handler {
-                    worker,
-                    publisher: publisher.clone(),
-                };
-                match timeout {
-                    Some(limit) => BoxCloneService::new(TimeoutLayer::new(limit).layer(handler)),
-                    None => BoxCloneService::new(handler),
-                }
-            }),
+            build: Box::new(build),
+            problem: None,
+        }
+    }
+
+    /// Report `problem` (a configuration mistake) when this is registered.
+    pub(crate) fn problem(mut self, problem: Option<String>) -> Registration {
+        self.problem = problem;
+        self
+    }
+
+    /// Check the subscription and anything else that was set up.
+    pub(crate) fn validate(&self) -> Result<(), crate::Error> {
+        self.subscription.validate()?;
+        match &self.problem {
+            Some(problem) => Err(crate::Error::Config(format!(
+                "worker '{}': {problem}",
+                self.subscription.queue()
+            ))),
+            None => Ok(()),
         }
     }
 

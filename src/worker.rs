@@ -99,6 +99,7 @@ pub struct Subscription {
     pub(crate) existing: bool,
     /// Unbind what an earlier declaration bound and this one does not.
     pub(crate) prune: bool,
+    pub(crate) single_active: bool,
 }
 
 /// Room left in a 255-byte queue name for the longest derived name (`.retry.4294967295`).
@@ -119,6 +120,7 @@ impl Subscription {
             timeout: Some(Duration::from_secs(300)),
             existing: false,
             prune: false,
+            single_active: false,
         }
     }
 
@@ -193,6 +195,16 @@ impl Subscription {
         self
     }
 
+    /// Declare the queue with single active consumer: of all the processes consuming it,
+    /// the broker delivers to one at a time, and to the next when that one goes away. What
+    /// keeps per-key order ([`OrderedLayer`](crate::middleware::OrderedLayer)) across
+    /// processes, at the cost of their parallelism on this queue. Like every queue argument
+    /// it is fixed when the queue is first declared (change it by deleting the queue).
+    pub fn single_active_consumer(mut self) -> Subscription {
+        self.single_active = true;
+        self
+    }
+
     /// The queue name, which is also the worker's name.
     pub fn queue(&self) -> &str {
         &self.queue
@@ -242,6 +254,13 @@ impl Subscription {
         }
         for pattern in &self.bindings {
             check_pattern(pattern).or_else(|e| fail(format!("binding {e}")))?;
+        }
+        if self.existing && self.single_active {
+            return fail(
+                "single_active_consumer cannot apply to an existing queue: its arguments \
+                 belong to whoever declared it"
+                    .into(),
+            );
         }
         if self.existing && self.max_priority.is_some() {
             return fail(

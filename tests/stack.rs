@@ -16,65 +16,13 @@ use std::time::Duration;
 
 use lapin::BasicProperties;
 use rabbitry::middleware::{self, Layer, Next, Service};
-use rabbitry::observe::{Handling, Lifecycle, Observer, PublishOutcome, Published, Settled};
+use rabbitry::observe::{Handling, PublishOutcome};
 use rabbitry::prelude::*;
 use rabbitry::{Disposition, FailureKind, Message, Registration, headers};
 use serde_json::json;
+use support::journal::Journal;
 use support::*;
 use tokio::sync::{Notify, mpsc};
-
-/// Everything an observer was told, in order.
-#[derive(Default)]
-struct Journal {
-    settled: Mutex<Vec<(String, String, Handling, u32)>>,
-    published: Mutex<Vec<(String, String, PublishOutcome)>>,
-    lifecycle: Mutex<Vec<String>>,
-    changed: Notify,
-}
-
-impl Observer for Journal {
-    fn settled(&self, s: &Settled<'_>) {
-        let id = s.metadata.message_id().to_owned();
-        let entry = (
-            s.worker.to_owned(),
-            id,
-            s.handling.clone(),
-            s.metadata.attempt(),
-        );
-        self.settled.lock().unwrap().push(entry);
-        self.changed.notify_waiters();
-    }
-
-    fn published(&self, p: &Published<'_>) {
-        let entry = (p.exchange.to_owned(), p.routing_key.to_owned(), p.outcome);
-        self.published.lock().unwrap().push(entry);
-    }
-
-    fn lifecycle(&self, event: &Lifecycle<'_>) {
-        self.lifecycle.lock().unwrap().push(format!("{event:?}"));
-    }
-}
-
-impl Journal {
-    /// Wait until `n` deliveries were settled; returns them.
-    async fn wait_settled(&self, n: usize) -> Vec<(String, String, Handling, u32)> {
-        let wait = async {
-            loop {
-                let changed = self.changed.notified();
-                tokio::pin!(changed);
-                changed.as_mut().enable();
-                let done = self.settled.lock().unwrap().clone();
-                if done.len() >= n {
-                    return done;
-                }
-                changed.await;
-            }
-        };
-        tokio::time::timeout(PATIENCE, wait)
-            .await
-            .unwrap_or_else(|_| panic!("{n} settlements within {PATIENCE:?}"))
-    }
-}
 
 async fn a_worker_layer_sees_the_raw_message_before_it_is_decoded(env: TestEnv) {
     let queue = env.queue("typed");

@@ -100,22 +100,40 @@
 //! [tower]: https://docs.rs/tower
 
 mod catch_panic;
+mod dedup;
+mod filter;
 mod from_fn;
 mod json_body;
+mod ordered;
+mod rate_limit;
 mod timeout;
 mod trace;
+mod transform;
+mod upcast;
+#[cfg(feature = "schema")]
+mod validate;
 
 use std::convert::Infallible;
 
 pub use catch_panic::{CatchPanic, CatchPanicFuture, CatchPanicLayer};
+pub use dedup::{Dedup, DedupLayer, DedupStore, IDEMPOTENCY_KEY, MemoryDedup};
+pub(crate) use filter::payload_of;
+pub use filter::{Filter, FilterLayer};
 pub use from_fn::{FromFn, FromFnLayer, Next, from_fn};
 pub use json_body::{JsonBody, JsonBodyLayer};
+pub use ordered::{OrderKey, Ordered, OrderedLayer};
+pub use rate_limit::{RateLimit, RateLimitLayer};
 pub use timeout::{Timeout, TimeoutFuture, TimeoutLayer};
 /// tower's `Layer`, re-exported (tower-layer 0.3).
 pub use tower_layer::Layer;
 /// tower's `Service`, re-exported (tower-service 0.3).
 pub use tower_service::Service;
 pub use trace::{Trace, TraceLayer};
+pub use transform::{REDACTED, Transform, TransformLayer};
+pub(crate) use upcast::supported_version;
+pub use upcast::{Upcast, UpcastLayer};
+#[cfg(feature = "schema")]
+pub use validate::{Validate, ValidateLayer};
 
 use crate::disposition::Disposition;
 use crate::message::Message;

@@ -9,6 +9,9 @@ use super::{Inner, Publisher, Returns, SlotCell};
 use crate::broker;
 use crate::error::{Error, Result};
 use crate::observe::{Observer, Observers};
+use crate::rate::{Limiter, Rate};
+#[cfg(feature = "schema")]
+use crate::schema::Schemas;
 
 /// Configures a [`Publisher`].
 #[derive(Clone)]
@@ -21,6 +24,9 @@ pub struct PublisherBuilder {
     pub(super) app_id: Option<String>,
     pub(super) name: String,
     pub(super) observers: Vec<Arc<dyn Observer>>,
+    pub(super) rate: Option<Rate>,
+    #[cfg(feature = "schema")]
+    pub(super) schemas: Option<Schemas>,
 }
 
 impl fmt::Debug for PublisherBuilder {
@@ -84,6 +90,23 @@ impl PublisherBuilder {
     }
 
     /// The runtime's observers, for its own publisher.
+    /// Publish at most at `rate`: a publish waits for its slot (it is never refused).
+    /// Limits this publisher's own publishes (and its clones'), not the runtime's retry and
+    /// dead-letter copies.
+    pub fn rate_limit(mut self, rate: Rate) -> Self {
+        self.rate = Some(rate);
+        self
+    }
+
+    /// Check each event against the schema of its type in `schemas` before it is sent: an
+    /// event that breaks it is refused with [`Error::Invalid`] and nothing is sent. Types
+    /// without a schema are not checked.
+    #[cfg(feature = "schema")]
+    pub fn schemas(mut self, schemas: Schemas) -> Self {
+        self.schemas = Some(schemas);
+        self
+    }
+
     pub(crate) fn observers(mut self, observers: Vec<Arc<dyn Observer>>) -> Self {
         self.observers = observers;
         self
@@ -127,6 +150,9 @@ impl PublisherBuilder {
                 app_id,
                 returns: Returns::default(),
                 observers: Observers::new(self.observers),
+                limiter: self.rate.map(Limiter::new),
+                #[cfg(feature = "schema")]
+                schemas: self.schemas.filter(|s| !s.is_empty()),
             }),
         })
     }

@@ -72,6 +72,9 @@ struct Inner {
     app_id: Option<ShortString>,
     returns: Returns,
     observers: Observers,
+    limiter: Option<crate::rate::Limiter>,
+    #[cfg(feature = "schema")]
+    schemas: Option<crate::schema::Schemas>,
 }
 
 /// One pooled connection and its confirm channel. Publishes take the live slot under a
@@ -127,6 +130,9 @@ impl Publisher {
             app_id: None,
             name: "rabbitry-publisher".into(),
             observers: Vec::new(),
+            rate: None,
+            #[cfg(feature = "schema")]
+            schemas: None,
         }
     }
 
@@ -233,6 +239,17 @@ impl Publisher {
     ) -> Result<(Vec<u8>, BasicProperties, String)> {
         let body = serde_json::to_vec(event).map_err(Error::Serialize)?;
         self.inner.check_size(body.len())?;
+        #[cfg(feature = "schema")]
+        if let Some(schema) = self.inner.schemas.as_ref().and_then(|s| s.get(E::TYPE)) {
+            let value: serde_json::Value =
+                serde_json::from_slice(&body).map_err(Error::Serialize)?;
+            if let Err(violations) = schema.check(&value) {
+                return Err(Error::Invalid {
+                    event_type: E::TYPE.to_owned(),
+                    reason: violations.to_string(),
+                });
+            }
+        }
         let id = match &options.message_id {
             Some(id) => id.clone(),
             None => uuid::Uuid::now_v7().to_string(),
@@ -256,7 +273,7 @@ impl Publisher {
         if let Some(c) = &options.correlation_id {
             props = props.with_correlation_id(broker::short("correlation id", c)?);
         }
-        if let Some(p) = options.priority {
+        if let Some(p) = options.priority.or(E::PRIORITY) {
             props = props.with_priority(p);
         }
         if let Some(app) = &self.inner.app_id {
@@ -280,6 +297,7 @@ impl Publisher {
 
     /// Publish a prepared message to the publisher's exchange and wait for its confirm.
     async fn send_prepared(&self, message: &Prepared) -> Result<()> {
+        self.inner.pace().await;
         self.send(
             &self.inner.exchange,
             &message.routing_key,
@@ -374,6 +392,13 @@ impl Inner {
     }
 
     /// Slot `i`, its channel reopened (on a fresh pooled connection) if it died.
+    /// Wait for the rate limit's next slot, if there is a limit.
+    async fn pace(&self) {
+        if let Some(limiter) = &self.limiter {
+            limiter.until_ready().await;
+        }
+    }
+
     async fn slot(&self, i: usize) -> Result<Arc<Slot>> {
         let cell = &self.slots[i];
         if let Some(live) = cell.open() {

@@ -89,6 +89,7 @@ impl<'p> Pipeline<'p> {
             }
         }
         let inner = self.publisher.inner.clone();
+        inner.pace().await;
         let slot = inner.slot(self.slot).await?;
         let id = prepared.id.clone();
         let number = self.sent;

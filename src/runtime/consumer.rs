@@ -289,13 +289,16 @@ impl Consumer {
         slots: &Arc<Slots>,
     ) -> impl Future<Output = (u64, Settle)> + Send + 'static {
         book.delivered(msg.tag);
-        let metadata = Arc::new(Metadata::new(
-            self.entry.name.clone(),
-            msg.exchange,
-            msg.routing_key,
-            msg.redelivered,
-            msg.properties,
-        ));
+        let metadata = Arc::new(
+            Metadata::new(
+                self.entry.name.clone(),
+                msg.exchange,
+                msg.routing_key,
+                msg.redelivered,
+                msg.properties,
+            )
+            .with_max_attempts(self.entry.subscription.retry.attempts()),
+        );
         let body = Bytes::from(msg.body);
         let slot = slots.take();
         let started = Instant::now();

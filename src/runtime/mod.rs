@@ -83,7 +83,7 @@ impl RuntimeBuilder {
     /// layers of its own. Its subscription is checked when the runtime starts.
     pub fn worker(mut self, worker: impl Into<Registration>) -> Self {
         let registration = worker.into();
-        let checked = match registration.subscription.validate() {
+        let checked = match registration.validate() {
             Ok(()) => Ok(registration),
             Err(Error::Config(message)) => Err(message),
             Err(other) => Err(other.to_string()),
@@ -376,7 +376,7 @@ impl Runtime {
     /// runtime's layers apply to it too.
     pub async fn add_worker(&self, worker: impl Into<Registration>) -> Result<()> {
         let registration = worker.into();
-        registration.subscription.validate()?;
+        registration.validate()?;
         let entry = Arc::new(WorkerEntry::build(registration, &self.shared));
         self.call(|reply| Command::Add(entry, reply)).await?
     }

@@ -123,6 +123,21 @@ impl Settling<'_> {
                 let (settle, handling) = self.fail(&failure, None).await;
                 (settle, handling, Some(failure))
             }
+            Disposition::Defer { after, reason } => {
+                let ms = tier_for_delay(after);
+                debug!(worker = %self.entry.name, message_id = %self.metadata.message_id(), %reason, delay_ms = ms, "deferred");
+                let handling = Handling::Deferred {
+                    delay: Duration::from_millis(ms),
+                    reason: reason.into_owned(),
+                };
+                let props =
+                    copy_properties(self.entry, self.metadata, None, self.metadata.retry_count());
+                let queue = retry_queue_name(&self.entry.name, ms);
+                match self.store_copy("", &queue, Some(ms), props).await {
+                    Ok(()) => (Settle::Ack, handling, None),
+                    Err(settle) => (settle, Handling::Requeued, None),
+                }
+            }
         };
         if !self.shared.observers.is_empty() {
             self.shared.observers.settled(&Settled {
@@ -170,17 +185,42 @@ impl Settling<'_> {
                 (dlx_name(&shared.exchange), worker.to_string(), handling)
             }
         };
-        if let Some(ms) = retry_tier
-            && !policy.tiers().contains(&ms)
-            && let Err(e) = self.ensure_tier(&routing_key, ms).await
+        let retries = match retry_tier {
+            Some(_) => meta.attempt(),
+            None => meta.retry_count(),
+        };
+        let properties = copy_properties(entry, meta, Some(failure), retries);
+        match self
+            .store_copy(&exchange, &routing_key, retry_tier, properties)
+            .await
         {
-            error!(%worker, error = %e, queue = %routing_key, "cannot declare the retry queue; requeueing");
-            return (requeue_later().await, Handling::Requeued);
+            Ok(()) => (Settle::Ack, handling),
+            Err(settle) => (settle, Handling::Requeued),
         }
-        let properties = failure_properties(entry, meta, failure, retry_tier.is_some());
-        let publisher = &shared.publisher;
+    }
+
+    /// Publish the retry, deferred or dead-letter copy (to a delay queue `tier` of this
+    /// worker, declared first if its policy does not have it, or to the dead-letter
+    /// exchange) and wait for the confirm. When it cannot be stored, the original goes back
+    /// to its queue after a pause: the `Err` says how to settle it.
+    async fn store_copy(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        tier: Option<u64>,
+        properties: BasicProperties,
+    ) -> Result<(), Settle> {
+        let (worker, id) = (&self.entry.name, self.metadata.message_id());
+        if let Some(ms) = tier
+            && !self.entry.subscription.retry.tiers().contains(&ms)
+            && let Err(e) = self.ensure_tier(routing_key, ms).await
+        {
+            error!(%worker, error = %e, queue = %routing_key, "cannot declare the delay queue; requeueing");
+            return Err(requeue_later().await);
+        }
+        let publisher = &self.shared.publisher;
         let mut result = publisher
-            .send_raw(&exchange, &routing_key, self.body, properties.clone())
+            .send_raw(exchange, routing_key, self.body, properties.clone())
             .await;
         if let Err(Error::Unroutable { .. }) = result {
             // Someone deleted a retry queue or the dead-letter queue: put the topology back.
@@ -188,17 +228,17 @@ impl Settling<'_> {
             result = match self.redeclare().await {
                 Ok(()) => {
                     publisher
-                        .send_raw(&exchange, &routing_key, self.body, properties)
+                        .send_raw(exchange, routing_key, self.body, properties)
                         .await
                 }
                 Err(e) => Err(e),
             };
         }
         match result {
-            Ok(()) => (Settle::Ack, handling),
+            Ok(()) => Ok(()),
             Err(e) => {
-                error!(%worker, message_id = %id, error = %e, "could not store the retry or dead-letter copy; requeueing the message");
-                (requeue_later().await, Handling::Requeued)
+                error!(%worker, message_id = %id, error = %e, "could not store the retry, deferred or dead-letter copy; requeueing the message");
+                Err(requeue_later().await)
             }
         }
     }
@@ -245,38 +285,42 @@ pub(crate) async fn requeue_later() -> Settle {
 }
 
 /// The received properties with the failure headers of DESIGN.md added.
-fn failure_properties(
+/// The properties of a copy: the original's, with `x-retry-count` set to `retries`, where
+/// it came from, and — for a failure — what went wrong and when.
+fn copy_properties(
     entry: &WorkerEntry,
     meta: &Metadata,
-    failure: &Failure,
-    retrying: bool,
+    failure: Option<&Failure>,
+    retries: u32,
 ) -> BasicProperties {
-    let now = headers::timestamp(SystemTime::now());
     let mut h = meta.headers().cloned().unwrap_or_default();
-    let retries = if retrying {
-        meta.attempt()
-    } else {
-        meta.retry_count()
-    };
     headers::set(
         &mut h,
         headers::RETRY_COUNT,
         AMQPValue::LongLongInt(retries.into()),
     );
-    if headers::get_str(Some(&h), headers::FIRST_FAILURE_AT).is_none() {
-        headers::set(&mut h, headers::FIRST_FAILURE_AT, headers::string(&now));
+    if let Some(failure) = failure {
+        let now = headers::timestamp(SystemTime::now());
+        if headers::get_str(Some(&h), headers::FIRST_FAILURE_AT).is_none() {
+            headers::set(&mut h, headers::FIRST_FAILURE_AT, headers::string(&now));
+        }
+        headers::set(&mut h, headers::LAST_FAILURE_AT, headers::string(&now));
+        let message = headers::truncate(&failure.to_string(), headers::MAX_EXCEPTION_MESSAGE);
+        let pairs = [
+            (headers::EXCEPTION_MESSAGE, message.as_str()),
+            (headers::EXCEPTION_KIND, failure.kind().as_str()),
+            (headers::HANDLER, entry.handler),
+        ];
+        for (key, value) in pairs {
+            headers::set(&mut h, key, headers::string(value));
+        }
     }
-    headers::set(&mut h, headers::LAST_FAILURE_AT, headers::string(&now));
-    let message = headers::truncate(&failure.to_string(), headers::MAX_EXCEPTION_MESSAGE);
-    let pairs = [
-        (headers::EXCEPTION_MESSAGE, message.as_str()),
-        (headers::EXCEPTION_KIND, failure.kind().as_str()),
-        (headers::HANDLER, entry.handler),
+    let origin = [
         (headers::ORIGINAL_EXCHANGE, meta.exchange()),
         (headers::ORIGINAL_ROUTING_KEY, meta.routing_key()),
         (headers::ORIGINAL_QUEUE, &entry.name),
     ];
-    for (key, value) in pairs {
+    for (key, value) in origin {
         headers::set(&mut h, key, headers::string(value));
     }
     meta.properties()

@@ -119,6 +119,7 @@ struct QueueSpec {
 enum Arg {
     Str(String),
     Int(i64),
+    Bool(bool),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -158,6 +159,9 @@ impl Topology {
             ("x-dead-letter-exchange", Arg::Str(dlx.clone())),
             ("x-dead-letter-routing-key", Arg::Str(s.queue.clone())),
         ];
+        if s.single_active {
+            args.push(("x-single-active-consumer", Arg::Bool(true)));
+        }
         let mut quorum_priority = false;
         match (s.max_priority, s.queue_type) {
             (Some(max), QueueType::Classic) => args.push(("x-max-priority", Arg::Int(max.into()))),
@@ -334,6 +338,7 @@ impl QueueSpec {
             let v = match v {
                 Arg::Str(s) => AMQPValue::LongString(LongString::from(s.as_bytes())),
                 Arg::Int(i) => AMQPValue::LongLongInt(*i),
+                Arg::Bool(b) => AMQPValue::Boolean(*b),
             };
             t.insert((*k).into(), v);
         }
@@ -427,6 +432,7 @@ impl fmt::Display for Topology {
                 match v {
                     Arg::Str(s) => write!(f, " {k}={s:?}")?,
                     Arg::Int(i) => write!(f, " {k}={i}")?,
+                    Arg::Bool(b) => write!(f, " {k}={b}")?,
                 }
             }
             if q.quorum_priority {

@@ -10,7 +10,6 @@ mod seam;
 mod state;
 #[cfg(test)]
 mod tests;
-mod topic;
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};

@@ -26,6 +26,8 @@ pub(super) struct Message {
 pub(super) struct Queue {
     pub(super) args: FieldTable,
     pub(super) quorum: bool,
+    /// Single active consumer: only the first consumer (the oldest) is delivered to.
+    pub(super) single_active: bool,
     pub(super) max_priority: Option<u8>,
     pub(super) ttl: Option<Duration>,
     pub(super) dead_letter_exchange: Option<String>,

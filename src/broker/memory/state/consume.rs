@@ -177,7 +177,14 @@ impl State {
             if q.ready.is_empty() || q.consumers.is_empty() {
                 return;
             }
-            let n = q.consumers.len();
+            // Single active consumer: the oldest consumer only; the others stand by.
+            let n = match q.single_active {
+                true => 1,
+                false => q.consumers.len(),
+            };
+            if q.single_active {
+                q.next_consumer = 0;
+            }
             let has_room = |(ch, tag): &(u64, String)| {
                 self.chans
                     .get(ch)

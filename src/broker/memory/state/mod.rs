@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPSoftError};
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tokio::sync::{mpsc, watch};
 
 pub(super) use super::queue::Message;
@@ -273,8 +273,13 @@ impl State {
         }
         let max_priority = arg_int(&args, "x-max-priority").map(|p| p.clamp(1, 255) as u8);
         let ttl = arg_int(&args, "x-message-ttl").map(|ms| Duration::from_millis(ms.max(0) as u64));
+        let single_active = matches!(
+            args.inner().get("x-single-active-consumer"),
+            Some(AMQPValue::Boolean(true))
+        );
         let queue = Queue {
             quorum,
+            single_active,
             max_priority,
             ttl,
             dead_letter_exchange: arg_text(&args, "x-dead-letter-exchange"),

@@ -5,9 +5,9 @@ use lapin::protocol::AMQPSoftError;
 use tokio::time::Instant;
 
 use super::super::queue::{Message, with_death};
-use super::super::topic;
 use super::{State, soft};
 use crate::broker::Confirm;
+use crate::topic;
 
 impl State {
     pub(in crate::broker::memory) fn route(&self, exchange: &str, key: &str) -> Vec<String> {

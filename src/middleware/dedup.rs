@@ -1,0 +1,301 @@
+//! Skip a message that was handled before.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio::time::Instant;
+use tower_layer::Layer;
+use tower_service::Service;
+use tracing::warn;
+
+use crate::disposition::Disposition;
+use crate::message::Message;
+
+/// The header a producer can set to name what makes two messages the same (it wins over
+/// the message id).
+pub const IDEMPOTENCY_KEY: &str = "x-idempotency-key";
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Where [`DedupLayer`] remembers what was handled. [`MemoryDedup`] keeps it in the process;
+/// a store shared by several processes (a database table with a unique key) implements
+/// the same two methods.
+///
+/// A key is *claimed* before the handler runs. When the handler succeeds (or a layer below
+/// skips the message) the claim stays; when it fails (retry, dead-letter, defer) it is
+/// *released*, so that the retry is not taken for a duplicate.
+pub trait DedupStore: Send + Sync + 'static {
+    /// Record `key` if it is new: `Ok(true)` when this caller claimed it, `Ok(false)` when
+    /// it was claimed before (a duplicate). An error retries the message.
+    fn claim<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, BoxError>>;
+
+    /// Forget `key`: its message failed and will come back.
+    fn release<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BoxError>>;
+}
+
+/// The in-process [`DedupStore`]: the last `capacity` keys, each kept for `ttl`.
+///
+/// A duplicate is caught if it arrives within `ttl` of the first and fewer than `capacity`
+/// other messages came between. Only this process sees it: with several processes on one
+/// queue, use a shared store.
+pub struct MemoryDedup {
+    capacity: usize,
+    ttl: Duration,
+    seen: Mutex<Seen>,
+}
+
+#[derive(Default)]
+struct Seen {
+    keys: HashMap<Arc<str>, Instant>,
+    order: VecDeque<(Arc<str>, Instant)>,
+}
+
+impl MemoryDedup {
+    /// Remember up to `capacity` keys for `ttl` each.
+    pub fn new(capacity: usize, ttl: Duration) -> MemoryDedup {
+        MemoryDedup {
+            capacity: capacity.max(1),
+            ttl,
+            seen: Mutex::new(Seen::default()),
+        }
+    }
+
+    /// How many keys are remembered now.
+    pub fn len(&self) -> usize {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys
+            .len()
+    }
+
+    /// Whether no key is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn claim_now(&self, key: &str, now: Instant) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let Seen { keys, order } = &mut *seen;
+        // Forget what expired or does not fit. `order` may hold released keys and keys
+        // claimed again later: only an entry whose time matches removes its key.
+        while let Some((old, at)) = order.front() {
+            if now.duration_since(*at) < self.ttl && keys.len() < self.capacity {
+                break;
+            }
+            if keys.get(old) == Some(at) {
+                keys.remove(old);
+            }
+            order.pop_front();
+        }
+        if keys.contains_key(key) {
+            return false;
+        }
+        let key: Arc<str> = key.into();
+        keys.insert(key.clone(), now);
+        order.push_back((key, now));
+        true
+    }
+}
+
+impl Default for MemoryDedup {
+    /// 100,000 keys for an hour each.
+    fn default() -> Self {
+        MemoryDedup::new(100_000, Duration::from_secs(3600))
+    }
+}
+
+impl fmt::Debug for MemoryDedup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryDedup")
+            .field("capacity", &self.capacity)
+            .field("ttl", &self.ttl)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl DedupStore for MemoryDedup {
+    fn claim<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, BoxError>> {
+        let fresh = self.claim_now(key, Instant::now());
+        Box::pin(async move { Ok(fresh) })
+    }
+
+    fn release<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BoxError>> {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys
+            .remove(key);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Skips a message whose key was handled before by the same worker: recorded as skipped
+/// ("duplicate"), never retried.
+///
+/// The key is the header `x-idempotency-key` ([`IDEMPOTENCY_KEY`]) if present, else the
+/// message id, prefixed with the worker's queue (the same event handled by two workers
+/// is no duplicate). A message with neither (a bare AMQP client that sets no id) is
+/// handled: nothing can tell it from another. `redelivered` is not used: any reconnect
+/// sets it.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use rabbitry::middleware::{DedupLayer, MemoryDedup};
+/// use rabbitry::Registration;
+/// # use rabbitry::prelude::*;
+/// # struct Billing;
+/// # impl Worker for Billing {
+/// #     type Event = serde_json::Value;
+/// #     fn subscription(&self) -> Subscription { Subscription::new("billing").bind("order.placed") }
+/// #     async fn handle(&self, _: Delivery<serde_json::Value>, _: &Context) -> Outcome { Ok(()) }
+/// # }
+///
+/// // The last 10,000 message ids, for ten minutes each.
+/// let seen = Arc::new(MemoryDedup::new(10_000, Duration::from_secs(600)));
+/// let billing = Registration::new(Billing).layer(DedupLayer::with_store(seen));
+/// # let _ = Runtime::builder().worker(billing);
+/// ```
+#[derive(Clone)]
+pub struct DedupLayer {
+    store: Arc<dyn DedupStore>,
+}
+
+impl DedupLayer {
+    /// De-duplicate in this process, with [`MemoryDedup::default`] (a new one for each
+    /// layer value; clones share it).
+    pub fn new() -> DedupLayer {
+        DedupLayer::with_store(Arc::new(MemoryDedup::default()))
+    }
+
+    /// De-duplicate through `store`.
+    pub fn with_store(store: Arc<dyn DedupStore>) -> DedupLayer {
+        DedupLayer { store }
+    }
+}
+
+impl Default for DedupLayer {
+    fn default() -> Self {
+        DedupLayer::new()
+    }
+}
+
+impl fmt::Debug for DedupLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DedupLayer").finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for DedupLayer {
+    type Service = Dedup<S>;
+
+    fn layer(&self, inner: S) -> Dedup<S> {
+        Dedup {
+            inner,
+            store: self.store.clone(),
+        }
+    }
+}
+
+/// The service of [`DedupLayer`].
+#[derive(Clone)]
+pub struct Dedup<S> {
+    inner: S,
+    store: Arc<dyn DedupStore>,
+}
+
+impl<S> fmt::Debug for Dedup<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dedup").finish_non_exhaustive()
+    }
+}
+
+/// The key `message` is de-duplicated by, if it has one.
+fn key_of(message: &Message) -> Option<String> {
+    let meta = message.metadata();
+    let id = match meta.header_str(IDEMPOTENCY_KEY) {
+        Some(key) if !key.is_empty() => key,
+        _ if meta.has_message_id() => meta.message_id(),
+        _ => return None,
+    };
+    Some(format!("{}/{id}", meta.queue()))
+}
+
+impl<S> Service<Message> for Dedup<S>
+where
+    S: Service<Message, Response = Disposition, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Disposition;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Disposition, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, message: Message) -> Self::Future {
+        // The inner service is ready now: take it, and leave a clone for the next call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let store = self.store.clone();
+        Box::pin(async move {
+            let Some(key) = key_of(&message) else {
+                return inner.call(message).await;
+            };
+            match store.claim(&key).await {
+                Ok(true) => {}
+                Ok(false) => return Ok(Disposition::skip("duplicate: handled before")),
+                Err(e) => {
+                    let reason = format!("the de-duplication store failed: {e}");
+                    return Ok(Disposition::retry(reason));
+                }
+            }
+            let disposition = inner.call(message).await?;
+            if !matches!(disposition, Disposition::Ack | Disposition::Skip { .. })
+                && let Err(e) = store.release(&key).await
+            {
+                warn!(%key, error = %e, "could not release a de-duplication key; its retry may be skipped as a duplicate");
+            }
+            Ok(disposition)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_expire_and_the_oldest_make_room() {
+        let seen = MemoryDedup::new(2, Duration::from_secs(60));
+        let t0 = Instant::now();
+        assert!(seen.claim_now("a", t0));
+        assert!(!seen.claim_now("a", t0));
+        assert!(seen.claim_now("b", t0));
+        assert!(seen.claim_now("c", t0)); // "a" makes room
+        assert!(seen.claim_now("a", t0));
+        let later = t0 + Duration::from_secs(61);
+        assert!(seen.claim_now("c", later)); // expired
+        assert!(seen.len() <= 2);
+    }
+
+    #[tokio::test]
+    async fn a_released_key_can_be_claimed_again() {
+        let seen = MemoryDedup::default();
+        assert!(seen.claim("k").await.unwrap());
+        seen.release("k").await.unwrap();
+        assert!(seen.claim("k").await.unwrap());
+        assert!(!seen.claim("k").await.unwrap());
+    }
+}

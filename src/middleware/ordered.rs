@@ -1,0 +1,276 @@
+//! Per-key ordering: messages with the same key one at a time, in order, even through
+//! retries; different keys in parallel.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::disposition::Disposition;
+use crate::message::Message;
+
+/// Where [`OrderedLayer`] reads a message's ordering key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OrderKey {
+    /// A header's text (or number) value.
+    Header(String),
+    /// The correlation id.
+    CorrelationId,
+    /// A field of the JSON payload, by JSON pointer (`/order_id`); strings and numbers.
+    Field(String),
+}
+
+impl OrderKey {
+    fn of(&self, message: &Message) -> Option<String> {
+        let meta = message.metadata();
+        match self {
+            OrderKey::Header(name) => meta
+                .header_str(name)
+                .map(str::to_owned)
+                .or_else(|| meta.header_u64(name).map(|n| n.to_string())),
+            OrderKey::CorrelationId => meta.correlation_id().map(str::to_owned),
+            OrderKey::Field(pointer) => {
+                let payload = message.json::<serde_json::Value>().ok()?;
+                match payload.pointer(pointer)? {
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    serde_json::Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                }
+            }
+        }
+    }
+}
+
+/// Handles messages with the same key one at a time, in the order they arrive, while
+/// messages with different keys run in parallel (up to the worker's concurrency).
+///
+/// **Through retries.** A broker-held retry sends a message to a delay queue, and later
+/// messages would overtake it (RabbitMQ's requeue and delay queues both reorder). So when
+/// a keyed message is retried, its key is *blocked*: later messages of that key are not
+/// handled but deferred ([`Disposition::Defer`]: they wait in a delay queue, without
+/// counting an attempt) until the retried message is back and handled — or
+/// dead-lettered, after which the rest go on. They are then handled in their original
+/// order. Other keys are not held up.
+///
+/// ```
+/// use rabbitry::middleware::{OrderKey, OrderedLayer};
+/// use rabbitry::Registration;
+/// # use rabbitry::prelude::*;
+/// # struct Ledger;
+/// # impl Worker for Ledger {
+/// #     type Event = serde_json::Value;
+/// #     fn subscription(&self) -> Subscription { Subscription::new("ledger").bind("account.#") }
+/// #     async fn handle(&self, _: Delivery<serde_json::Value>, _: &Context) -> Outcome { Ok(()) }
+/// # }
+///
+/// // Entries of one account in order; accounts in parallel.
+/// let ledger = Registration::new(Ledger).layer(OrderedLayer::new(OrderKey::Field("/account".into())));
+/// # let _ = Runtime::builder().worker(ledger);
+/// ```
+///
+/// A message without a key is handled at once, in no order. Place this layer innermost
+/// of the layers that decide (after filters, validation and de-duplication), so that it
+/// sees the handler's outcome.
+///
+/// **What holds where.** The order is kept by this process, for messages it receives.
+/// With several processes consuming one queue, messages of a key are spread among them
+/// and no order holds: make the worker's queue
+/// [`single_active_consumer`](crate::Subscription::single_active_consumer) (one process
+/// consumes, the others stand by), or shard by key over several such queues. The record
+/// of blocked keys lives in memory: if the process stops while a key is blocked, its
+/// waiting messages return from their delay queues to whichever process consumes next
+/// and are handled as they arrive, possibly out of order among themselves.
+#[derive(Debug, Clone)]
+pub struct OrderedLayer {
+    key: OrderKey,
+    wait: Duration,
+}
+
+impl OrderedLayer {
+    /// Order by `key`. Deferred messages wait at least a second each time.
+    pub fn new(key: OrderKey) -> OrderedLayer {
+        OrderedLayer {
+            key,
+            wait: Duration::from_secs(1),
+        }
+    }
+
+    /// How long a deferred message waits in the broker before it is looked at again, at
+    /// least (it waits longer when the blocking retry is known to take longer).
+    pub fn defer_for(mut self, wait: Duration) -> OrderedLayer {
+        self.wait = wait.max(Duration::from_millis(1));
+        self
+    }
+}
+
+impl<S> Layer<S> for OrderedLayer {
+    type Service = Ordered<S>;
+
+    fn layer(&self, inner: S) -> Ordered<S> {
+        Ordered {
+            inner,
+            key: Arc::new(self.key.clone()),
+            wait: self.wait,
+            lanes: Arc::default(),
+        }
+    }
+}
+
+/// One key's state.
+#[derive(Default)]
+struct Lane {
+    /// Signalled (dropped) when the last message admitted to the lane is done.
+    tail: Option<oneshot::Receiver<()>>,
+    /// Admitted and not yet done.
+    in_flight: usize,
+    /// Messages of this key out in a delay queue, by id, oldest (the next to handle) first.
+    out: VecDeque<String>,
+    /// When the oldest is expected back, if known.
+    due: Option<Instant>,
+}
+
+type Lanes = Arc<Mutex<HashMap<String, Lane>>>;
+
+/// The service of [`OrderedLayer`].
+#[derive(Clone)]
+pub struct Ordered<S> {
+    inner: S,
+    key: Arc<OrderKey>,
+    wait: Duration,
+    lanes: Lanes,
+}
+
+impl<S> fmt::Debug for Ordered<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ordered")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Turn {
+    Run,
+    Defer(Duration),
+}
+
+/// Releases a message's place in its lane however its future ends (done or dropped).
+struct Admitted {
+    lanes: Lanes,
+    key: String,
+    _done: oneshot::Sender<()>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(lane) = lanes.get_mut(&self.key) {
+            lane.in_flight -= 1;
+            if lane.in_flight == 0 && lane.out.is_empty() {
+                lanes.remove(&self.key);
+            }
+        }
+    }
+}
+
+fn lock(lanes: &Lanes) -> std::sync::MutexGuard<'_, HashMap<String, Lane>> {
+    lanes.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<S> Service<Message> for Ordered<S>
+where
+    S: Service<Message, Response = Disposition, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Disposition;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Disposition, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, message: Message) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let Some(key) = self.key.of(&message) else {
+            return Box::pin(inner.call(message));
+        };
+        // Take a place in the lane now, in arrival order.
+        let (done, signal) = oneshot::channel();
+        let previous = {
+            let mut lanes = lock(&self.lanes);
+            let lane = lanes.entry(key.clone()).or_default();
+            lane.in_flight += 1;
+            lane.tail.replace(signal)
+        };
+        let admitted = Admitted {
+            lanes: self.lanes.clone(),
+            key,
+            _done: done,
+        };
+        let min_wait = self.wait;
+        Box::pin(async move {
+            if let Some(previous) = previous {
+                // Err: the previous message is done (its sender was dropped).
+                let _ = previous.await;
+            }
+            let id = message.metadata().message_id().to_owned();
+            let (lanes, key) = (&admitted.lanes, &admitted.key);
+            let turn = {
+                let mut all = lock(lanes);
+                let lane = all.entry(key.clone()).or_default();
+                match lane.out.front() {
+                    None => Turn::Run,
+                    Some(front) if *front == id => {
+                        lane.out.pop_front();
+                        lane.due = None;
+                        Turn::Run
+                    }
+                    Some(_) => {
+                        if !lane.out.contains(&id) {
+                            lane.out.push_back(id.clone());
+                        }
+                        let now = Instant::now();
+                        let left = lane
+                            .due
+                            .map_or(Duration::ZERO, |d| d.saturating_duration_since(now));
+                        Turn::Defer(left.max(min_wait))
+                    }
+                }
+            };
+            let disposition = match turn {
+                Turn::Defer(wait) => {
+                    let reason =
+                        format!("waiting for an earlier message of key '{key}' to be retried");
+                    Disposition::defer(wait, reason)
+                }
+                Turn::Run => {
+                    let last = message.metadata().is_last_attempt();
+                    let disposition = inner.call(message).await?;
+                    if let Disposition::Retry { after, .. } = &disposition
+                        && !last
+                    {
+                        // It comes back from its delay queue; the key waits for it.
+                        let mut all = lock(lanes);
+                        let lane = all.entry(key.clone()).or_default();
+                        lane.out.push_front(id);
+                        lane.due = after.map(|a| Instant::now() + a);
+                    }
+                    disposition
+                }
+            };
+            drop(admitted);
+            Ok(disposition)
+        })
+    }
+}
