@@ -27,7 +27,9 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use rabbitry::middleware::{DedupLayer, FilterLayer, RateLimitLayer, UpcastLayer, ValidateLayer};
 use rabbitry::prelude::*;
+use rabbitry::{Condition, Rate, Registration};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -40,7 +42,7 @@ const PREFETCH: u16 = 300;
 const ACK_EVERY: u64 = 100;
 const CONCURRENCY: usize = 32;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 struct BenchEvent {
     id: u64,
     sent_at_ns: u64,
@@ -211,7 +213,28 @@ impl Worker for BenchWorker {
     }
 }
 
-async fn consume_rabbitry(exchange: &str, queue: &str, target: u64, fail_every: Option<u64>) {
+/// The five layers of the middleware benchmark, none of which changes the outcome: a
+/// filter that keeps everything, JSON Schema validation, an upcast with nothing to do
+/// (the events are at their version), in-process de-duplication and an unlimited rate
+/// limit.
+fn five_layers(worker: Shared) -> Registration {
+    Registration::new(worker)
+        .layer(FilterLayer::new(Condition::event_type(KEY)))
+        .layer(ValidateLayer::of::<BenchEvent>().expect("the schema compiles"))
+        .layer(UpcastLayer::of::<BenchEvent>())
+        .layer(DedupLayer::new())
+        .layer(RateLimitLayer::new(
+            Rate::per_second(u32::MAX).unwrap().burst(u32::MAX),
+        ))
+}
+
+async fn consume_rabbitry(
+    exchange: &str,
+    queue: &str,
+    target: u64,
+    fail_every: Option<u64>,
+    layers: bool,
+) {
     let worker = std::sync::Arc::new(BenchWorker {
         queue: queue.into(),
         target,
@@ -223,7 +246,10 @@ async fn consume_rabbitry(exchange: &str, queue: &str, target: u64, fail_every: 
     let runtime = Runtime::builder()
         .url(url())
         .exchange(exchange)
-        .worker(Shared(worker.clone()))
+        .worker(match layers {
+            true => five_layers(Shared(worker.clone())),
+            false => Registration::new(Shared(worker.clone())),
+        })
         .start()
         .await
         .expect("runtime starts");
@@ -304,6 +330,7 @@ fn child(args: &[String]) {
     let queue = arg("--queue").expect("--queue");
     let count: u64 = arg("--count").expect("--count").parse().unwrap();
     let fail_every = arg("--fail-every").map(|v| v.parse().unwrap());
+    let layers = args.iter().any(|a| a == "--layers");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -312,7 +339,7 @@ fn child(args: &[String]) {
     rt.block_on(async {
         match imp.as_str() {
             "raw" => consume_raw(&queue, count).await,
-            _ => consume_rabbitry(&exchange, &queue, count, fail_every).await,
+            _ => consume_rabbitry(&exchange, &queue, count, fail_every, layers).await,
         }
     });
 }
@@ -628,7 +655,13 @@ struct Child {
     lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 }
 
-async fn spawn_consumer(imp: Imp, names: &Names, count: u64, fail_every: Option<u64>) -> Child {
+async fn spawn_consumer(
+    imp: Imp,
+    names: &Names,
+    count: u64,
+    fail_every: Option<u64>,
+    layers: bool,
+) -> Child {
     let mut command = tokio::process::Command::new(std::env::current_exe().unwrap());
     command.args([
         "--child",
@@ -643,6 +676,9 @@ async fn spawn_consumer(imp: Imp, names: &Names, count: u64, fail_every: Option<
     ]);
     if let Some(k) = fail_every {
         command.args(["--fail-every", &k.to_string()]);
+    }
+    if layers {
+        command.arg("--layers");
     }
     let mut process = command
         .stdout(Stdio::piped())
@@ -697,7 +733,7 @@ async fn round(round: usize, count: u64, samples: &mut Samples) {
         declare(imp, &names).await;
         let rate = publish(imp, &names, count).await;
         samples.add("publish", imp, rate);
-        let consumed = finish(spawn_consumer(imp, &names, count, None).await).await;
+        let consumed = finish(spawn_consumer(imp, &names, count, None, false).await).await;
         samples.add("consume", imp, consumed.handled as f64 / consumed.secs);
         samples.add(
             "cpu_us",
@@ -708,7 +744,9 @@ async fn round(round: usize, count: u64, samples: &mut Samples) {
         if imp == Imp::Rabbitry {
             declare(imp, &names).await;
             samples.add("publish_batch", imp, publish_batch(&names, count).await);
-            finish(spawn_consumer(imp, &names, count, None).await).await;
+            // The same pre-filled queue, consumed through five layers.
+            let layered = finish(spawn_consumer(imp, &names, count, None, true).await).await;
+            add_layered(samples, &layered);
         }
         cleanup(&names).await;
         // Sustained publishing from one task, into an empty queue as above.
@@ -735,7 +773,7 @@ async fn round(round: usize, count: u64, samples: &mut Samples) {
         for (what, fail_every) in runs {
             let names = Names::new(imp, round);
             declare(imp, &names).await;
-            let child = spawn_consumer(imp, &names, count, fail_every).await;
+            let child = spawn_consumer(imp, &names, count, fail_every, false).await;
             let (started, broker_cpu) = (Instant::now(), broker_cpu_seconds());
             publish(imp, &names, count).await;
             let consumed = finish(child).await;
@@ -763,6 +801,79 @@ async fn round(round: usize, count: u64, samples: &mut Samples) {
         }
         eprintln!("round {round}: {} done", imp.name());
     }
+}
+
+fn add_layered(samples: &mut Samples, consumed: &Consumed) {
+    let rate = consumed.handled as f64 / consumed.secs;
+    samples.add("consume_layers", Imp::Rabbitry, rate);
+    let cpu = consumed.cpu_secs * 1e6 / consumed.handled as f64;
+    samples.add("cpu_us_layers", Imp::Rabbitry, cpu);
+}
+
+/// The middleware rows: rabbitry's worker through five layers against the bare worker.
+fn layers_table(samples: &Samples) {
+    let get = |what| samples.median(what, Imp::Rabbitry);
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "—".into(),
+    };
+    let fmt =
+        |v: Option<f64>, digits: usize| v.map_or("—".to_string(), |v| format!("{v:.digits$}"));
+    println!();
+    println!(
+        "| middleware (consume from a pre-filled queue) | bare worker | five layers | layers / bare | target |"
+    );
+    println!("|---|---:|---:|---:|---|");
+    println!(
+        "| msgs/s | {} | {} | {} | >= 0.90 |",
+        fmt(get("consume"), 0),
+        fmt(get("consume_layers"), 0),
+        ratio(get("consume_layers"), get("consume"))
+    );
+    println!(
+        "| consumer CPU per message, µs | {} | {} | {} | <= 1.50 |",
+        fmt(get("cpu_us"), 2),
+        fmt(get("cpu_us_layers"), 2),
+        ratio(get("cpu_us_layers"), get("cpu_us"))
+    );
+}
+
+/// Only the middleware comparison: bare and layered consumers of the same pre-filled
+/// queue size, alternating which goes first.
+async fn layers_only(count: u64, rounds: usize) -> Samples {
+    let mut samples = Samples::default();
+    for round in 1..=rounds {
+        let order = if round % 2 == 1 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for layers in order {
+            let names = Names::new(Imp::Rabbitry, round);
+            declare(Imp::Rabbitry, &names).await;
+            publish(Imp::Rabbitry, &names, count).await;
+            let consumed =
+                finish(spawn_consumer(Imp::Rabbitry, &names, count, None, layers).await).await;
+            match layers {
+                true => add_layered(&mut samples, &consumed),
+                false => {
+                    samples.add(
+                        "consume",
+                        Imp::Rabbitry,
+                        consumed.handled as f64 / consumed.secs,
+                    );
+                    samples.add(
+                        "cpu_us",
+                        Imp::Rabbitry,
+                        consumed.cpu_secs * 1e6 / consumed.handled as f64,
+                    );
+                }
+            }
+            cleanup(&names).await;
+        }
+        eprintln!("round {round} done");
+    }
+    samples
 }
 
 fn table(samples: &Samples, count: u64, rounds: usize) {
@@ -943,6 +1054,13 @@ fn main() {
         );
         return;
     }
+    if args.iter().any(|a| a == "--layers-only") {
+        // The middleware comparison alone (also part of the full run).
+        let samples = rt.block_on(layers_only(count, rounds));
+        println!("{count} events per measurement; median of {rounds} round(s)");
+        layers_table(&samples);
+        return;
+    }
     if args.iter().any(|a| a == "--publish-only") {
         // A quick look at publishing from one task: rate and the publishing process's CPU
         // per message, for each client (or `--only lapin|rabbitry|amqprs`), alternating who
@@ -961,4 +1079,5 @@ fn main() {
         }
     });
     table(&samples, count, rounds);
+    layers_table(&samples);
 }

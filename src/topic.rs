@@ -4,6 +4,9 @@
 /// Whether routing key `key` matches binding pattern `pattern`. Linear in the product of
 /// the word counts, whatever the pattern (a pattern may come from configuration).
 pub(crate) fn matches(pattern: &str, key: &str) -> bool {
+    if !pattern.contains(['*', '#']) {
+        return pattern == key;
+    }
     let key: Vec<&str> = key.split('.').collect();
     // reach[i]: the pattern words so far can consume exactly the first i key words.
     let mut reach = vec![false; key.len() + 1];

@@ -292,3 +292,41 @@ async fn a_resume_that_cannot_start_the_consumer_keeps_trying() {
     assert_eq!(broker.handled("payments.gateway").len(), 1);
     rt.shutdown().await;
 }
+
+/// Accepts every charge, ten at a time per second at most.
+struct Throttled;
+
+impl Worker for Throttled {
+    type Event = Charge;
+    fn subscription(&self) -> Subscription {
+        Subscription::new("payments.throttled").bind(Charge::TYPE)
+    }
+    async fn handle(&self, _: Delivery<Charge>, _: &Context) -> Outcome {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rate_limit_spaces_deliveries_exactly_and_instantly_in_paused_time() {
+    use rabbitry::middleware::RateLimitLayer;
+    use rabbitry::{Rate, Registration};
+
+    let broker = TestBroker::new();
+    let limited = Registration::new(Throttled)
+        .layer(RateLimitLayer::new(Rate::per_second(10).unwrap().burst(2)));
+    let rt = broker.runtime().worker(limited).start().await.unwrap();
+    for id in 0..6 {
+        broker.publish(&Charge { id, cents: -1 }).await.unwrap();
+    }
+    broker.idle().await;
+    let handled = broker.handled("payments.throttled");
+    assert_eq!(handled.len(), 6);
+    // A burst of two at once, then one every 100 ms, to the millisecond.
+    let gaps: Vec<u128> = handled
+        .windows(2)
+        .map(|w| (w[1].at - w[0].at).as_millis())
+        .collect();
+    assert_eq!(gaps, [0, 100, 100, 100, 100]);
+    assert!(broker.retried("payments.throttled").is_empty());
+    rt.shutdown().await;
+}

@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
+use tracing::warn;
 
 use crate::disposition::Disposition;
 use crate::message::Message;
@@ -94,15 +95,26 @@ impl OrderKey {
 pub struct OrderedLayer {
     key: OrderKey,
     wait: Duration,
+    give_up: Duration,
 }
 
 impl OrderedLayer {
-    /// Order by `key`. Deferred messages wait at least a second each time.
+    /// Order by `key`. Deferred messages wait at least a second each time; a retried
+    /// message that has not come back within an hour no longer holds its key.
     pub fn new(key: OrderKey) -> OrderedLayer {
         OrderedLayer {
             key,
             wait: Duration::from_secs(1),
+            give_up: Duration::from_secs(3600),
         }
+    }
+
+    /// How long a key waits for its retried message before going on without it (it was
+    /// perhaps purged from its delay queue, or taken by another process). Make it longer
+    /// than the worker's longest retry delay.
+    pub fn give_up_after(mut self, limit: Duration) -> OrderedLayer {
+        self.give_up = limit;
+        self
     }
 
     /// How long a deferred message waits in the broker before it is looked at again, at
@@ -121,6 +133,7 @@ impl<S> Layer<S> for OrderedLayer {
             inner,
             key: Arc::new(self.key.clone()),
             wait: self.wait,
+            give_up: self.give_up,
             lanes: Arc::default(),
         }
     }
@@ -137,6 +150,8 @@ struct Lane {
     out: VecDeque<String>,
     /// When the oldest is expected back, if known.
     due: Option<Instant>,
+    /// Since when the oldest has been out.
+    since: Option<Instant>,
 }
 
 type Lanes = Arc<Mutex<HashMap<String, Lane>>>;
@@ -147,6 +162,7 @@ pub struct Ordered<S> {
     inner: S,
     key: Arc<OrderKey>,
     wait: Duration,
+    give_up: Duration,
     lanes: Lanes,
 }
 
@@ -218,7 +234,7 @@ where
             key,
             _done: done,
         };
-        let min_wait = self.wait;
+        let (min_wait, give_up) = (self.wait, self.give_up);
         Box::pin(async move {
             if let Some(previous) = previous {
                 // Err: the previous message is done (its sender was dropped).
@@ -229,18 +245,27 @@ where
             let turn = {
                 let mut all = lock(lanes);
                 let lane = all.entry(key.clone()).or_default();
+                let now = Instant::now();
+                if lane.out.front().is_some_and(|front| *front != id)
+                    && lane.since.is_some_and(|since| now.duration_since(since) > give_up)
+                {
+                    let lost = lane.out.pop_front();
+                    warn!(key = %key, message_id = ?lost, "a retried message did not come back in time; its key goes on without it");
+                    lane.since = lane.out.front().map(|_| now);
+                    lane.due = None;
+                }
                 match lane.out.front() {
                     None => Turn::Run,
                     Some(front) if *front == id => {
                         lane.out.pop_front();
                         lane.due = None;
+                        lane.since = lane.out.front().map(|_| now);
                         Turn::Run
                     }
                     Some(_) => {
                         if !lane.out.contains(&id) {
                             lane.out.push_back(id.clone());
                         }
-                        let now = Instant::now();
                         let left = lane
                             .due
                             .map_or(Duration::ZERO, |d| d.saturating_duration_since(now));
@@ -263,8 +288,10 @@ where
                         // It comes back from its delay queue; the key waits for it.
                         let mut all = lock(lanes);
                         let lane = all.entry(key.clone()).or_default();
+                        let now = Instant::now();
                         lane.out.push_front(id);
-                        lane.due = after.map(|a| Instant::now() + a);
+                        lane.due = after.and_then(|a| now.checked_add(a));
+                        lane.since = Some(now);
                     }
                     disposition
                 }
@@ -272,5 +299,89 @@ where
             drop(admitted);
             Ok(disposition)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Metadata;
+    use lapin::BasicProperties;
+    use lapin::types::FieldTable;
+    use tower::ServiceExt;
+
+    fn message(id: &str, key: &str) -> Message {
+        let mut headers = FieldTable::default();
+        headers.insert("k".into(), crate::headers::string(key));
+        let props = BasicProperties::default()
+            .with_message_id(id.into())
+            .with_headers(headers);
+        let meta = Metadata::new("q".into(), "e".into(), "r".into(), false, props);
+        Message::new(Arc::new(meta), bytes::Bytes::from_static(b"{}"))
+    }
+
+    fn kind(d: &Disposition) -> &'static str {
+        match d {
+            Disposition::Ack => "ack",
+            Disposition::Retry { .. } => "retry",
+            Disposition::Defer { .. } => "defer",
+            _ => "other",
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_waits_for_its_retried_message_then_gives_up_on_a_lost_one() {
+        // "a1" fails; everything else succeeds.
+        let inner = tower::service_fn(|m: Message| async move {
+            Ok::<_, Infallible>(match m.metadata().message_id() {
+                "a1" => Disposition::retry("busy"),
+                _ => Disposition::Ack,
+            })
+        });
+        let layer = OrderedLayer::new(OrderKey::Header("k".into()))
+            .give_up_after(Duration::from_secs(60));
+        let mut svc = layer.layer(inner);
+        let mut run = async |id: &str, key: &str| {
+            let d = svc.ready().await.unwrap().call(message(id, key)).await.unwrap();
+            kind(&d)
+        };
+        assert_eq!(run("a1", "a").await, "retry");
+        assert_eq!(run("a2", "a").await, "defer", "a2 waits for a1");
+        assert_eq!(run("b1", "b").await, "ack", "other keys go on");
+        assert_eq!(run("a2", "a").await, "defer", "still a1's turn");
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(run("a2", "a").await, "ack", "a1 never came back: the key goes on");
+        assert_eq!(run("a3", "a").await, "ack");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_returning_head_runs_and_releases_the_rest_in_order() {
+        let inner = tower::service_fn(|m: Message| async move {
+            let first_try = m.metadata().attempt() == 1;
+            Ok::<_, Infallible>(match (m.metadata().message_id(), first_try) {
+                ("a1", true) => Disposition::retry("busy"),
+                _ => Disposition::Ack,
+            })
+        });
+        let mut svc = OrderedLayer::new(OrderKey::Header("k".into())).layer(inner);
+        let mut run = async |m: Message| {
+            let d = svc.ready().await.unwrap().call(m).await.unwrap();
+            kind(&d)
+        };
+        assert_eq!(run(message("a1", "a")).await, "retry");
+        assert_eq!(run(message("a2", "a")).await, "defer");
+        assert_eq!(run(message("a3", "a")).await, "defer");
+        // a3 comes back first: not its turn.
+        assert_eq!(run(message("a3", "a")).await, "defer");
+        let mut retried = message("a1", "a");
+        retried.set_header(crate::headers::RETRY_COUNT, lapin::types::AMQPValue::LongLongInt(1));
+        // The attempt is computed on receipt: build the returning copy as the broker would.
+        let (meta, body) = retried.into_parts();
+        let meta = Metadata::new("q".into(), "e".into(), "r".into(), false, meta.properties().clone());
+        assert_eq!(run(Message::new(Arc::new(meta), body)).await, "ack");
+        assert_eq!(run(message("a3", "a")).await, "defer", "a2 is next, not a3");
+        assert_eq!(run(message("a2", "a")).await, "ack");
+        assert_eq!(run(message("a3", "a")).await, "ack");
+        assert!(svc.lanes.lock().unwrap().is_empty(), "an idle key leaves nothing behind");
     }
 }

@@ -111,25 +111,27 @@ impl UpcastLayer {
         self
     }
 
-    /// The version of `message`, or why it cannot be upcast.
-    fn upcast(&self, message: &mut Message) -> Result<(), String> {
+    /// Bring `message` to the target version, or say what to do with it instead.
+    fn upcast(&self, message: &mut Message) -> Result<(), Disposition> {
         let (event_type, target) = (&self.event_type, self.version);
-        let version = supported_version(message.metadata(), event_type, target)?;
+        let unsupported = |reason| Disposition::dead_letter(FailureKind::UnsupportedVersion, reason);
+        let version = supported_version(message.metadata(), event_type, target).map_err(unsupported)?;
         if version == target {
             return Ok(());
         }
         if let Some(gap) = (version..target).find(|v| !self.steps.contains_key(v)) {
-            return Err(format!(
+            return Err(unsupported(format!(
                 "{event_type} is version {version}; no upcaster from version {gap} to {}",
                 gap + 1
-            ));
+            )));
         }
-        let mut payload = payload_of(message).map_err(|_| "body is not JSON".to_owned())?;
+        let mut payload = payload_of(message)?;
         for v in version..target {
             payload = (self.steps[&v])(payload);
         }
-        let body = serde_json::to_vec(&payload)
-            .map_err(|e| format!("the upcast payload cannot be serialized: {e}"))?;
+        let body = serde_json::to_vec(&payload).map_err(|e| {
+            Disposition::retry(format!("the upcast payload cannot be serialized: {e}"))
+        })?;
         message.set_body(body);
         message.set_header(
             headers::EVENT_VERSION,
@@ -202,13 +204,7 @@ where
         }
         match self.layer.upcast(&mut message) {
             Ok(()) => Either::Right(self.inner.call(message)),
-            Err(reason) => {
-                let kind = match reason.as_str() {
-                    "body is not JSON" => FailureKind::Undecodable,
-                    _ => FailureKind::UnsupportedVersion,
-                };
-                Either::Left(ready(Ok(Disposition::dead_letter(kind, reason))))
-            }
+            Err(instead) => Either::Left(ready(Ok(instead))),
         }
     }
 }
