@@ -247,7 +247,9 @@ where
                 let lane = all.entry(key.clone()).or_default();
                 let now = Instant::now();
                 if lane.out.front().is_some_and(|front| *front != id)
-                    && lane.since.is_some_and(|since| now.duration_since(since) > give_up)
+                    && lane
+                        .since
+                        .is_some_and(|since| now.duration_since(since) > give_up)
                 {
                     let lost = lane.out.pop_front();
                     warn!(key = %key, message_id = ?lost, "a retried message did not come back in time; its key goes on without it");
@@ -338,11 +340,17 @@ mod tests {
                 _ => Disposition::Ack,
             })
         });
-        let layer = OrderedLayer::new(OrderKey::Header("k".into()))
-            .give_up_after(Duration::from_secs(60));
+        let layer =
+            OrderedLayer::new(OrderKey::Header("k".into())).give_up_after(Duration::from_secs(60));
         let mut svc = layer.layer(inner);
         let mut run = async |id: &str, key: &str| {
-            let d = svc.ready().await.unwrap().call(message(id, key)).await.unwrap();
+            let d = svc
+                .ready()
+                .await
+                .unwrap()
+                .call(message(id, key))
+                .await
+                .unwrap();
             kind(&d)
         };
         assert_eq!(run("a1", "a").await, "retry");
@@ -350,7 +358,11 @@ mod tests {
         assert_eq!(run("b1", "b").await, "ack", "other keys go on");
         assert_eq!(run("a2", "a").await, "defer", "still a1's turn");
         tokio::time::advance(Duration::from_secs(61)).await;
-        assert_eq!(run("a2", "a").await, "ack", "a1 never came back: the key goes on");
+        assert_eq!(
+            run("a2", "a").await,
+            "ack",
+            "a1 never came back: the key goes on"
+        );
         assert_eq!(run("a3", "a").await, "ack");
     }
 
@@ -374,14 +386,26 @@ mod tests {
         // a3 comes back first: not its turn.
         assert_eq!(run(message("a3", "a")).await, "defer");
         let mut retried = message("a1", "a");
-        retried.set_header(crate::headers::RETRY_COUNT, lapin::types::AMQPValue::LongLongInt(1));
+        retried.set_header(
+            crate::headers::RETRY_COUNT,
+            lapin::types::AMQPValue::LongLongInt(1),
+        );
         // The attempt is computed on receipt: build the returning copy as the broker would.
         let (meta, body) = retried.into_parts();
-        let meta = Metadata::new("q".into(), "e".into(), "r".into(), false, meta.properties().clone());
+        let meta = Metadata::new(
+            "q".into(),
+            "e".into(),
+            "r".into(),
+            false,
+            meta.properties().clone(),
+        );
         assert_eq!(run(Message::new(Arc::new(meta), body)).await, "ack");
         assert_eq!(run(message("a3", "a")).await, "defer", "a2 is next, not a3");
         assert_eq!(run(message("a2", "a")).await, "ack");
         assert_eq!(run(message("a3", "a")).await, "ack");
-        assert!(svc.lanes.lock().unwrap().is_empty(), "an idle key leaves nothing behind");
+        assert!(
+            svc.lanes.lock().unwrap().is_empty(),
+            "an idle key leaves nothing behind"
+        );
     }
 }

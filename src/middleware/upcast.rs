@@ -114,8 +114,10 @@ impl UpcastLayer {
     /// Bring `message` to the target version, or say what to do with it instead.
     fn upcast(&self, message: &mut Message) -> Result<(), Disposition> {
         let (event_type, target) = (&self.event_type, self.version);
-        let unsupported = |reason| Disposition::dead_letter(FailureKind::UnsupportedVersion, reason);
-        let version = supported_version(message.metadata(), event_type, target).map_err(unsupported)?;
+        let unsupported =
+            |reason| Disposition::dead_letter(FailureKind::UnsupportedVersion, reason);
+        let version =
+            supported_version(message.metadata(), event_type, target).map_err(unsupported)?;
         if version == target {
             return Ok(());
         }
