@@ -16,7 +16,7 @@ use rabbitry::middleware::{
 };
 use rabbitry::observe::{Handling, Observer, Settled};
 use rabbitry::prelude::*;
-use rabbitry::{BatchSize, BatchWorker, Condition, ContentRouter, Rate, Registration, Router};
+use rabbitry::{BatchLimits, BatchWorker, Condition, ContentRouter, Rate, Registration, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::Notify;
@@ -198,8 +198,8 @@ impl BatchWorker for Analytics {
         Subscription::new("demo.pipeline.analytics").bind(PageView::TYPE)
     }
 
-    fn batch(&self) -> BatchSize {
-        BatchSize::new(10, Duration::from_millis(200))
+    fn batch(&self) -> BatchLimits {
+        BatchLimits::new(10, Duration::from_millis(200))
     }
 
     async fn handle(&self, batch: Vec<Delivery<PageView>>, _ctx: &Context) -> Vec<Outcome> {

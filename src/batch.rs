@@ -17,26 +17,27 @@ use tracing::error;
 use crate::context::Context;
 use crate::disposition::Disposition;
 use crate::event::Delivery;
+use crate::lock;
 use crate::message::Message;
 use crate::middleware::WorkerService;
 use crate::outcome::{FailureKind, Outcome};
 use crate::publisher::Publisher;
-use crate::registration::Registration;
+use crate::registration::{Registration, decode};
 use crate::worker::Subscription;
 
 /// How a [`BatchWorker`] batches: at most `size` deliveries, and no delivery waits more
 /// than `wait` for the batch to fill.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BatchSize {
+pub struct BatchLimits {
     size: usize,
     wait: Duration,
 }
 
-impl BatchSize {
+impl BatchLimits {
     /// Up to `size` deliveries (at least 1), or whatever arrived within `wait` of the
     /// first.
-    pub fn new(size: usize, wait: Duration) -> BatchSize {
-        BatchSize {
+    pub fn new(size: usize, wait: Duration) -> BatchLimits {
+        BatchLimits {
             size: size.max(1),
             wait,
         }
@@ -59,7 +60,7 @@ impl BatchSize {
 /// ```
 /// use std::time::Duration;
 /// use rabbitry::prelude::*;
-/// use rabbitry::{BatchSize, BatchWorker, Registration};
+/// use rabbitry::{BatchLimits, BatchWorker, Registration};
 ///
 /// #[derive(serde::Deserialize)]
 /// struct Reading { sensor: u32, value: f64 }
@@ -73,8 +74,8 @@ impl BatchSize {
 ///         Subscription::new("archive").bind("sensor.reading")
 ///     }
 ///
-///     fn batch(&self) -> BatchSize {
-///         BatchSize::new(500, Duration::from_millis(200))
+///     fn batch(&self) -> BatchLimits {
+///         BatchLimits::new(500, Duration::from_millis(200))
 ///     }
 ///
 ///     async fn handle(&self, batch: Vec<Delivery<Reading>>, _ctx: &Context) -> Vec<Outcome> {
@@ -106,8 +107,8 @@ pub trait BatchWorker: Send + Sync + 'static {
     fn subscription(&self) -> Subscription;
 
     /// How deliveries are batched (default: up to 100, waiting at most a second).
-    fn batch(&self) -> BatchSize {
-        BatchSize::new(100, Duration::from_secs(1))
+    fn batch(&self) -> BatchLimits {
+        BatchLimits::new(100, Duration::from_secs(1))
     }
 
     /// Handle one batch; return one outcome per delivery, in the same order. `ctx` is the
@@ -159,7 +160,7 @@ struct Slot<E> {
 struct Collector<W: BatchWorker> {
     worker: Arc<W>,
     publisher: Publisher,
-    limits: BatchSize,
+    limits: BatchLimits,
     timeout: Option<Duration>,
     open: Open<W::Event>,
 }
@@ -176,17 +177,9 @@ impl<W: BatchWorker> Clone for Collector<W> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl<W: BatchWorker> Collector<W> {
     /// Wait for the batch to fill or for the time to pass, then run it.
-    async fn lead(self, slot: Arc<Slot<W::Event>>) {
-        let guard = Closing {
-            open: self.open.clone(),
-            slot,
-        };
+    async fn lead(self, guard: Closing<W::Event>) {
         tokio::select! {
             () = guard.slot.full.notified() => {}
             () = tokio::time::sleep(self.limits.wait) => {}
@@ -272,20 +265,12 @@ impl<W: BatchWorker> Service<Message> for Collector<W> {
     }
 
     fn call(&mut self, message: Message) -> Self::Future {
-        let (metadata, body) = message.into_parts();
-        let event = match serde_json::from_slice::<W::Event>(&body) {
-            Ok(event) => event,
-            Err(e) => {
-                let reason = format!(
-                    "cannot decode the body as {}: {e}",
-                    std::any::type_name::<W::Event>()
-                );
-                let d = Disposition::dead_letter(FailureKind::Undecodable, reason);
-                return Box::pin(async move { Ok(d) });
-            }
+        let delivery = match decode::<W::Event>(message, std::any::type_name::<W::Event>()) {
+            Ok(delivery) => delivery,
+            Err(dead_letter) => return Box::pin(async move { Ok(dead_letter) }),
         };
         let (reply, outcome) = oneshot::channel();
-        let item = (Delivery::new(event, metadata, body), reply);
+        let item = (delivery, reply);
         let leads = {
             let mut open = lock(&self.open);
             match &*open {
@@ -313,10 +298,15 @@ impl<W: BatchWorker> Service<Message> for Collector<W> {
                 }
             }
         };
+        // Made now, not at the first poll: a leader dropped before it ran closes its batch.
+        let leads = leads.map(|slot| Closing {
+            open: self.open.clone(),
+            slot,
+        });
         let this = self.clone();
         Box::pin(async move {
-            if let Some(slot) = leads {
-                this.lead(slot).await;
+            if let Some(guard) = leads {
+                this.lead(guard).await;
             }
             // The batch was dropped (the runtime is stopping): try again later.
             Ok(outcome

@@ -205,9 +205,13 @@ impl Condition {
             Condition::Header { name, equals } => {
                 metadata.header_str(name) == Some(equals.as_str())
             }
-            Condition::Field { at, test } => payload
-                .and_then(|p| p.pointer(at))
-                .is_some_and(|value| test.passes(value)),
+            Condition::Field { at, test } => {
+                let value = payload.and_then(|p| p.pointer(at));
+                match test {
+                    Test::Exists(wanted) => payload.is_some() && value.is_some() == *wanted,
+                    _ => value.is_some_and(|value| test.passes(value)),
+                }
+            }
             Condition::All(all) => all.iter().all(|c| c.matches(metadata, payload)),
             Condition::Any(any) => any.iter().any(|c| c.matches(metadata, payload)),
             Condition::Not(c) => !c.matches(metadata, payload),
@@ -219,7 +223,7 @@ impl Test {
     fn passes(&self, value: &Value) -> bool {
         let number = || value.as_f64();
         match self {
-            Test::Exists(present) => *present,
+            Test::Exists(wanted) => *wanted,
             Test::Equals(expected) => value == expected,
             Test::In(values) => values.contains(value),
             Test::Gt(n) => number().is_some_and(|v| v > *n),
@@ -271,6 +275,10 @@ mod tests {
             Condition::field("/tags/0").equals("gift"),
             Condition::field("/country").exists(),
             Condition::field("/missing").exists().not(),
+            Condition::Field {
+                at: "/missing".into(),
+                test: Test::Exists(false),
+            },
             Condition::event_type("user.*").or(Condition::field("/total").ge(750.0)),
             Condition::All(vec![]),
         ];
@@ -284,6 +292,10 @@ mod tests {
             Condition::field("/total").lt(500.0),
             Condition::field("/country").gt(1.0),
             Condition::field("/missing").equals(json!(null)),
+            Condition::Field {
+                at: "/total".into(),
+                test: Test::Exists(false),
+            },
             Condition::field("/total")
                 .gt(500.0)
                 .and(Condition::app_id("x")),

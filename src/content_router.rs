@@ -21,7 +21,8 @@ use crate::publisher::Publisher;
 use crate::registration::Registration;
 use crate::worker::Subscription;
 
-/// The header a [`ContentRouter`] sets on what it sends on: its queue's name.
+/// The header a [`ContentRouter`] sets on what it sends on: the routers it went through,
+/// by queue name, comma-separated, in order.
 pub const ROUTED_BY: &str = "x-routed-by";
 
 /// One rule of a [`ContentRouter`]: events that meet `when` go on to routing key `to`.
@@ -69,9 +70,10 @@ impl Rule {
 ///
 /// Every matching rule sends one copy (a routing key once, however many rules name it);
 /// when none matches, the event goes to the [`otherwise`](ContentRouter::otherwise) key,
-/// or is skipped. Copies keep the body, message id, type, correlation id and headers, and
-/// get the header `x-routed-by` (the router's queue): a copy that comes back to the same
-/// router is skipped, so a rule cannot loop. A copy that no queue takes (unroutable)
+/// or is skipped. Copies keep the body, message id, type, correlation id and headers
+/// (less what retries and failures wrote), and list the routers they went through in
+/// `x-routed-by`: a copy that comes back to a router it already went through is skipped,
+/// so rules cannot loop, not even through several routers. A copy that no queue takes (unroutable)
 /// dead-letters the original with the reason, so nothing vanishes; a broker error retries
 /// it (copies already sent may then be sent again: consumers see at-least-once, as
 /// always).
@@ -113,6 +115,12 @@ impl ContentRouter {
 
     /// The first mistake in the rules, if any.
     fn problem(&self) -> Option<String> {
+        if self.subscription.queue().contains(',') {
+            return Some(
+                "a content router's queue name cannot contain ',' (x-routed-by lists routers by it)"
+                    .into(),
+            );
+        }
         if self.rules.is_empty() && self.otherwise.is_none() {
             return Some("the content router has no rules: add one with .rule(…)".into());
         }
@@ -216,9 +224,10 @@ impl Service<Message> for Route {
         let (table, publisher) = (self.table.clone(), self.publisher.clone());
         Box::pin(async move {
             let meta = message.metadata();
-            if meta.header_str(ROUTED_BY) == Some(&*table.name) {
+            let routed_by = meta.header_str(ROUTED_BY).unwrap_or("");
+            if routed_by.split(',').any(|r| r == &*table.name) {
                 return Ok(Disposition::skip(
-                    "already routed by this router (a rule's key is bound to its own queue)",
+                    "already routed by this router (a rule's key leads back to it)",
                 ));
             }
             let keys = match table.targets(&message) {
@@ -226,12 +235,17 @@ impl Service<Message> for Route {
                 Ok(keys) => keys,
                 Err(dead_letter) => return Ok(dead_letter),
             };
-            // A fresh event on its new key: what a retry here wrote is not carried over.
+            // A fresh event on its new key: what retries and failures wrote is not carried.
             let retry_marks = [
                 headers::ORIGINAL_EXCHANGE,
                 headers::ORIGINAL_ROUTING_KEY,
                 headers::ORIGINAL_QUEUE,
                 headers::RETRY_COUNT,
+                headers::FIRST_FAILURE_AT,
+                headers::LAST_FAILURE_AT,
+                headers::EXCEPTION_MESSAGE,
+                headers::EXCEPTION_KIND,
+                headers::HANDLER,
             ];
             let kept = meta.headers().map(|h| {
                 h.inner()
@@ -241,7 +255,11 @@ impl Service<Message> for Route {
                     .collect::<std::collections::BTreeMap<_, _>>()
             });
             let mut h = lapin::types::FieldTable::from(kept.unwrap_or_default());
-            headers::set(&mut h, ROUTED_BY, headers::string(&table.name));
+            let routers = match routed_by {
+                "" => table.name.to_string(),
+                earlier => format!("{earlier},{}", table.name),
+            };
+            headers::set(&mut h, ROUTED_BY, headers::string(&routers));
             let properties = meta
                 .properties()
                 .clone()

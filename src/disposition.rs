@@ -100,8 +100,6 @@ impl Disposition {
         }
     }
 
-    /// A failure of `kind` that is retried like a transient one (the kind is what the
-    /// headers and observers report: a panic, a timeout).
     /// Put the message back in the worker's queue after `after`, without counting an
     /// attempt: see [`Disposition::Defer`].
     pub fn defer(after: Duration, reason: impl Into<Cow<'static, str>>) -> Disposition {
@@ -111,6 +109,8 @@ impl Disposition {
         }
     }
 
+    /// A failure of `kind` that is retried like a transient one (the kind is what the
+    /// headers and observers report: a panic, a timeout).
     pub(crate) fn retry_as(kind: FailureKind, error: impl Into<BoxError>) -> Disposition {
         Disposition::Retry {
             after: None,

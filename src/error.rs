@@ -177,8 +177,8 @@ pub enum Error {
         cause: usize,
     },
 
-    /// An event breaks the JSON Schema registered for its type
-    /// ([`PublisherBuilder::schemas`](crate::PublisherBuilder::schemas)); nothing was sent.
+    /// An event breaks the JSON Schema registered for its type (with
+    /// `PublisherBuilder::schemas`, feature `schema`); nothing was sent.
     #[error("event '{event_type}' does not match its schema, so it was not sent: {reason}")]
     Invalid {
         /// The event type.

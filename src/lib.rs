@@ -215,7 +215,7 @@ mod topic;
 mod topology;
 mod worker;
 
-pub use batch::{BatchSize, BatchWorker};
+pub use batch::{BatchLimits, BatchWorker};
 pub use broker::{BrokerMessage, MemoryBroker, redact_url};
 pub use condition::{Condition, FieldCondition, Test};
 pub use content_router::{ContentRouter, ROUTED_BY, Rule};
@@ -248,6 +248,12 @@ pub mod prelude {
         Context, Delivery, Event, Failure, Outcome, Publisher, RetryPolicy, Runtime, Subscription,
         Worker,
     };
+}
+
+/// Lock `mutex`, also after a panic elsewhere poisoned it: rabbitry's locks guard plain
+/// bookkeeping that stays consistent between statements.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The message of a caught panic.

@@ -104,9 +104,10 @@ impl Metadata {
         }
     }
 
-    /// Whether the publisher gave the message an id. When it did not (bare AMQP clients
-    /// often do not), [`message_id`](Metadata::message_id) is one rabbitry made up on
-    /// receipt, different on every delivery, so it cannot tell a duplicate.
+    /// Whether the message arrived with an id. When it did not (bare AMQP clients often
+    /// send none), [`message_id`](Metadata::message_id) is one rabbitry made up on receipt,
+    /// different on every delivery of the original, so it cannot tell a duplicate (retry
+    /// and dead-letter copies carry the made-up id, so their deliveries do have one).
     pub fn has_message_id(&self) -> bool {
         self.generated_id.is_none()
     }
@@ -259,9 +260,10 @@ impl Message {
         self.body = body.into();
     }
 
-    /// Set header `key` to `value` on this message, for the layers below and the handler
-    /// (and on its retry and dead-letter copies). What the metadata computed on receipt —
-    /// the attempt, the original exchange and routing key — does not change.
+    /// Set header `key` to `value` on this message, for the layers below and the handler.
+    /// Retry and dead-letter copies carry the message as it was received, without it. What
+    /// the metadata computed on receipt — the attempt, the original exchange and routing
+    /// key — does not change.
     pub fn set_header(&mut self, key: &str, value: AMQPValue) {
         let metadata = Arc::make_mut(&mut self.metadata);
         let mut table = metadata.properties.headers().clone().unwrap_or_default();

@@ -45,6 +45,12 @@ impl Rate {
             )));
         }
         let interval = period / count;
+        if interval.is_zero() {
+            return Err(Error::Config(format!(
+                "a rate of {count} per {period:?} is faster than one a nanosecond: leave the \
+                 limit out instead"
+            )));
+        }
         if interval > MAX_INTERVAL {
             return Err(Error::Config(format!(
                 "a rate of {count} per {period:?} is slower than one a day, the slowest \
@@ -93,7 +99,7 @@ impl Limiter {
 
     /// Take a slot now, or say when one will be free.
     pub(crate) fn acquire(&self, now: Instant) -> std::result::Result<(), Instant> {
-        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = crate::lock(&self.next);
         let due = next.map_or(now, |t| t.max(now));
         let tolerance = self.rate.interval.saturating_mul(self.rate.burst - 1);
         let allowed_from = due.checked_sub(tolerance).unwrap_or(now);
@@ -145,7 +151,8 @@ mod tests {
         assert!(Rate::new(1, Duration::ZERO).is_err());
         assert!(Rate::new(1, Duration::MAX).is_err());
         assert!(Rate::new(1, Duration::from_secs(86_400)).is_ok());
-        let fast = Limiter::new(Rate::per_second(u32::MAX).unwrap().burst(u32::MAX));
+        assert!(Rate::per_second(u32::MAX).is_err());
+        let fast = Limiter::new(Rate::per_second(1_000_000_000).unwrap().burst(u32::MAX));
         let now = Instant::now();
         for _ in 0..1000 {
             assert_eq!(fast.acquire(now), Ok(()));

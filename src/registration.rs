@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
+use serde::de::DeserializeOwned;
 use tower::util::BoxCloneService;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -96,7 +97,8 @@ impl Registration {
     }
 
     /// A registration whose innermost service (made from the runtime's publisher) is
-    /// `make`'s, inside the subscription's handler timeout.
+    /// `make`'s, inside the subscription's handler timeout and a panic guard of its own (so
+    /// that a handler's panic reaches the worker's layers as a retry, not an unwinding).
     pub(crate) fn innermost<S, F>(
         subscription: Subscription,
         handler: &'static str,
@@ -109,7 +111,7 @@ impl Registration {
     {
         let timeout = subscription.timeout;
         Registration::from_build(subscription, handler, move |publisher| {
-            let service = make(publisher);
+            let service = CatchPanicLayer.layer(make(publisher));
             match timeout {
                 Some(limit) => BoxCloneService::new(TimeoutLayer::new(limit).layer(service)),
                 None => BoxCloneService::new(service),
@@ -186,6 +188,22 @@ impl<W: Worker> From<W> for Registration {
     }
 }
 
+/// `message`'s body decoded as `T` (named `type_name` in the reason), or its dead-letter
+/// (kind `undecodable`).
+pub(crate) fn decode<T: DeserializeOwned>(
+    message: Message,
+    type_name: &str,
+) -> Result<Delivery<T>, Disposition> {
+    let (metadata, body) = message.into_parts();
+    match serde_json::from_slice::<T>(&body) {
+        Ok(event) => Ok(Delivery::new(event, metadata, body)),
+        Err(e) => Err(Disposition::dead_letter(
+            FailureKind::Undecodable,
+            format!("cannot decode the body as {type_name}: {e}"),
+        )),
+    }
+}
+
 /// The innermost service: decodes the body into the worker's event type and runs the
 /// handler.
 struct Handler<W> {
@@ -215,19 +233,11 @@ impl<W: Worker> Service<Message> for Handler<W> {
         let worker = self.worker.clone();
         let publisher = self.publisher.clone();
         Box::pin(async move {
-            let (metadata, body) = message.into_parts();
-            let event = match serde_json::from_slice::<W::Event>(&body) {
-                Ok(event) => event,
-                Err(e) => {
-                    let reason = format!(
-                        "cannot decode the body as {}: {e}",
-                        std::any::type_name::<W::Event>()
-                    );
-                    return Ok(Disposition::dead_letter(FailureKind::Undecodable, reason));
-                }
+            let delivery = match decode::<W::Event>(message, std::any::type_name::<W::Event>()) {
+                Ok(delivery) => delivery,
+                Err(dead_letter) => return Ok(dead_letter),
             };
-            let ctx = Context::new(publisher, metadata.clone());
-            let delivery = Delivery::new(event, metadata, body);
+            let ctx = Context::new(publisher, delivery.metadata_arc());
             Ok(worker.handle(delivery, &ctx).await.into())
         })
     }

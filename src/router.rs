@@ -19,7 +19,7 @@ use crate::message::Message;
 use crate::middleware::supported_version;
 use crate::outcome::{FailureKind, Outcome};
 use crate::publisher::Publisher;
-use crate::registration::Registration;
+use crate::registration::{Registration, decode};
 use crate::worker::Subscription;
 
 type Route = Arc<dyn Fn(Message, Context) -> BoxFuture<'static, Disposition> + Send + Sync>;
@@ -101,19 +101,12 @@ impl Router {
         let route: Route = Arc::new(move |message: Message, ctx: Context| {
             let handler = handler.clone();
             Box::pin(async move {
-                let (metadata, body) = message.into_parts();
-                if let Err(reason) = supported_version(&metadata, E::TYPE, E::VERSION) {
+                if let Err(reason) = supported_version(message.metadata(), E::TYPE, E::VERSION) {
                     return Disposition::dead_letter(FailureKind::UnsupportedVersion, reason);
                 }
-                match serde_json::from_slice::<E>(&body) {
-                    Ok(event) => handler
-                        .handle(Delivery::new(event, metadata, body), ctx)
-                        .await
-                        .into(),
-                    Err(e) => Disposition::dead_letter(
-                        FailureKind::Undecodable,
-                        format!("cannot decode the body as {}: {e}", E::TYPE),
-                    ),
+                match decode::<E>(message, E::TYPE) {
+                    Ok(delivery) => handler.handle(delivery, ctx).await.into(),
+                    Err(dead_letter) => dead_letter,
                 }
             })
         });

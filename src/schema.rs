@@ -62,7 +62,10 @@ impl Schema {
     /// Compile `schema`. Fails with [`Error::Config`] when it is not a valid schema or
     /// refers to anything outside itself.
     pub fn from_json(schema: &Value) -> Result<Schema> {
-        let validator = jsonschema::validator_for(schema)
+        // Offline whatever features jsonschema was built with: nothing is ever fetched.
+        let validator = jsonschema::options()
+            .offline()
+            .build(schema)
             .map_err(|e| Error::Config(format!("invalid JSON Schema: {e}")))?;
         Ok(Schema {
             validator: Arc::new(validator),

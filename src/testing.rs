@@ -87,6 +87,7 @@ use crate::broker::{BrokerMessage, MemoryBroker};
 use crate::error::Result;
 use crate::event::Event;
 use crate::headers;
+use crate::lock;
 pub use crate::observe::Handling;
 use crate::observe::{Lifecycle, Observer, Settled};
 use crate::publisher::Publisher;
@@ -137,10 +138,6 @@ impl Observer for Recorder {
             *lock(&self.exchange) = Some((*exchange).to_owned());
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// An in-memory broker and a runtime wired to it, for testing workers. See the

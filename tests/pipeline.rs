@@ -18,7 +18,7 @@ use rabbitry::middleware::{
 use rabbitry::observe::Handling;
 use rabbitry::prelude::*;
 use rabbitry::{
-    BatchSize, BatchWorker, Condition, ContentRouter, Error, FailureKind, Rate, Registration,
+    BatchLimits, BatchWorker, Condition, ContentRouter, Error, FailureKind, Rate, Registration,
     Router, Schema, Schemas, Topology, headers,
 };
 use serde_json::{Value, json};
@@ -285,9 +285,29 @@ async fn an_invalid_payload_is_dead_lettered_with_readable_reasons_and_an_invali
         10,
         "the next valid event is the next one handled"
     );
+    // In a batch, the invalid event is refused by position and the others are sent.
+    let batch = [order(11), refund, order(12)];
+    match checked.publish_batch(&batch).await.unwrap_err() {
+        Error::Batch { total, failures } => {
+            assert_eq!(total, 3);
+            assert_eq!(failures.len(), 1, "{failures:?}");
+            assert_eq!(failures[0].0, 1);
+            assert!(
+                matches!(failures[0].1, Error::Invalid { .. }),
+                "{failures:?}"
+            );
+        }
+        other => panic!("expected Error::Batch, got {other:?}"),
+    }
+    let mut ids: Vec<u64> = seen.take(2).await.iter().map(|s| s.order_id()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [11, 12]);
     rt.shutdown().await;
     assert_eq!(env.ready(&queue).await, 0);
-    assert_eq!(journal.count(&queue, "handled"), 2);
+    assert_eq!(journal.count(&queue, "handled"), 4);
+    // Nothing refused at publish reached the broker: the only dead letter is the bare one.
+    assert_eq!(env.ready(&format!("{queue}.dlq")).await, 0);
+    assert_eq!(journal.count(&queue, "dead_lettered"), 1);
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -429,28 +449,16 @@ async fn old_versions_are_upcast_for_the_handler_and_a_too_new_one_is_dead_lette
 async fn a_rate_limit_holds_its_rate_and_loses_or_retries_nothing(env: TestEnv) {
     let journal = Arc::new(Journal::default());
     let queue = env.queue("mailer");
-    let (probe, mut seen) = env.probe(
-        Subscription::new(&queue)
-            .bind("mail.send")
-            .prefetch(5)
-            .concurrency(5),
-        |_| Ok(()),
-    );
+    let subscription = Subscription::new(&queue)
+        .bind("mail.send")
+        .prefetch(5)
+        .concurrency(5);
+    let (probe, mut seen) = env.probe(subscription.clone(), |_| Ok(()));
+    Topology::new(&env.exchange, [&subscription])
+        .declare(&env.url())
+        .await
+        .unwrap();
     let rate = Rate::per_second(20).unwrap().burst(2);
-    let rt = env
-        .builder()
-        .observer(journal.clone())
-        .worker(Registration::new(probe).layer(RateLimitLayer::new(rate)))
-        .start()
-        .await
-        .unwrap();
-    // The producer side is limited too.
-    let publisher = Publisher::builder(env.url())
-        .exchange(env.exchange.clone())
-        .rate_limit(rate)
-        .connect()
-        .await
-        .unwrap();
     #[derive(serde::Serialize)]
     struct Mail {
         n: u32,
@@ -458,11 +466,27 @@ async fn a_rate_limit_holds_its_rate_and_loses_or_retries_nothing(env: TestEnv) 
     impl Event for Mail {
         const TYPE: &'static str = "mail.send";
     }
+    // The producer side: a limited publisher fills the queue.
+    let publisher = Publisher::builder(env.url())
+        .exchange(env.exchange.clone())
+        .rate_limit(rate)
+        .connect()
+        .await
+        .unwrap();
     let started = Instant::now();
     for n in 0..12 {
         publisher.publish(&Mail { n }).await.unwrap();
     }
     let published_in = started.elapsed();
+    env.wait_until_ready(&queue, 12).await;
+    // The worker side: it starts on a full queue, so only its own limit spaces deliveries.
+    let rt = env
+        .builder()
+        .observer(journal.clone())
+        .worker(Registration::new(probe).layer(RateLimitLayer::new(rate)))
+        .start()
+        .await
+        .unwrap();
     let got = seen.take(12).await;
     let handled_in = got[11].at - got[0].at;
     // 12 messages at 20/s with a burst of 2: the last may go no sooner than 10 × 50 ms
@@ -479,7 +503,11 @@ async fn a_rate_limit_holds_its_rate_and_loses_or_retries_nothing(env: TestEnv) 
     ns.sort_unstable();
     assert_eq!(ns, (0..12).collect::<Vec<_>>());
     journal.wait_for(&queue, 12).await;
-    assert_eq!(journal.count(&queue, "handled"), 12);
+    assert_eq!(
+        journal.count(&queue, "handled"),
+        12,
+        "none retried, none lost"
+    );
     rt.shutdown().await;
     assert_eq!(env.ready(&queue).await, 0);
 }
@@ -492,9 +520,10 @@ async fn duplicates_are_skipped_and_a_retried_message_is_not_a_duplicate(env: Te
         .prefetch(1)
         .concurrency(1)
         .retry(RetryPolicy::exponential(Duration::from_millis(100)));
-    // The message "flaky" fails on its first attempt.
+    // "flaky" fails on its first attempt, "boom" panics on its first.
     let (probe, mut seen) = env.probe(subscription, |s| match (s.body["n"].as_str(), s.attempt) {
         (Some("flaky"), 1) => Err("downstream timeout".into()),
+        (Some("boom"), 1) => panic!("the handler panicked"),
         _ => Ok(()),
     });
     let rt = env
@@ -509,6 +538,8 @@ async fn duplicates_are_skipped_and_a_retried_message_is_not_a_duplicate(env: Te
         .await;
     env.publish_bare("payment.made", br#"{"n": "flaky"}"#, with_id("pay-2"))
         .await;
+    env.publish_bare("payment.made", br#"{"n": "boom"}"#, with_id("pay-4"))
+        .await;
     env.publish_bare("payment.made", br#"{"n": "a again"}"#, with_id("pay-1"))
         .await;
     let keyed = with_headers(with_id("pay-3"), &[("x-idempotency-key", text("pay-1"))]);
@@ -520,14 +551,20 @@ async fn duplicates_are_skipped_and_a_retried_message_is_not_a_duplicate(env: Te
     env.publish_bare("payment.made", br#"{"n": "anon"}"#, props("payment.made"))
         .await;
 
-    let settled = journal.wait_for(&queue, 7).await;
-    let got = seen.take(5).await;
+    let settled = journal.wait_for(&queue, 9).await;
+    let got = seen.take(7).await;
     let mut names: Vec<String> = got
         .iter()
         .map(|s| format!("{}#{}", s.body["n"].as_str().unwrap(), s.attempt))
         .collect();
     names.sort();
-    assert_eq!(names, ["a#1", "anon#1", "anon#1", "flaky#1", "flaky#2"]);
+    // The retries of "flaky" and of "boom" (after a panic) are handled, not skipped.
+    assert_eq!(
+        names,
+        [
+            "a#1", "anon#1", "anon#1", "boom#1", "boom#2", "flaky#1", "flaky#2"
+        ]
+    );
     let duplicates = settled
         .iter()
         .filter(
@@ -535,7 +572,7 @@ async fn duplicates_are_skipped_and_a_retried_message_is_not_a_duplicate(env: Te
         )
         .count();
     assert_eq!(duplicates, 2, "{settled:?}");
-    assert_eq!(journal.count(&queue, "retried"), 1);
+    assert_eq!(journal.count(&queue, "retried"), 2);
     rt.shutdown().await;
 }
 
@@ -657,7 +694,7 @@ async fn per_key_order_holds_through_a_retry_while_other_keys_proceed(env: TestE
         .bind("account.#")
         .prefetch(20)
         .concurrency(8)
-        .retry(RetryPolicy::exponential(Duration::from_millis(400)));
+        .retry(RetryPolicy::exponential(Duration::from_secs(2)));
     // A1 fails on its first attempt; its key must wait for it.
     let (probe, mut seen) = env.probe(subscription, |s| match (s.body["id"].as_str(), s.attempt) {
         (Some("A1"), 1) => Err("ledger locked".into()),
@@ -682,15 +719,31 @@ async fn per_key_order_holds_through_a_retry_while_other_keys_proceed(env: TestE
         );
         (id, p)
     };
-    for id in ["A1", "A2", "B1", "A3", "B2", "B3"] {
-        let (id, p) = publish(id);
-        env.publish_bare(
-            "account.entry",
-            json!({ "id": id }).to_string().as_bytes(),
-            p,
-        )
+    let send = async |ids: &[&'static str]| {
+        for id in ids {
+            let (id, p) = publish(id);
+            let body = json!({ "id": id }).to_string();
+            env.publish_bare("account.entry", body.as_bytes(), p).await;
+        }
+    };
+    send(&["A1", "A2"]).await;
+    // A1 is out in its retry queue (2 s) and A2 waits behind it…
+    journal
+        .wait_until(&queue, |done| {
+            let seen = |want: &str, deferred: bool| {
+                done.iter().any(|(id, h, _)| {
+                    id == want
+                        && match deferred {
+                            true => matches!(h, Handling::Deferred { .. }),
+                            false => matches!(h, Handling::Retried { .. }),
+                        }
+                })
+            };
+            seen("A1", false) && seen("A2", true)
+        })
         .await;
-    }
+    // …while other accounts go on.
+    send(&["B1", "A3", "B2", "B3"]).await;
     let got = seen.take(7).await;
     let order_of = |account: &str| -> Vec<String> {
         got.iter()
@@ -735,8 +788,8 @@ impl BatchWorker for Archive {
         self.subscription.clone()
     }
 
-    fn batch(&self) -> BatchSize {
-        BatchSize::new(5, Duration::from_millis(500))
+    fn batch(&self) -> BatchLimits {
+        BatchLimits::new(5, Duration::from_millis(500))
     }
 
     async fn handle(&self, batch: Vec<Delivery<OrderPlaced>>, _ctx: &Context) -> Vec<Outcome> {
@@ -952,7 +1005,41 @@ async fn conditional_routing_sends_each_event_to_the_consumers_its_rules_name(en
     );
 }
 
+async fn content_routers_that_lead_back_to_each_other_do_not_loop(env: TestEnv) {
+    let journal = Arc::new(Journal::default());
+    let (a, b) = (env.queue("ping"), env.queue("pong"));
+    let ping = Registration::from(
+        ContentRouter::new(Subscription::new(&a).bind("loop.ping")).otherwise("loop.pong"),
+    );
+    let pong = Registration::from(
+        ContentRouter::new(Subscription::new(&b).bind("loop.pong")).otherwise("loop.ping"),
+    );
+    env.track(ping.subscription());
+    env.track(pong.subscription());
+    let rt = env
+        .builder()
+        .observer(journal.clone())
+        .worker(ping)
+        .worker(pong)
+        .start()
+        .await
+        .unwrap();
+    env.publish_bare("loop.ping", b"{}", props("loop.ping"))
+        .await;
+    // ping routes it to pong, pong back to ping, and ping knows it: skipped.
+    let settled = journal.wait_for(&a, 2).await;
+    assert_eq!(settled[0].1, Handling::Handled);
+    assert!(
+        matches!(&settled[1].1, Handling::Skipped { reason } if reason.contains("already routed")),
+        "{settled:?}"
+    );
+    assert_eq!(journal.count(&b, "handled"), 1);
+    rt.shutdown().await;
+    assert_eq!(env.ready(&a).await + env.ready(&b).await, 0);
+}
+
 on_both_brokers!(
+    content_routers_that_lead_back_to_each_other_do_not_loop,
     a_filter_skips_what_it_does_not_keep_and_records_why,
     a_transform_rewrites_the_json_before_the_handler_sees_it,
     an_invalid_payload_is_dead_lettered_with_readable_reasons_and_an_invalid_publish_is_refused,

@@ -70,11 +70,7 @@ impl MemoryDedup {
 
     /// How many keys are remembered now.
     pub fn len(&self) -> usize {
-        self.seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys
-            .len()
+        crate::lock(&self.seen).keys.len()
     }
 
     /// Whether no key is remembered.
@@ -83,12 +79,14 @@ impl MemoryDedup {
     }
 
     fn claim_now(&self, key: &str, now: Instant) -> bool {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = crate::lock(&self.seen);
         let Seen { keys, order } = &mut *seen;
         // Forget what expired or does not fit. `order` may hold released keys and keys
         // claimed again later: only an entry whose time matches removes its key.
         while let Some((old, at)) = order.front() {
-            if now.duration_since(*at) < self.ttl && keys.len() < self.capacity {
+            let fresh = now.duration_since(*at) < self.ttl;
+            // Released keys leave stale entries behind: bound those too.
+            if fresh && keys.len() < self.capacity && order.len() <= 2 * self.capacity {
                 break;
             }
             if keys.get(old) == Some(at) {
@@ -130,11 +128,7 @@ impl DedupStore for MemoryDedup {
     }
 
     fn release<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BoxError>> {
-        self.seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys
-            .remove(key);
+        crate::lock(&self.seen).keys.remove(key);
         Box::pin(async { Ok(()) })
     }
 }
@@ -245,9 +239,7 @@ where
     }
 
     fn call(&mut self, message: Message) -> Self::Future {
-        // The inner service is ready now: take it, and leave a clone for the next call.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = super::take_ready(&mut self.inner);
         let store = self.store.clone();
         Box::pin(async move {
             let Some(key) = key_of(&message) else {
@@ -261,14 +253,44 @@ where
                     return Ok(Disposition::retry(reason));
                 }
             }
+            // Released unless the message was handled or skipped, also when this future is
+            // dropped or unwinds half-way (a panic below, the runtime stopping): the message
+            // comes back and must not be taken for a duplicate.
+            let mut claim = Claim {
+                store,
+                key: Some(key),
+            };
             let disposition = inner.call(message).await?;
-            if !matches!(disposition, Disposition::Ack | Disposition::Skip { .. })
-                && let Err(e) = store.release(&key).await
-            {
-                warn!(%key, error = %e, "could not release a de-duplication key; its retry may be skipped as a duplicate");
+            if matches!(disposition, Disposition::Ack | Disposition::Skip { .. }) {
+                claim.key = None;
+            } else if let Some(key) = claim.key.take() {
+                release(&*claim.store, &key).await;
             }
             Ok(disposition)
         })
+    }
+}
+
+/// A claimed key, released when dropped still holding it.
+struct Claim {
+    store: Arc<dyn DedupStore>,
+    key: Option<String>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let store = self.store.clone();
+            runtime.spawn(async move { release(&*store, &key).await });
+        }
+    }
+}
+
+async fn release(store: &dyn DedupStore, key: &str) {
+    if let Err(e) = store.release(key).await {
+        warn!(%key, error = %e, "could not release a de-duplication key; its retry may be skipped as a duplicate");
     }
 }
 

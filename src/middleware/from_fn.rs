@@ -95,8 +95,7 @@ where
     fn call(&mut self, message: Message) -> Self::Future {
         // The service that was polled ready goes to `next`; a fresh clone stays for the
         // following message.
-        let fresh = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, fresh);
+        let ready = super::take_ready(&mut self.inner);
         let next = Next {
             inner: BoxCloneService::new(ready),
         };

@@ -138,6 +138,13 @@ pub use validate::{Validate, ValidateLayer};
 use crate::disposition::Disposition;
 use crate::message::Message;
 
+/// Take the service that `poll_ready` made ready, and leave a clone in its place for the
+/// next call: what a layer does whose future calls the inner service later.
+pub(crate) fn take_ready<S: Clone>(service: &mut S) -> S {
+    let fresh = service.clone();
+    std::mem::replace(service, fresh)
+}
+
 /// A worker's whole stack, boxed: what runtime-wide layers wrap, and what a
 /// [`Registration`](crate::Registration)'s layers wrap.
 pub type WorkerService = tower::util::BoxCloneService<Message, Disposition, Infallible>;

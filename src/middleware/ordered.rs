@@ -17,6 +17,7 @@ use tower_service::Service;
 use tracing::warn;
 
 use crate::disposition::Disposition;
+use crate::lock;
 use crate::message::Message;
 
 /// Where [`OrderedLayer`] reads a message's ordering key.
@@ -154,7 +155,24 @@ struct Lane {
     since: Option<Instant>,
 }
 
-type Lanes = Arc<Mutex<HashMap<String, Lane>>>;
+type Lanes = Arc<Mutex<LaneMap>>;
+
+/// Every key's lane, and how many messages were admitted (to sweep now and then).
+#[derive(Default)]
+struct LaneMap {
+    lanes: HashMap<String, Lane>,
+    admitted: u64,
+}
+
+impl LaneMap {
+    /// Forget keys that hold nothing in flight and whose waiting messages were given up
+    /// on: their key never came back to notice.
+    fn sweep(&mut self, now: Instant, give_up: Duration) {
+        self.lanes.retain(|_, lane| {
+            lane.in_flight > 0 || lane.since.is_some_and(|s| now.duration_since(s) <= give_up)
+        });
+    }
+}
 
 /// The service of [`OrderedLayer`].
 #[derive(Clone)]
@@ -188,18 +206,14 @@ struct Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(lane) = lanes.get_mut(&self.key) {
+        let mut map = lock(&self.lanes);
+        if let Some(lane) = map.lanes.get_mut(&self.key) {
             lane.in_flight -= 1;
             if lane.in_flight == 0 && lane.out.is_empty() {
-                lanes.remove(&self.key);
+                map.lanes.remove(&self.key);
             }
         }
     }
-}
-
-fn lock(lanes: &Lanes) -> std::sync::MutexGuard<'_, HashMap<String, Lane>> {
-    lanes.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<S> Service<Message> for Ordered<S>
@@ -216,16 +230,19 @@ where
     }
 
     fn call(&mut self, message: Message) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = super::take_ready(&mut self.inner);
         let Some(key) = self.key.of(&message) else {
             return Box::pin(inner.call(message));
         };
         // Take a place in the lane now, in arrival order.
         let (done, signal) = oneshot::channel();
         let previous = {
-            let mut lanes = lock(&self.lanes);
-            let lane = lanes.entry(key.clone()).or_default();
+            let mut map = lock(&self.lanes);
+            map.admitted += 1;
+            if map.admitted % 4096 == 0 {
+                map.sweep(Instant::now(), self.give_up);
+            }
+            let lane = map.lanes.entry(key.clone()).or_default();
             lane.in_flight += 1;
             lane.tail.replace(signal)
         };
@@ -243,8 +260,8 @@ where
             let id = message.metadata().message_id().to_owned();
             let (lanes, key) = (&admitted.lanes, &admitted.key);
             let turn = {
-                let mut all = lock(lanes);
-                let lane = all.entry(key.clone()).or_default();
+                let mut map = lock(lanes);
+                let lane = map.lanes.entry(key.clone()).or_default();
                 let now = Instant::now();
                 if lane.out.front().is_some_and(|front| *front != id)
                     && lane
@@ -288,8 +305,8 @@ where
                         && !last
                     {
                         // It comes back from its delay queue; the key waits for it.
-                        let mut all = lock(lanes);
-                        let lane = all.entry(key.clone()).or_default();
+                        let mut map = lock(lanes);
+                        let lane = map.lanes.entry(key.clone()).or_default();
                         let now = Instant::now();
                         lane.out.push_front(id);
                         lane.due = after.and_then(|a| now.checked_add(a));
@@ -404,7 +421,7 @@ mod tests {
         assert_eq!(run(message("a2", "a")).await, "ack");
         assert_eq!(run(message("a3", "a")).await, "ack");
         assert!(
-            svc.lanes.lock().unwrap().is_empty(),
+            svc.lanes.lock().unwrap().lanes.is_empty(),
             "an idle key leaves nothing behind"
         );
     }

@@ -45,7 +45,7 @@ enum Step {
 ///
 /// let tidy = TransformLayer::new()
 ///     .rename("/mail", "/email")            // an old producer's field name
-///     .redact("/password")                  // never reaches the handler or the DLQ copy
+///     .redact("/password")                  // never reaches the handler
 ///     .set("/source", json!("legacy-crm"))  // enrich
 ///     .map(|user, meta| user["seen_by"] = json!(meta.queue()))
 ///     .when(Condition::app_id("legacy-crm"));
@@ -53,9 +53,11 @@ enum Step {
 /// # let _ = Runtime::builder().worker(crm);
 /// ```
 ///
-/// The rewritten body replaces the original for everything after this layer, including
-/// the retry and dead-letter copies. A body that is not JSON is dead-lettered (kind
-/// `undecodable`).
+/// The rewritten body replaces the original for everything after this layer. Retry and
+/// dead-letter copies carry the message as it was *received* (a retried message goes
+/// through this layer again), so a redaction here does not keep a value out of the
+/// dead-letter queue: redact at the producer for that. A body that is not JSON is
+/// dead-lettered (kind `undecodable`).
 #[derive(Clone, Default)]
 pub struct TransformLayer {
     steps: Arc<Vec<Step>>,

@@ -89,7 +89,6 @@ impl PublisherBuilder {
         self
     }
 
-    /// The runtime's observers, for its own publisher.
     /// Publish at most at `rate`: a publish waits for its slot (it is never refused).
     /// Limits this publisher's own publishes (and its clones'), not the runtime's retry and
     /// dead-letter copies.
@@ -107,6 +106,7 @@ impl PublisherBuilder {
         self
     }
 
+    /// The runtime's observers, for its own publisher.
     pub(crate) fn observers(mut self, observers: Vec<Arc<dyn Observer>>) -> Self {
         self.observers = observers;
         self

@@ -198,7 +198,12 @@ impl Publisher {
                     positions.push(i);
                 }
                 // Wrong with this one message: the others go on.
-                Err(e @ (Error::Serialize(_) | Error::BodyTooLarge { .. } | Error::Config(_))) => {
+                Err(
+                    e @ (Error::Serialize(_)
+                    | Error::BodyTooLarge { .. }
+                    | Error::Config(_)
+                    | Error::Invalid { .. }),
+                ) => {
                     ids.push(String::new());
                     refused.push((i, e));
                 }
@@ -237,19 +242,8 @@ impl Publisher {
         event: &E,
         options: &MessageOptions,
     ) -> Result<(Vec<u8>, BasicProperties, String)> {
-        let body = serde_json::to_vec(event).map_err(Error::Serialize)?;
+        let body = self.inner.body_of(event)?;
         self.inner.check_size(body.len())?;
-        #[cfg(feature = "schema")]
-        if let Some(schema) = self.inner.schemas.as_ref().and_then(|s| s.get(E::TYPE)) {
-            let value: serde_json::Value =
-                serde_json::from_slice(&body).map_err(Error::Serialize)?;
-            if let Err(violations) = schema.check(&value) {
-                return Err(Error::Invalid {
-                    event_type: E::TYPE.to_owned(),
-                    reason: violations.to_string(),
-                });
-            }
-        }
         let id = match &options.message_id {
             Some(id) => id.clone(),
             None => uuid::Uuid::now_v7().to_string(),
@@ -391,7 +385,22 @@ impl Inner {
         Ok(())
     }
 
-    /// Slot `i`, its channel reopened (on a fresh pooled connection) if it died.
+    /// `event` as JSON, checked against its type's schema if one was registered.
+    fn body_of<E: Event>(&self, event: &E) -> Result<Vec<u8>> {
+        #[cfg(feature = "schema")]
+        if let Some(schema) = self.schemas.as_ref().and_then(|s| s.get(E::TYPE)) {
+            let value = serde_json::to_value(event).map_err(Error::Serialize)?;
+            if let Err(violations) = schema.check(&value) {
+                return Err(Error::Invalid {
+                    event_type: E::TYPE.to_owned(),
+                    reason: violations.to_string(),
+                });
+            }
+            return serde_json::to_vec(&value).map_err(Error::Serialize);
+        }
+        serde_json::to_vec(event).map_err(Error::Serialize)
+    }
+
     /// Wait for the rate limit's next slot, if there is a limit.
     async fn pace(&self) {
         if let Some(limiter) = &self.limiter {
@@ -399,6 +408,7 @@ impl Inner {
         }
     }
 
+    /// Slot `i`, its channel reopened (on a fresh pooled connection) if it died.
     async fn slot(&self, i: usize) -> Result<Arc<Slot>> {
         let cell = &self.slots[i];
         if let Some(live) = cell.open() {

@@ -25,7 +25,7 @@ impl Returns {
         if !matches!(returned, Some(Some(_))) && self.pending.load(Ordering::Acquire) == 0 {
             return false;
         }
-        let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+        let mut orphans = crate::lock(&self.orphans);
         let unroutable = Self::settle_locked(&mut orphans, id, returned);
         self.pending.store(orphans.len(), Ordering::Release);
         unroutable

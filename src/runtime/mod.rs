@@ -418,7 +418,7 @@ impl Runtime {
     /// returns, no task of the runtime is left running.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
-        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let task = crate::lock(&self.task).take();
         match task {
             Some(task) => {
                 let _ = task.await;

@@ -58,10 +58,7 @@ impl WorkerEntry {
 
     /// A fresh handle on the worker's stack, for one consumer.
     pub(crate) fn service(&self) -> WorkerService {
-        self.service
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        crate::lock(&self.service).clone()
     }
 
     /// Declare this worker's part of the topology on `conn` (idempotent), reconciling what
@@ -245,22 +242,14 @@ impl Settling<'_> {
 
     async fn ensure_tier(&self, name: &str, ms: u64) -> Result<(), Error> {
         let shared = self.shared;
-        let known = shared
-            .extra_tiers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(name);
+        let known = crate::lock(&shared.extra_tiers).contains(name);
         if !known {
             let conn = shared.publisher.connection().await?;
             conn.on_channel(async |ch| {
                 topology::declare_retry_tier(ch, &self.entry.name, ms).await
             })
             .await?;
-            shared
-                .extra_tiers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(name.to_owned());
+            crate::lock(&shared.extra_tiers).insert(name.to_owned());
         }
         Ok(())
     }
@@ -268,11 +257,7 @@ impl Settling<'_> {
     async fn redeclare(&self) -> Result<(), Error> {
         let conn = self.shared.publisher.connection().await?;
         self.entry.declare(&conn, self.shared).await?;
-        self.shared
-            .extra_tiers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        crate::lock(&self.shared.extra_tiers).clear();
         Ok(())
     }
 }
@@ -284,7 +269,6 @@ pub(crate) async fn requeue_later() -> Settle {
     Settle::Requeue
 }
 
-/// The received properties with the failure headers of DESIGN.md added.
 /// The properties of a copy: the original's, with `x-retry-count` set to `retries`, where
 /// it came from, and — for a failure — what went wrong and when.
 fn copy_properties(

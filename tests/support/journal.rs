@@ -83,14 +83,23 @@ impl Journal {
 
     /// Wait until `worker` has `n` settlements; returns them.
     pub async fn wait_for(&self, worker: &str, n: usize) -> Vec<(String, Handling, u32)> {
+        self.wait_until(worker, |done| done.len() >= n).await
+    }
+
+    /// Wait until `worker`'s settlements so far meet `done`; returns them.
+    pub async fn wait_until(
+        &self,
+        worker: &str,
+        done: impl Fn(&[(String, Handling, u32)]) -> bool,
+    ) -> Vec<(String, Handling, u32)> {
         let wait = async {
             loop {
                 let changed = self.changed.notified();
                 tokio::pin!(changed);
                 changed.as_mut().enable();
-                let done = self.of(worker);
-                if done.len() >= n {
-                    return done;
+                let so_far = self.of(worker);
+                if done(&so_far) {
+                    return so_far;
                 }
                 changed.await;
             }
@@ -99,7 +108,7 @@ impl Journal {
             .await
             .unwrap_or_else(|_| {
                 panic!(
-                    "{n} settlements of {worker} within {PATIENCE:?}: {:?}",
+                    "{worker}'s settlements within {PATIENCE:?}: {:?}",
                     self.of(worker)
                 )
             })

@@ -40,7 +40,7 @@ pub(crate) struct Broker {
 impl Broker {
     /// The broker called `name`, created if it does not exist.
     fn named(name: &str) -> Arc<Broker> {
-        let mut registry = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+        let mut registry = crate::lock(&REGISTRY);
         if let Some(broker) = registry.get(name).and_then(Weak::upgrade) {
             return broker;
         }
@@ -55,7 +55,7 @@ impl Broker {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.state)
     }
 
     /// Run `op` on the state, then start expiry timers it asked for and wake the waiters.
