@@ -64,7 +64,7 @@ pub enum FailureKind {
     /// or encoding, or a body over the size limit.
     Undecodable,
     /// The payload is JSON but breaks the event's JSON Schema
-    /// ([`ValidateLayer`](crate::middleware::ValidateLayer)).
+    /// (`middleware::ValidateLayer`, feature `schema`).
     Invalid,
     /// The event's version (`x-event-version`) is newer than the handler knows, or no
     /// upcaster brings it to the handler's version

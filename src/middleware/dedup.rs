@@ -1,6 +1,7 @@
 //! Skip a message that was handled before.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::fmt;
@@ -39,6 +40,14 @@ pub trait DedupStore: Send + Sync + 'static {
 
     /// Forget `key`: its message failed and will come back.
     fn release<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BoxError>>;
+
+    /// Claim `key` at once, without waiting, if this store can: `Some` as `claim` would
+    /// answer. An in-memory store answers here and spares the boxed future; the default
+    /// (`None`) means "ask [`claim`](DedupStore::claim)".
+    fn claim_now(&self, key: &str) -> Option<bool> {
+        let _ = key;
+        None
+    }
 }
 
 /// The in-process [`DedupStore`]: the last `capacity` keys, each kept for `ttl`.
@@ -46,16 +55,20 @@ pub trait DedupStore: Send + Sync + 'static {
 /// A duplicate is caught if it arrives within `ttl` of the first and fewer than `capacity`
 /// other messages came between. Only this process sees it: with several processes on one
 /// queue, use a shared store.
+///
+/// Keys are kept as 128-bit hashes (SipHash with two random keys per store, so a producer
+/// cannot craft a collision), about 100 bytes per key in all.
 pub struct MemoryDedup {
     capacity: usize,
     ttl: Duration,
+    hashers: (RandomState, RandomState),
     seen: Mutex<Seen>,
 }
 
 #[derive(Default)]
 struct Seen {
-    keys: HashMap<Arc<str>, Instant>,
-    order: VecDeque<(Arc<str>, Instant)>,
+    keys: HashMap<u128, Instant>,
+    order: VecDeque<(u128, Instant)>,
 }
 
 impl MemoryDedup {
@@ -64,6 +77,7 @@ impl MemoryDedup {
         MemoryDedup {
             capacity: capacity.max(1),
             ttl,
+            hashers: (RandomState::new(), RandomState::new()),
             seen: Mutex::new(Seen::default()),
         }
     }
@@ -78,7 +92,13 @@ impl MemoryDedup {
         self.len() == 0
     }
 
-    fn claim_now(&self, key: &str, now: Instant) -> bool {
+    fn hash(&self, key: &str) -> u128 {
+        let (a, b) = &self.hashers;
+        (u128::from(a.hash_one(key)) << 64) | u128::from(b.hash_one(key))
+    }
+
+    fn claim_at(&self, key: &str, now: Instant) -> bool {
+        let key = self.hash(key);
         let mut seen = crate::lock(&self.seen);
         let Seen { keys, order } = &mut *seen;
         // Forget what expired or does not fit. `order` may hold released keys and keys
@@ -94,11 +114,10 @@ impl MemoryDedup {
             }
             order.pop_front();
         }
-        if keys.contains_key(key) {
+        if keys.contains_key(&key) {
             return false;
         }
-        let key: Arc<str> = key.into();
-        keys.insert(key.clone(), now);
+        keys.insert(key, now);
         order.push_back((key, now));
         true
     }
@@ -123,13 +142,18 @@ impl fmt::Debug for MemoryDedup {
 
 impl DedupStore for MemoryDedup {
     fn claim<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, BoxError>> {
-        let fresh = self.claim_now(key, Instant::now());
+        let fresh = self.claim_at(key, Instant::now());
         Box::pin(async move { Ok(fresh) })
     }
 
     fn release<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BoxError>> {
-        crate::lock(&self.seen).keys.remove(key);
+        let key = self.hash(key);
+        crate::lock(&self.seen).keys.remove(&key);
         Box::pin(async { Ok(()) })
+    }
+
+    fn claim_now(&self, key: &str) -> Option<bool> {
+        Some(self.claim_at(key, Instant::now()))
     }
 }
 
@@ -239,12 +263,20 @@ where
     }
 
     fn call(&mut self, message: Message) -> Self::Future {
-        let mut inner = super::take_ready(&mut self.inner);
+        let Some(key) = key_of(&message) else {
+            return Box::pin(self.inner.call(message));
+        };
         let store = self.store.clone();
+        // A store that answers at once: the inner service, ready now, is called now.
+        if let Some(fresh) = store.claim_now(&key) {
+            if !fresh {
+                return Box::pin(async { Ok(Disposition::skip("duplicate: handled before")) });
+            }
+            let handled = self.inner.call(message);
+            return Box::pin(settle(handled, Claim { store, key: Some(key) }));
+        }
+        let mut inner = super::take_ready(&mut self.inner);
         Box::pin(async move {
-            let Some(key) = key_of(&message) else {
-                return inner.call(message).await;
-            };
             match store.claim(&key).await {
                 Ok(true) => {}
                 Ok(false) => return Ok(Disposition::skip("duplicate: handled before")),
@@ -253,22 +285,30 @@ where
                     return Ok(Disposition::retry(reason));
                 }
             }
-            // Released unless the message was handled or skipped, also when this future is
-            // dropped or unwinds half-way (a panic below, the runtime stopping): the message
-            // comes back and must not be taken for a duplicate.
-            let mut claim = Claim {
+            let claim = Claim {
                 store,
                 key: Some(key),
             };
-            let disposition = inner.call(message).await?;
-            if matches!(disposition, Disposition::Ack | Disposition::Skip { .. }) {
-                claim.key = None;
-            } else if let Some(key) = claim.key.take() {
-                release(&*claim.store, &key).await;
-            }
-            Ok(disposition)
+            settle(inner.call(message), claim).await
         })
     }
+}
+
+/// Await the handling of a claimed message and keep the claim only if it was handled or
+/// skipped. Released otherwise — also when this future is dropped or unwinds half-way (a
+/// panic below, the runtime stopping): the message comes back and must not be taken for
+/// a duplicate.
+async fn settle<F>(handled: F, mut claim: Claim) -> Result<Disposition, Infallible>
+where
+    F: Future<Output = Result<Disposition, Infallible>>,
+{
+    let disposition = handled.await?;
+    if matches!(disposition, Disposition::Ack | Disposition::Skip { .. }) {
+        claim.key = None;
+    } else if let Some(key) = claim.key.take() {
+        release(&*claim.store, &key).await;
+    }
+    Ok(disposition)
 }
 
 /// A claimed key, released when dropped still holding it.
@@ -302,13 +342,13 @@ mod tests {
     fn keys_expire_and_the_oldest_make_room() {
         let seen = MemoryDedup::new(2, Duration::from_secs(60));
         let t0 = Instant::now();
-        assert!(seen.claim_now("a", t0));
-        assert!(!seen.claim_now("a", t0));
-        assert!(seen.claim_now("b", t0));
-        assert!(seen.claim_now("c", t0)); // "a" makes room
-        assert!(seen.claim_now("a", t0));
+        assert!(seen.claim_at("a", t0));
+        assert!(!seen.claim_at("a", t0));
+        assert!(seen.claim_at("b", t0));
+        assert!(seen.claim_at("c", t0)); // "a" makes room
+        assert!(seen.claim_at("a", t0));
         let later = t0 + Duration::from_secs(61);
-        assert!(seen.claim_now("c", later)); // expired
+        assert!(seen.claim_at("c", later)); // expired
         assert!(seen.len() <= 2);
     }
 
