@@ -330,3 +330,59 @@ async fn a_rate_limit_spaces_deliveries_exactly_and_instantly_in_paused_time() {
     assert!(broker.retried("payments.throttled").is_empty());
     rt.shutdown().await;
 }
+
+/// Publishes a `payment.charged` follow-up with whatever id the charge had.
+struct Confirmer;
+
+impl Worker for Confirmer {
+    type Event = Charge;
+    fn subscription(&self) -> Subscription {
+        Subscription::new("payments.confirmer")
+            .bind(Charge::TYPE)
+            .retry(RetryPolicy::none())
+    }
+    async fn handle(&self, charge: Delivery<Charge>, ctx: &Context) -> Outcome {
+        let followed = ctx
+            .message(&Charged { id: charge.id })
+            .allow_unroutable()
+            .send()
+            .await;
+        followed.map(drop).map_err(Failure::reject)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_invalid_follow_up_is_refused_to_the_handler_and_never_sent() {
+    use rabbitry::{Schema, Schemas};
+
+    // Charged ids must be below 100.
+    let schema = Schema::from_json(&serde_json::json!({
+        "type": "object",
+        "properties": { "id": { "type": "integer", "maximum": 99 } }
+    }))
+    .unwrap();
+    let broker = TestBroker::new();
+    let rt = broker
+        .runtime()
+        .schemas(Schemas::new().insert(Charged::TYPE, schema))
+        .worker(Confirmer)
+        .start()
+        .await
+        .unwrap();
+    broker.publish(&Charge { id: 7, cents: 1 }).await.unwrap();
+    broker.publish(&Charge { id: 700, cents: 1 }).await.unwrap();
+    broker.idle().await;
+    assert_eq!(
+        broker.published::<Charged>("payment.charged"),
+        [Charged { id: 7 }]
+    );
+    let dead = broker.dead_letters("payments.confirmer");
+    assert_eq!(dead.len(), 1);
+    let reason = dead[0].reason().unwrap();
+    assert!(reason.contains("does not match its schema"), "{reason}");
+    assert!(
+        reason.contains("/id: 700 is greater than the maximum of 99"),
+        "{reason}"
+    );
+    rt.shutdown().await;
+}

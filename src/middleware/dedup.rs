@@ -1,11 +1,11 @@
 //! Skip a message that was handled before.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, RandomState};
 use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -273,7 +273,13 @@ where
                 return Box::pin(async { Ok(Disposition::skip("duplicate: handled before")) });
             }
             let handled = self.inner.call(message);
-            return Box::pin(settle(handled, Claim { store, key: Some(key) }));
+            return Box::pin(settle(
+                handled,
+                Claim {
+                    store,
+                    key: Some(key),
+                },
+            ));
         }
         let mut inner = super::take_ready(&mut self.inner);
         Box::pin(async move {

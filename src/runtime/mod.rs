@@ -50,6 +50,8 @@ pub struct RuntimeBuilder {
     reconnect_min: Duration,
     reconnect_max: Duration,
     connection_name: String,
+    #[cfg(feature = "schema")]
+    schemas: Option<crate::schema::Schemas>,
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -125,6 +127,16 @@ impl RuntimeBuilder {
     /// incoming messages are dead-lettered as undecodable.
     pub fn max_body_bytes(mut self, max: usize) -> Self {
         self.max_body = max;
+        self
+    }
+
+    /// Check the events handlers publish (`ctx.publish`, the runtime's publisher) against
+    /// the schema of their type, as [`PublisherBuilder::schemas`](crate::PublisherBuilder::schemas)
+    /// does: an invalid follow-up is an [`Error::Invalid`] for the handler, and nothing is
+    /// sent. Retry and dead-letter copies are never checked (they are what was received).
+    #[cfg(feature = "schema")]
+    pub fn schemas(mut self, schemas: crate::schema::Schemas) -> Self {
+        self.schemas = Some(schemas);
         self
     }
 
@@ -227,8 +239,13 @@ impl RuntimeBuilder {
             .timeout(self.publish_timeout)
             .max_body_bytes(self.max_body)
             .connection_name(format!("{}:publisher", self.connection_name))
-            .observers(self.observers.clone())
-            .build();
+            .observers(self.observers.clone());
+        #[cfg(feature = "schema")]
+        let publisher = match &self.schemas {
+            Some(schemas) => publisher.schemas(schemas.clone()),
+            None => publisher,
+        };
+        let publisher = publisher.build();
         let publisher = match publisher {
             Ok(p) => p,
             Err(e) => {
@@ -369,6 +386,8 @@ impl Runtime {
             connection_name: format!("rabbitry:{exe}"),
             layers: Vec::new(),
             observers: Vec::new(),
+            #[cfg(feature = "schema")]
+            schemas: None,
         }
     }
 
