@@ -37,7 +37,7 @@ pub enum Condition {
     EventType(String),
     /// The `app_id` property (the publishing application) is this.
     AppId(String),
-    /// A header is present with this text value.
+    /// A header is present with this value (text, or a whole number written in decimal).
     Header {
         /// The header's name.
         name: String,
@@ -202,9 +202,12 @@ impl Condition {
         match self {
             Condition::EventType(pattern) => topic::matches(pattern, metadata.event_type()),
             Condition::AppId(app) => metadata.app_id() == Some(app.as_str()),
-            Condition::Header { name, equals } => {
-                metadata.header_str(name) == Some(equals.as_str())
-            }
+            Condition::Header { name, equals } => match metadata.header_str(name) {
+                Some(text) => text == equals,
+                None => metadata
+                    .header_u64(name)
+                    .is_some_and(|n| equals.parse() == Ok(n)),
+            },
             Condition::Field { at, test } => {
                 let value = payload.and_then(|p| p.pointer(at));
                 match test {
@@ -254,6 +257,7 @@ mod tests {
     fn meta(kind: &str) -> Metadata {
         let mut headers = FieldTable::default();
         headers.insert("x-region".into(), crate::headers::string("eu"));
+        headers.insert("x-tier".into(), lapin::types::AMQPValue::LongLongInt(2));
         let props = BasicProperties::default()
             .with_type(kind.into())
             .with_app_id("shop".into())
@@ -269,6 +273,7 @@ mod tests {
             Condition::event_type("order.*"),
             Condition::app_id("shop"),
             Condition::header("x-region", "eu"),
+            Condition::header("x-tier", "2"),
             Condition::field("/total").gt(500.0),
             Condition::field("/total").le(750.0),
             Condition::field("/country").one_of(["FR", "DE"]),
@@ -289,6 +294,8 @@ mod tests {
             Condition::event_type("order"),
             Condition::app_id("other"),
             Condition::header("x-region", "us"),
+            Condition::header("x-tier", "3"),
+            Condition::header("x-tier", "two"),
             Condition::field("/total").lt(500.0),
             Condition::field("/country").gt(1.0),
             Condition::field("/missing").equals(json!(null)),

@@ -249,6 +249,12 @@ impl TestBroker {
         self.of(worker, |h| matches!(h, Handling::Retried { .. }))
     }
 
+    /// The deliveries of `worker` that a layer held back for later (`Disposition::Defer`,
+    /// e.g. an ordered key waiting for its retried message), with their delay.
+    pub fn deferred(&self, worker: &str) -> Vec<Record> {
+        self.of(worker, |h| matches!(h, Handling::Deferred { .. }))
+    }
+
     /// The messages in `worker`'s dead-letter queue, oldest first (left in place).
     pub fn dead_letters(&self, worker: &str) -> Vec<DeadLetter> {
         self.broker

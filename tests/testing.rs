@@ -386,3 +386,58 @@ async fn an_invalid_follow_up_is_refused_to_the_handler_and_never_sent() {
     );
     rt.shutdown().await;
 }
+
+/// Books charges in order per customer (the correlation id); charge 1 fails once.
+struct Books;
+
+impl Worker for Books {
+    type Event = Charge;
+    fn subscription(&self) -> Subscription {
+        Subscription::new("payments.books")
+            .bind(Charge::TYPE)
+            .retry(RetryPolicy::exponential(Duration::from_secs(2)))
+    }
+    async fn handle(&self, charge: Delivery<Charge>, _: &Context) -> Outcome {
+        match (charge.id, charge.attempt()) {
+            (1, 1) => Err(Failure::retry("ledger locked")),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ordered_key_waits_for_its_retry_in_paused_time_while_others_go_on() {
+    use rabbitry::Registration;
+    use rabbitry::middleware::{OrderKey, OrderedLayer};
+
+    let broker = TestBroker::new();
+    let books = Registration::new(Books).layer(OrderedLayer::new(OrderKey::CorrelationId));
+    let rt = broker.runtime().worker(books).start().await.unwrap();
+    let publisher = broker.publisher().await.unwrap();
+    for (id, customer) in [(1, "ada"), (2, "ada"), (3, "bob")] {
+        let charge = Charge { id, cents: 100 };
+        publisher
+            .message(&charge)
+            .correlation_id(customer)
+            .message_id(format!("charge-{id}"))
+            .send()
+            .await
+            .unwrap();
+    }
+    broker.idle().await;
+    let handled: Vec<String> = broker
+        .handled("payments.books")
+        .into_iter()
+        .map(|r| format!("{}#{}", r.message_id, r.attempt))
+        .collect();
+    // Bob's charge did not wait; Ada's second charge waited for her first one's retry.
+    assert_eq!(handled, ["charge-3#1", "charge-1#2", "charge-2#1"]);
+    let deferred = broker.deferred("payments.books");
+    assert!(!deferred.is_empty());
+    assert!(
+        deferred
+            .iter()
+            .all(|r| r.message_id == "charge-2" && r.attempt == 1)
+    );
+    rt.shutdown().await;
+}
