@@ -125,6 +125,40 @@
 //! [`observe::Observer`]s given to [`RuntimeBuilder::observer`]; the testing harness is
 //! one of them.
 //!
+//! ## The pipeline
+//!
+//! Ready-made layers in [`middleware`]: [`FilterLayer`](middleware::FilterLayer) (skip by
+//! type, source or payload, with a declarative [`Condition`]),
+//! [`TransformLayer`](middleware::TransformLayer) (rewrite the JSON),
+//! [`UpcastLayer`](middleware::UpcastLayer) (old event versions up to the handler's),
+//! `ValidateLayer` (JSON Schema, feature `schema`; `Schema`, `Schemas`, also checked
+//! when publishing), [`DedupLayer`](middleware::DedupLayer) (skip what was handled),
+//! [`RateLimitLayer`](middleware::RateLimitLayer) (a [`Rate`], by waiting) and
+//! [`OrderedLayer`](middleware::OrderedLayer) (per-key order, also through retries).
+//! Besides [`Worker`], three kinds of consumer: a [`Router`] (several event types on one
+//! queue, a handler each), a [`BatchWorker`] (deliveries in batches, an outcome each) and a
+//! [`ContentRouter`] (rules that send events on to other routing keys). An event type can
+//! set its default priority ([`Event::PRIORITY`]).
+//!
+//! ```
+//! use rabbitry::middleware::{DedupLayer, FilterLayer, RateLimitLayer};
+//! use rabbitry::{Condition, Rate, Registration};
+//! # use rabbitry::prelude::*;
+//! # struct Inventory;
+//! # impl Worker for Inventory {
+//! #     type Event = serde_json::Value;
+//! #     fn subscription(&self) -> Subscription { Subscription::new("q").bind("#") }
+//! #     async fn handle(&self, _: Delivery<serde_json::Value>, _: &Context) -> Outcome { Ok(()) }
+//! # }
+//! let inventory = Registration::new(Inventory)
+//!     .layer(FilterLayer::new(Condition::field("/warehouse").equals("berlin")))
+//!     .layer(DedupLayer::new())
+//!     .layer(RateLimitLayer::new(Rate::per_second(200)?));
+//! let builder = Runtime::builder().worker(inventory);
+//! # let _ = builder;
+//! # Ok::<(), rabbitry::Error>(())
+//! ```
+//!
 //! ## Publishing
 //!
 //! [`Publisher::publish`] sends an event with routing key [`Event::TYPE`] and returns once
