@@ -28,6 +28,8 @@ pub struct Metadata {
     generated_id: Option<String>,
     retry_count: u32,
     max_attempts: u32,
+    /// The retry policy's delay after this attempt, if it is not the last.
+    next_retry: Option<Duration>,
 }
 
 impl Metadata {
@@ -74,13 +76,22 @@ impl Metadata {
             generated_id,
             retry_count,
             max_attempts: u32::MAX,
+            next_retry: None,
         }
     }
 
-    /// The worker's retry policy allows `max` attempts.
-    pub(crate) fn with_max_attempts(mut self, max: u32) -> Metadata {
-        self.max_attempts = max;
+    /// Received by a worker with this retry policy.
+    pub(crate) fn with_retry_policy(mut self, policy: &crate::retry::RetryPolicy) -> Metadata {
+        self.max_attempts = policy.attempts();
+        self.next_retry =
+            (!self.is_last_attempt()).then(|| policy.delay_before_retry(self.attempt()));
         self
+    }
+
+    /// How long a retry of this delivery would wait under the worker's policy (`None` on
+    /// the last attempt, or outside a worker).
+    pub(crate) fn next_retry(&self) -> Option<Duration> {
+        self.next_retry
     }
 
     /// Whether this is the worker's last attempt: a retry now would be dead-lettered

@@ -1,7 +1,7 @@
 //! Per-key ordering: messages with the same key one at a time, in order, even through
 //! retries; different keys in parallel.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
@@ -149,6 +149,8 @@ struct Lane {
     in_flight: usize,
     /// Messages of this key out in a delay queue, by id, oldest (the next to handle) first.
     out: VecDeque<String>,
+    /// The same ids, to look one up without a scan (a hot key may have thousands out).
+    out_ids: HashSet<String>,
     /// When the oldest is expected back, if known.
     due: Option<Instant>,
     /// Since when the oldest has been out.
@@ -269,6 +271,9 @@ where
                         .is_some_and(|since| now.duration_since(since) > give_up)
                 {
                     let lost = lane.out.pop_front();
+                    if let Some(lost) = &lost {
+                        lane.out_ids.remove(lost);
+                    }
                     warn!(key = %key, message_id = ?lost, "a retried message did not come back in time; its key goes on without it");
                     lane.since = lane.out.front().map(|_| now);
                     lane.due = None;
@@ -277,12 +282,13 @@ where
                     None => Turn::Run,
                     Some(front) if *front == id => {
                         lane.out.pop_front();
+                        lane.out_ids.remove(&id);
                         lane.due = None;
                         lane.since = lane.out.front().map(|_| now);
                         Turn::Run
                     }
                     Some(_) => {
-                        if !lane.out.contains(&id) {
+                        if lane.out_ids.insert(id.clone()) {
                             lane.out.push_back(id.clone());
                         }
                         let left = lane
@@ -300,6 +306,7 @@ where
                 }
                 Turn::Run => {
                     let last = message.metadata().is_last_attempt();
+                    let policy_delay = message.metadata().next_retry();
                     let disposition = inner.call(message).await?;
                     if let Disposition::Retry { after, .. } = &disposition
                         && !last
@@ -308,8 +315,9 @@ where
                         let mut map = lock(lanes);
                         let lane = map.lanes.entry(key.clone()).or_default();
                         let now = Instant::now();
+                        lane.out_ids.insert(id.clone());
                         lane.out.push_front(id);
-                        lane.due = after.and_then(|a| now.checked_add(a));
+                        lane.due = after.or(policy_delay).and_then(|a| now.checked_add(a));
                         lane.since = Some(now);
                     }
                     disposition

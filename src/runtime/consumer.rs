@@ -297,7 +297,7 @@ impl Consumer {
                 msg.redelivered,
                 msg.properties,
             )
-            .with_max_attempts(self.entry.subscription.retry.attempts()),
+            .with_retry_policy(&self.entry.subscription.retry),
         );
         let body = Bytes::from(msg.body);
         let slot = slots.take();
