@@ -1,14 +1,12 @@
 //! Keep the messages a worker wants; skip the others.
 
-use std::convert::Infallible;
 use std::fmt;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use futures_util::future::{Either, Ready, ready};
 use serde_json::Value;
 use tower_layer::Layer;
-use tower_service::Service;
+
+use super::check::{Check, Checked};
 
 use crate::condition::Condition;
 use crate::disposition::Disposition;
@@ -115,19 +113,12 @@ impl<S> Layer<S> for FilterLayer {
     type Service = Filter<S>;
 
     fn layer(&self, inner: S) -> Filter<S> {
-        Filter {
-            inner,
-            layer: self.clone(),
-        }
+        Checked::new(inner, self.clone())
     }
 }
 
 /// The service of [`FilterLayer`].
-#[derive(Clone, Debug)]
-pub struct Filter<S> {
-    inner: S,
-    layer: FilterLayer,
-}
+pub type Filter<S> = Checked<S, FilterLayer>;
 
 /// The payload of `message` as JSON, or the dead-letter for a body that is not.
 pub(crate) fn payload_of(message: &Message) -> Result<Value, Disposition> {
@@ -136,31 +127,20 @@ pub(crate) fn payload_of(message: &Message) -> Result<Value, Disposition> {
     })
 }
 
-impl<S> Service<Message> for Filter<S>
-where
-    S: Service<Message, Response = Disposition, Error = Infallible>,
-{
-    type Response = Disposition;
-    type Error = Infallible;
-    type Future = Either<Ready<Result<Disposition, Infallible>>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, message: Message) -> Self::Future {
-        let keep = match &self.layer.keep {
-            Keep::Message(keep) => Ok(keep(&message)),
+impl Check for FilterLayer {
+    fn check(&self, message: &mut Message) -> Option<Disposition> {
+        let keep = match &self.keep {
+            Keep::Message(keep) => Ok(keep(message)),
             Keep::Condition(c) if !c.reads_payload() => Ok(c.matches(message.metadata(), None)),
             Keep::Condition(c) => {
-                payload_of(&message).map(|p| c.matches(message.metadata(), Some(&p)))
+                payload_of(message).map(|p| c.matches(message.metadata(), Some(&p)))
             }
-            Keep::Payload(keep) => payload_of(&message).map(|p| keep(&p)),
+            Keep::Payload(keep) => payload_of(message).map(|p| keep(&p)),
         };
         match keep {
-            Ok(true) => Either::Right(self.inner.call(message)),
-            Ok(false) => Either::Left(ready(Ok(Disposition::skip(self.layer.reason.to_string())))),
-            Err(dead_letter) => Either::Left(ready(Ok(dead_letter))),
+            Ok(true) => None,
+            Ok(false) => Some(Disposition::skip(self.reason.to_string())),
+            Err(dead_letter) => Some(dead_letter),
         }
     }
 }

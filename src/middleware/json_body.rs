@@ -1,11 +1,8 @@
 //! Only plain JSON within the size limit reaches the layers below.
 
-use std::convert::Infallible;
-use std::task::{Context, Poll};
-
-use futures_util::future::{Either, Ready, ready};
 use tower_layer::Layer;
-use tower_service::Service;
+
+use super::check::{Check, Checked};
 
 use crate::disposition::Disposition;
 use crate::message::{Message, Metadata};
@@ -38,40 +35,17 @@ impl<S> Layer<S> for JsonBodyLayer {
     type Service = JsonBody<S>;
 
     fn layer(&self, inner: S) -> JsonBody<S> {
-        JsonBody {
-            inner,
-            max_bytes: self.max_bytes,
-        }
+        Checked::new(inner, *self)
     }
 }
 
 /// The service of [`JsonBodyLayer`].
-#[derive(Debug, Clone)]
-pub struct JsonBody<S> {
-    inner: S,
-    max_bytes: usize,
-}
+pub type JsonBody<S> = Checked<S, JsonBodyLayer>;
 
-impl<S> Service<Message> for JsonBody<S>
-where
-    S: Service<Message, Response = Disposition, Error = Infallible>,
-{
-    type Response = Disposition;
-    type Error = Infallible;
-    type Future = Either<Ready<Result<Disposition, Infallible>>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, message: Message) -> Self::Future {
-        match refusal(message.metadata(), message.body().len(), self.max_bytes) {
-            Some(reason) => Either::Left(ready(Ok(Disposition::dead_letter(
-                FailureKind::Undecodable,
-                reason,
-            )))),
-            None => Either::Right(self.inner.call(message)),
-        }
+impl Check for JsonBodyLayer {
+    fn check(&self, message: &mut Message) -> Option<Disposition> {
+        let reason = refusal(message.metadata(), message.body().len(), self.max_bytes)?;
+        Some(Disposition::dead_letter(FailureKind::Undecodable, reason))
     }
 }
 

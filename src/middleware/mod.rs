@@ -92,6 +92,10 @@
 //! }
 //! ```
 //!
+//! A layer that only decides on the spot, like this one, can skip the service: implement
+//! [`Check`] (answer for the message, or let it go on) and return [`Checked`] from
+//! `Layer::layer`; the filter, transform, upcast and validate layers are built that way.
+//!
 //! tower's own `ServiceBuilder` composes such layers (it is a layer itself). tower's
 //! stock `RateLimit`, `Filter`, `Retry` and `Buffer` speak HTTP, not messages: they reject
 //! with errors (which would retry a message that should be skipped) or retry inside the
@@ -100,6 +104,7 @@
 //! [tower]: https://docs.rs/tower
 
 mod catch_panic;
+mod check;
 mod dedup;
 mod filter;
 mod from_fn;
@@ -116,6 +121,7 @@ mod validate;
 use std::convert::Infallible;
 
 pub use catch_panic::{CatchPanic, CatchPanicFuture, CatchPanicLayer};
+pub use check::{Check, Checked};
 pub use dedup::{Dedup, DedupLayer, DedupStore, IDEMPOTENCY_KEY, MemoryDedup};
 pub(crate) use filter::payload_of;
 pub use filter::{Filter, FilterLayer};

@@ -1,14 +1,12 @@
 //! Rewrite the JSON payload before it is decoded.
 
-use std::convert::Infallible;
 use std::fmt;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use futures_util::future::{Either, Ready, ready};
 use serde_json::{Map, Value};
 use tower_layer::Layer;
-use tower_service::Service;
+
+use super::check::{Check, Checked};
 
 use super::filter::payload_of;
 use crate::condition::Condition;
@@ -190,52 +188,34 @@ impl<S> Layer<S> for TransformLayer {
     type Service = Transform<S>;
 
     fn layer(&self, inner: S) -> Transform<S> {
-        Transform {
-            inner,
-            layer: self.clone(),
-        }
+        Checked::new(inner, self.clone())
     }
 }
 
 /// The service of [`TransformLayer`].
-#[derive(Clone, Debug)]
-pub struct Transform<S> {
-    inner: S,
-    layer: TransformLayer,
-}
+pub type Transform<S> = Checked<S, TransformLayer>;
 
-impl<S> Service<Message> for Transform<S>
-where
-    S: Service<Message, Response = Disposition, Error = Infallible>,
-{
-    type Response = Disposition;
-    type Error = Infallible;
-    type Future = Either<Ready<Result<Disposition, Infallible>>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut message: Message) -> Self::Future {
-        let mut payload = match payload_of(&message) {
+impl Check for TransformLayer {
+    fn check(&self, message: &mut Message) -> Option<Disposition> {
+        let mut payload = match payload_of(message) {
             Ok(payload) => payload,
-            Err(dead_letter) => return Either::Left(ready(Ok(dead_letter))),
+            Err(dead_letter) => return Some(dead_letter),
         };
-        let applies = match &self.layer.when {
+        let applies = match &self.when {
             Some(c) => c.matches(message.metadata(), Some(&payload)),
             None => true,
         };
         if applies {
-            self.layer.apply(&mut payload, message.metadata());
+            self.apply(&mut payload, message.metadata());
             match serde_json::to_vec(&payload) {
                 Ok(body) => message.set_body(body),
                 Err(e) => {
                     let reason = format!("the transformed payload cannot be serialized: {e}");
-                    return Either::Left(ready(Ok(Disposition::retry(reason))));
+                    return Some(Disposition::retry(reason));
                 }
             }
         }
-        Either::Right(self.inner.call(message))
+        None
     }
 }
 

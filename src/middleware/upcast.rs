@@ -1,16 +1,14 @@
 //! Bring an old version of an event up to the version the handler knows.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::fmt;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use futures_util::future::{Either, Ready, ready};
 use lapin::types::AMQPValue;
 use serde_json::Value;
 use tower_layer::Layer;
-use tower_service::Service;
+
+use super::check::{Check, Checked};
 
 use super::filter::payload_of;
 use crate::disposition::Disposition;
@@ -174,39 +172,18 @@ impl<S> Layer<S> for UpcastLayer {
     type Service = Upcast<S>;
 
     fn layer(&self, inner: S) -> Upcast<S> {
-        Upcast {
-            inner,
-            layer: self.clone(),
-        }
+        Checked::new(inner, self.clone())
     }
 }
 
 /// The service of [`UpcastLayer`].
-#[derive(Clone, Debug)]
-pub struct Upcast<S> {
-    inner: S,
-    layer: UpcastLayer,
-}
+pub type Upcast<S> = Checked<S, UpcastLayer>;
 
-impl<S> Service<Message> for Upcast<S>
-where
-    S: Service<Message, Response = Disposition, Error = Infallible>,
-{
-    type Response = Disposition;
-    type Error = Infallible;
-    type Future = Either<Ready<Result<Disposition, Infallible>>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut message: Message) -> Self::Future {
-        if message.metadata().event_type() != &*self.layer.event_type {
-            return Either::Right(self.inner.call(message));
+impl Check for UpcastLayer {
+    fn check(&self, message: &mut Message) -> Option<Disposition> {
+        if message.metadata().event_type() != &*self.event_type {
+            return None;
         }
-        match self.layer.upcast(&mut message) {
-            Ok(()) => Either::Right(self.inner.call(message)),
-            Err(instead) => Either::Left(ready(Ok(instead))),
-        }
+        self.upcast(message).err()
     }
 }

@@ -1,12 +1,10 @@
 //! Check the payload against a JSON Schema; dead-letter what breaks it.
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use futures_util::future::{Either, Ready, ready};
 use tower_layer::Layer;
-use tower_service::Service;
+
+use super::check::{Check, Checked};
 
 use super::filter::payload_of;
 use crate::disposition::Disposition;
@@ -16,7 +14,7 @@ use crate::outcome::FailureKind;
 use crate::schema::{Schema, Schemas};
 
 #[derive(Debug, Clone)]
-enum Check {
+enum Against {
     All(Schema),
     ByType(Schemas),
 }
@@ -49,14 +47,14 @@ enum Check {
 /// version, and an old message only fits it once upcast.
 #[derive(Debug, Clone)]
 pub struct ValidateLayer {
-    check: Arc<Check>,
+    against: Arc<Against>,
 }
 
 impl ValidateLayer {
     /// Check every message against `schema`.
     pub fn new(schema: Schema) -> ValidateLayer {
         ValidateLayer {
-            check: Arc::new(Check::All(schema)),
+            against: Arc::new(Against::All(schema)),
         }
     }
 
@@ -69,7 +67,7 @@ impl ValidateLayer {
     /// passes unchecked. For a [`Router`](crate::Router) of several types.
     pub fn by_type(schemas: Schemas) -> ValidateLayer {
         ValidateLayer {
-            check: Arc::new(Check::ByType(schemas)),
+            against: Arc::new(Against::ByType(schemas)),
         }
     }
 }
@@ -78,50 +76,27 @@ impl<S> Layer<S> for ValidateLayer {
     type Service = Validate<S>;
 
     fn layer(&self, inner: S) -> Validate<S> {
-        Validate {
-            inner,
-            check: self.check.clone(),
-        }
+        Checked::new(inner, self.clone())
     }
 }
 
 /// The service of [`ValidateLayer`].
-#[derive(Debug, Clone)]
-pub struct Validate<S> {
-    inner: S,
-    check: Arc<Check>,
-}
+pub type Validate<S> = Checked<S, ValidateLayer>;
 
-impl<S> Service<Message> for Validate<S>
-where
-    S: Service<Message, Response = Disposition, Error = Infallible>,
-{
-    type Response = Disposition;
-    type Error = Infallible;
-    type Future = Either<Ready<Result<Disposition, Infallible>>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, message: Message) -> Self::Future {
+impl Check for ValidateLayer {
+    fn check(&self, message: &mut Message) -> Option<Disposition> {
         let event_type = message.metadata().event_type();
-        let schema = match &*self.check {
-            Check::All(schema) => Some(schema),
-            Check::ByType(schemas) => schemas.get(event_type),
-        };
-        if let Some(schema) = schema {
-            let verdict = payload_of(&message).and_then(|payload| {
-                schema.check(&payload).map_err(|violations| {
-                    let reason =
-                        format!("payload does not match the schema of {event_type}: {violations}");
-                    Disposition::dead_letter(FailureKind::Invalid, reason)
-                })
-            });
-            if let Err(dead_letter) = verdict {
-                return Either::Left(ready(Ok(dead_letter)));
-            }
-        }
-        Either::Right(self.inner.call(message))
+        let schema = match &*self.against {
+            Against::All(schema) => Some(schema),
+            Against::ByType(schemas) => schemas.get(event_type),
+        }?;
+        let verdict = payload_of(message).and_then(|payload| {
+            schema.check(&payload).map_err(|violations| {
+                let reason =
+                    format!("payload does not match the schema of {event_type}: {violations}");
+                Disposition::dead_letter(FailureKind::Invalid, reason)
+            })
+        });
+        verdict.err()
     }
 }
