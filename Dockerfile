@@ -1,13 +1,14 @@
 # Builds the order-domain worker binaries: email-worker, inventory-worker, analytics-worker,
-# order-producer. Used by docker-compose.yml.
+# order-producer. Used by docker-compose.yml (curl: its healthchecks GET /ready).
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p rabbitry-workers --bins
+# `otlp`: spans are exported when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+RUN cargo build --release --locked -p rabbitry-workers --bins --features otlp
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates curl \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/email-worker \
                   /src/target/release/inventory-worker \

@@ -270,7 +270,7 @@ pub use rate::Rate;
 pub use registration::Registration;
 pub use retry::RetryPolicy;
 pub use router::{EventHandler, Router};
-pub use runtime::{DEFAULT_URL, Runtime, RuntimeBuilder, WorkerStatus};
+pub use runtime::{DEFAULT_URL, QueueDepth, Runtime, RuntimeBuilder, WeakRuntime, WorkerStatus};
 #[cfg(feature = "schema")]
 pub use schema::{Schema, Schemas, Violations};
 pub use topology::Topology;

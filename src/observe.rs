@@ -1,5 +1,6 @@
-//! One seam to watch a runtime: every settled delivery, every publish, every change of a
-//! worker's or the connection's state.
+//! One seam to watch a runtime: every delivery received and settled, every publish, every
+//! change of a worker's or the connection's state — and the place to carry a trace context
+//! from a publish to the deliveries it causes.
 //!
 //! An [`Observer`] registered with [`RuntimeBuilder::observer`](crate::RuntimeBuilder::observer)
 //! (or [`PublisherBuilder::observer`](crate::PublisherBuilder::observer) for a standalone
@@ -8,7 +9,8 @@
 //! ignored; it never disturbs a delivery.
 //!
 //! The testing harness ([`TestBroker`](crate::testing::TestBroker)) is one such observer;
-//! metrics and reports are others.
+//! the `rabbitry-observe` crate's Prometheus metrics, readiness and W3C trace propagation
+//! are others.
 //!
 //! ```
 //! use rabbitry::observe::{Handling, Observer, Settled};
@@ -29,6 +31,8 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
+
+use lapin::types::FieldTable;
 
 use crate::error::Error;
 use crate::message::Metadata;
@@ -53,6 +57,24 @@ pub trait Observer: Send + Sync + 'static {
     fn lifecycle(&self, event: &Lifecycle<'_>) {
         let _ = event;
     }
+
+    /// A delivery is about to enter its worker's stack. Every delivery received is later
+    /// [`settled`](Observer::settled) exactly once (an abandoned one as
+    /// [`Handling::Requeued`]), so the two calls can count what is in flight.
+    ///
+    /// [`Received::span`] is the delivery's span, not yet entered: the place to make it the
+    /// child of a trace context the message carries.
+    fn received(&self, received: &Received<'_>) {
+        let _ = received;
+    }
+
+    /// A message made by [`Publisher::message`](crate::Publisher::message) (or
+    /// [`Context::publish`](crate::Context::publish)) is about to be sent: the place to
+    /// write a trace context into its headers. Retry and dead-letter copies are not
+    /// announced here: they keep the headers they were received with.
+    fn sending(&self, sending: &mut Sending<'_>) {
+        let _ = sending;
+    }
 }
 
 impl<O: Observer + ?Sized> Observer for Arc<O> {
@@ -66,6 +88,59 @@ impl<O: Observer + ?Sized> Observer for Arc<O> {
 
     fn lifecycle(&self, event: &Lifecycle<'_>) {
         (**self).lifecycle(event);
+    }
+
+    fn received(&self, received: &Received<'_>) {
+        (**self).received(received);
+    }
+
+    fn sending(&self, sending: &mut Sending<'_>) {
+        (**self).sending(sending);
+    }
+}
+
+/// A delivery entering its worker's stack, as an [`Observer`] sees it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Received<'a> {
+    /// The worker (its queue).
+    pub worker: &'a str,
+    /// The message's metadata as received.
+    pub metadata: &'a Metadata,
+    /// The delivery's span (`delivery`, with the OpenTelemetry messaging attributes), which
+    /// the stack, the handler and the settlement run in.
+    pub span: &'a tracing::Span,
+}
+
+/// A message about to be published, as an [`Observer`] sees it: its headers can be added
+/// to (a trace context, say).
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Sending<'a> {
+    /// The exchange.
+    pub exchange: &'a str,
+    /// The routing key.
+    pub routing_key: &'a str,
+    /// The message id.
+    pub message_id: &'a str,
+    /// The publish's span (`publish`), a child of the span current where the message was
+    /// sent (a handler's `delivery` span for a follow-up event).
+    pub span: &'a tracing::Span,
+    pub(crate) headers: &'a mut FieldTable,
+}
+
+impl Sending<'_> {
+    /// A string header already set on the message.
+    pub fn header(&self, key: &str) -> Option<&str> {
+        crate::headers::get_str(Some(self.headers), key)
+    }
+
+    /// Set a string header (replacing one the sender set under the same key). Keys longer
+    /// than 255 bytes, which AMQP cannot carry, are ignored.
+    pub fn set_header(&mut self, key: &str, value: &str) {
+        if key.len() <= 255 {
+            crate::headers::set(self.headers, key, crate::headers::string(value));
+        }
     }
 }
 
@@ -273,5 +348,21 @@ impl Observers {
 
     pub(crate) fn lifecycle(&self, event: &Lifecycle<'_>) {
         self.each("lifecycle", |o| o.lifecycle(event));
+    }
+
+    pub(crate) fn received(&self, received: &Received<'_>) {
+        self.each("received", |o| o.received(received));
+    }
+
+    pub(crate) fn sending(&self, sending: &mut Sending<'_>) {
+        for observer in self.0.iter() {
+            let call = AssertUnwindSafe(|| observer.sending(sending));
+            if let Err(panic) = std::panic::catch_unwind(call) {
+                tracing::error!(
+                    panic = crate::panic_message(&*panic),
+                    "an observer panicked in sending; ignored"
+                );
+            }
+        }
     }
 }

@@ -16,9 +16,7 @@ use crate::context::Context;
 use crate::disposition::Disposition;
 use crate::event::Delivery;
 use crate::message::Message;
-use crate::middleware::{
-    CatchPanicLayer, JsonBodyLayer, TimeoutLayer, TraceLayer, WorkerLayer, WorkerService,
-};
+use crate::middleware::{CatchPanicLayer, JsonBodyLayer, TimeoutLayer, WorkerLayer, WorkerService};
 use crate::outcome::FailureKind;
 use crate::publisher::Publisher;
 use crate::worker::{Subscription, Worker};
@@ -175,7 +173,6 @@ impl Registration {
             service = layer.wrap(service);
         }
         let builtin = tower::ServiceBuilder::new()
-            .layer(TraceLayer)
             .layer(CatchPanicLayer)
             .layer(JsonBodyLayer::new(parts.max_body));
         BoxCloneService::new(builtin.service(service))

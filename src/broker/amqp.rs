@@ -176,6 +176,18 @@ impl Channel {
         Ok(q.message_count())
     }
 
+    pub(crate) async fn queue_counts(&self, name: &str) -> lapin::Result<(u32, u32)> {
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let q = self
+            .inner
+            .queue_declare(name.into(), options, FieldTable::default())
+            .await?;
+        Ok((q.message_count(), q.consumer_count()))
+    }
+
     pub(crate) async fn declare_queue_passive(&self, name: &str) -> lapin::Result<u32> {
         let options = QueueDeclareOptions {
             passive: true,

@@ -171,6 +171,15 @@ impl Channel {
         }
     }
 
+    /// Passively declare a queue (404 NOT_FOUND closes the channel if it does not exist);
+    /// returns its ready messages and its consumers.
+    pub(crate) async fn queue_counts(&self, name: &str) -> lapin::Result<(u32, u32)> {
+        match self {
+            Channel::Amqp(c) => c.queue_counts(name).await,
+            Channel::Memory(c) => c.queue_counts(name),
+        }
+    }
+
     /// Check that a queue exists (404 NOT_FOUND closes the channel if not); returns the
     /// number of messages ready in it.
     pub(crate) async fn declare_queue_passive(&self, name: &str) -> lapin::Result<u32> {

@@ -7,7 +7,7 @@
 //!
 //! | layer | what it does |
 //! |---|---|
-//! | [`TraceLayer`] | a `delivery` span with worker, event type, message id and attempt |
+//! | *(the runtime)* | a `delivery` span around everything below and the settlement (worker, event type, attempt, the OpenTelemetry messaging attributes, the outcome) |
 //! | [`CatchPanicLayer`] | a panic below becomes a retry of kind `panic` |
 //! | [`JsonBodyLayer`] | dead-letters bodies that are too large or not JSON (kind `undecodable`) |
 //! | layers given to [`RuntimeBuilder::layer`](crate::RuntimeBuilder::layer) | every worker of the runtime |
@@ -112,7 +112,6 @@ mod json_body;
 mod ordered;
 mod rate_limit;
 mod timeout;
-mod trace;
 mod transform;
 mod upcast;
 #[cfg(feature = "schema")]
@@ -134,7 +133,6 @@ pub use timeout::{Timeout, TimeoutFuture, TimeoutLayer};
 pub use tower_layer::Layer;
 /// tower's `Service`, re-exported (tower-service 0.3).
 pub use tower_service::Service;
-pub use trace::{Trace, TraceLayer};
 pub use transform::{REDACTED, Transform, TransformLayer};
 pub(crate) use upcast::supported_version;
 pub use upcast::{Upcast, UpcastLayer};

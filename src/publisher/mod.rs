@@ -8,12 +8,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, ShortString};
+use tracing::Instrument;
 
 use crate::broker::{self, Channel, Confirm, Connection, NOT_FOUND};
 use crate::error::{BrokerError, Error, Result};
 use crate::event::Event;
 use crate::headers;
-use crate::observe::{Observers, PublishOutcome, Published};
+use crate::observe::{Observers, PublishOutcome, Published, Sending};
 
 mod builder;
 mod outgoing;
@@ -285,21 +286,26 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<()> {
+        let span = publish_span(exchange, routing_key, &properties, body.len());
         self.send(exchange, routing_key, body, properties, true)
+            .instrument(span)
             .await
     }
 
     /// Publish a prepared message to the publisher's exchange and wait for its confirm.
-    async fn send_prepared(&self, message: &Prepared) -> Result<()> {
+    async fn send_prepared(&self, mut message: Prepared) -> Result<String> {
         self.inner.pace().await;
+        let span = self.inner.announce(&mut message);
         self.send(
             &self.inner.exchange,
             &message.routing_key,
             &message.body,
-            message.properties.clone(),
+            message.properties,
             message.mandatory,
         )
-        .await
+        .instrument(span)
+        .await?;
+        Ok(message.id)
     }
 
     /// Publish and wait for the confirm; with `mandatory`, an unroutable message is an error.
@@ -350,18 +356,82 @@ impl Publisher {
     }
 }
 
+/// The span of one publish, with the OpenTelemetry messaging attributes for RabbitMQ.
+pub(crate) fn publish_span(
+    exchange: &str,
+    routing_key: &str,
+    properties: &BasicProperties,
+    size: usize,
+) -> tracing::Span {
+    let id = properties.message_id().as_ref().map(ShortString::as_str);
+    let correlation = properties
+        .correlation_id()
+        .as_ref()
+        .map(ShortString::as_str);
+    tracing::info_span!(
+        "publish",
+        otel.name = %format_args!("publish {exchange}"),
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "send",
+        messaging.operation.name = "publish",
+        messaging.destination.name = exchange,
+        messaging.rabbitmq.destination.routing_key = routing_key,
+        messaging.message.id = id,
+        messaging.message.conversation_id = correlation,
+        messaging.message.body.size = size,
+    )
+}
+
 impl Inner {
+    /// Open the span of a message about to be published, and let the observers add to its
+    /// headers (a trace context) from inside it.
+    fn announce(&self, message: &mut Prepared) -> tracing::Span {
+        let span = publish_span(
+            &self.exchange,
+            &message.routing_key,
+            &message.properties,
+            message.body.len(),
+        );
+        if !self.observers.is_empty() {
+            let mut table = message.properties.headers().clone().unwrap_or_default();
+            span.in_scope(|| {
+                self.observers.sending(&mut Sending {
+                    exchange: &self.exchange,
+                    routing_key: &message.routing_key,
+                    message_id: &message.id,
+                    span: &span,
+                    headers: &mut table,
+                })
+            });
+            if !table.inner().is_empty() {
+                let properties = std::mem::take(&mut message.properties);
+                message.properties = properties.with_headers(table);
+            }
+        }
+        span
+    }
+
     /// Tell the observers how a publish ended.
     fn observe(&self, exchange: &str, routing_key: &str, id: &str, result: Result<(), &Error>) {
-        if self.observers.is_empty() {
-            return;
-        }
         let outcome = match result {
             Ok(()) => PublishOutcome::Confirmed,
             Err(Error::Unroutable { .. }) => PublishOutcome::Unroutable,
             Err(Error::Nacked { .. }) => PublishOutcome::Nacked,
             Err(_) => PublishOutcome::Failed,
         };
+        let span = tracing::Span::current();
+        if !span.is_disabled() {
+            span.record("outcome", outcome.as_str());
+            if outcome != PublishOutcome::Confirmed {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        if self.observers.is_empty() {
+            return;
+        }
         self.observers.published(&Published {
             exchange,
             routing_key,

@@ -104,8 +104,7 @@ impl<'a, E: Event> Outgoing<'a, E> {
     /// Publish and wait for the broker's confirm; returns the message id.
     pub async fn send(self) -> Result<String> {
         let prepared = self.prepare()?;
-        self.publisher.send_prepared(&prepared).await?;
-        Ok(prepared.id)
+        self.publisher.send_prepared(prepared).await
     }
 
     /// Check the options, serialize the event and build its properties.

@@ -9,6 +9,7 @@ use std::task::{Context as TaskContext, Poll};
 use futures_util::stream::FuturesUnordered;
 use futures_util::task::noop_waker_ref;
 use futures_util::{FutureExt, StreamExt};
+use tracing::Instrument;
 
 use super::{Inner, Outgoing, Prepared, Publisher, Slot};
 use crate::error::{Error, Result};
@@ -82,7 +83,7 @@ impl<'p> Pipeline<'p> {
     /// Publish a message made with [`Publisher::message`] (its own routing key, priority,
     /// headers…); returns its message id once it is on its way.
     pub async fn send_message<E: Event>(&mut self, message: Outgoing<'_, E>) -> Result<String> {
-        let prepared = message.prepare()?;
+        let mut prepared = message.prepare()?;
         while self.in_flight.len() >= self.window {
             if let Some(done) = self.in_flight.next().await {
                 self.record(done);
@@ -94,8 +95,12 @@ impl<'p> Pipeline<'p> {
         let id = prepared.id.clone();
         let number = self.sent;
         self.sent += 1;
-        let mut publish: InFlight =
-            Box::pin(publish_one(inner, slot, prepared).map(move |result| (number, result)));
+        let span = inner.announce(&mut prepared);
+        let mut publish: InFlight = Box::pin(
+            publish_one(inner, slot, prepared)
+                .instrument(span)
+                .map(move |result| (number, result)),
+        );
         // The first poll hands the frames to the connection, here and in order; the
         // connection writing them and the broker's confirm are awaited in the background, so
         // one task keeps many messages in flight.

@@ -13,7 +13,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tower_service::Service;
-use tracing::{debug, error, warn};
+use tracing::{Instrument, debug, error, warn};
 
 use super::acks::{AckBook, AckOp, Settle};
 use super::settle::{Settling, Shared, WorkerEntry, requeue_later};
@@ -21,7 +21,7 @@ use crate::broker::{Channel, Connection, Incoming};
 use crate::error::Result;
 use crate::message::{Message, Metadata};
 use crate::middleware::WorkerService;
-use crate::observe::{Handling, Settled};
+use crate::observe::{Handling, Received, Settled};
 use crate::panic_message;
 
 /// Longest an outcome waits for its acknowledgement frame when fewer than a batch are ready.
@@ -300,11 +300,19 @@ impl Consumer {
             .with_retry_policy(&self.entry.subscription.retry),
         );
         let body = Bytes::from(msg.body);
+        let span = delivery_span(&metadata, msg.tag, body.len());
+        if !self.shared.observers.is_empty() {
+            self.shared.observers.received(&Received {
+                worker: &self.entry.name,
+                metadata: &metadata,
+                span: &span,
+            });
+        }
         let slot = slots.take();
         let started = Instant::now();
-        let handled = service.call(Message::new(metadata.clone(), body.clone()));
+        let handled = span.in_scope(|| service.call(Message::new(metadata.clone(), body.clone())));
         let (entry, shared, tag) = (self.entry.clone(), self.shared.clone(), msg.tag);
-        async move {
+        let settled = async move {
             let settling = async {
                 let Ok(disposition) = handled.await;
                 let duration = started.elapsed();
@@ -329,7 +337,8 @@ impl Consumer {
                 })
             };
             (tag, guarded(settling, requeued).await)
-        }
+        };
+        settled.instrument(span)
     }
 
     async fn stop(
@@ -463,20 +472,65 @@ impl Consumer {
 }
 
 /// Run a delivery to its settlement; a panic on the way (a bug: the stack has its own panic
-/// guard) is logged, reported through `on_panic`, and the delivery requeued after a pause,
-/// so it cannot spin.
-async fn guarded(settling: impl Future<Output = Settle>, on_panic: impl FnOnce()) -> Settle {
+/// guard) is logged, reported through `requeued`, and the delivery requeued after a pause,
+/// so it cannot spin. A settlement abandoned half-way (the shutdown grace period is over)
+/// is reported through `requeued` too: its message goes back to the queue with the channel.
+async fn guarded(settling: impl Future<Output = Settle>, requeued: impl FnOnce()) -> Settle {
+    let mut unsettled = Unsettled(Some(requeued));
     match AssertUnwindSafe(settling).catch_unwind().await {
-        Ok(settle) => settle,
+        Ok(settle) => {
+            unsettled.0 = None;
+            settle
+        }
         Err(panic) => {
             error!(
                 panic = panic_message(&*panic),
                 "settling a delivery panicked; requeueing it after a pause"
             );
-            on_panic();
+            if let Some(report) = unsettled.0.take() {
+                report();
+            }
             requeue_later().await
         }
     }
+}
+
+/// Reports a delivery whose settlement was dropped before it finished.
+struct Unsettled<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for Unsettled<F> {
+    fn drop(&mut self) {
+        if let Some(report) = self.0.take() {
+            report();
+        }
+    }
+}
+
+/// The span a delivery is handled and settled in, with the OpenTelemetry messaging
+/// attributes for RabbitMQ. A root span: a trace context in the message's headers is made
+/// its parent by an observer ([`Observer::received`](crate::observe::Observer::received)).
+fn delivery_span(meta: &Metadata, tag: u64, size: usize) -> tracing::Span {
+    tracing::info_span!(
+        parent: None,
+        "delivery",
+        otel.name = %format_args!("process {}", meta.queue()),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        worker = %meta.queue(),
+        event_type = %meta.event_type(),
+        attempt = meta.attempt(),
+        outcome = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = %meta.exchange(),
+        messaging.rabbitmq.destination.routing_key = %meta.routing_key(),
+        messaging.rabbitmq.message.delivery_tag = tag,
+        messaging.message.id = %meta.message_id(),
+        messaging.message.conversation_id = meta.correlation_id(),
+        messaging.message.body.size = size,
+    )
 }
 
 /// Handler runs of one consumer, driven by the consumer's own task: no task spawn and no
@@ -534,5 +588,15 @@ mod tests {
             guarded(async { Settle::Ack }, || panic!("not called")).await,
             Settle::Ack
         );
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_settlement_is_reported_as_requeued() {
+        let reported = std::sync::atomic::AtomicBool::new(false);
+        let settling = guarded(std::future::pending::<Settle>(), || {
+            reported.store(true, Ordering::SeqCst)
+        });
+        assert!(settling.now_or_never().is_none());
+        assert!(reported.load(Ordering::SeqCst), "dropped before it settled");
     }
 }

@@ -52,6 +52,24 @@ pub struct RuntimeBuilder {
     connection_name: String,
     #[cfg(feature = "schema")]
     schemas: Option<crate::schema::Schemas>,
+    on_start: Vec<StartHook>,
+}
+
+/// Work started with a runtime's handle once it runs (see [`RuntimeBuilder::on_start`]).
+type StartHook =
+    Box<dyn FnOnce(Runtime) -> futures_util::future::BoxFuture<'static, Result<()>> + Send>;
+
+/// How many messages wait in a queue, and how many consumers it has (see
+/// [`Runtime::queue_depths`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueDepth {
+    /// The queue.
+    pub queue: String,
+    /// Messages ready for delivery (not counting those delivered and not yet acknowledged).
+    pub ready: u32,
+    /// Consumers on the queue, from every process.
+    pub consumers: u32,
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -157,6 +175,21 @@ impl RuntimeBuilder {
     /// The connection name shown in the management UI (default `rabbitry:<executable>`).
     pub fn connection_name(mut self, name: impl Into<String>) -> Self {
         self.connection_name = name.into();
+        self
+    }
+
+    /// Run `hook` with the runtime's handle once it has started, before
+    /// [`start`](RuntimeBuilder::start) returns: the place to start what runs beside the
+    /// workers (an HTTP endpoint, a poller). If a hook fails, the runtime is shut down and
+    /// `start` returns its error. Hooks run in the order given; keep them short and spawn
+    /// what runs longer (it can end with [`Runtime::stopped`]).
+    pub fn on_start<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: FnOnce(Runtime) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+    {
+        self.on_start
+            .push(Box::new(move |runtime| Box::pin(hook(runtime))));
         self
     }
 
@@ -288,13 +321,20 @@ impl RuntimeBuilder {
             let _stopped = guard;
             supervisor.run().await;
         });
-        Ok(Runtime {
+        let runtime = Runtime {
             commands,
             shared,
             shutdown,
             stopped,
             task: Arc::new(Mutex::new(Some(task))),
-        })
+        };
+        for hook in self.on_start {
+            if let Err(e) = hook(runtime.clone()).await {
+                runtime.shutdown().await;
+                return Err(e);
+            }
+        }
+        Ok(runtime)
     }
 
     /// Start, run until SIGINT or SIGTERM, then shut down gracefully: stop taking
@@ -357,6 +397,45 @@ pub struct Runtime {
     task: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
+/// A [`Runtime`] handle that does not keep it running (see [`Runtime::downgrade`]).
+#[derive(Clone)]
+pub struct WeakRuntime {
+    commands: mpsc::WeakSender<Command>,
+    shared: std::sync::Weak<Shared>,
+    shutdown: CancellationToken,
+    stopped: CancellationToken,
+    task: std::sync::Weak<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl WeakRuntime {
+    /// A full handle, unless every [`Runtime`] handle has been dropped or it has stopped.
+    pub fn upgrade(&self) -> Option<Runtime> {
+        if self.stopped.is_cancelled() {
+            return None;
+        }
+        Some(Runtime {
+            commands: self.commands.upgrade()?,
+            shared: self.shared.upgrade()?,
+            shutdown: self.shutdown.clone(),
+            stopped: self.stopped.clone(),
+            task: self.task.upgrade()?,
+        })
+    }
+
+    /// Wait until the runtime has stopped.
+    pub async fn stopped(&self) {
+        self.stopped.cancelled().await;
+    }
+}
+
+impl std::fmt::Debug for WeakRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeakRuntime")
+            .field("stopped", &self.stopped.is_cancelled())
+            .finish_non_exhaustive()
+    }
+}
+
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runtime")
@@ -388,6 +467,7 @@ impl Runtime {
             observers: Vec::new(),
             #[cfg(feature = "schema")]
             schemas: None,
+            on_start: Vec::new(),
         }
     }
 
@@ -427,6 +507,37 @@ impl Runtime {
         self.call(Command::List).await
     }
 
+    /// How many messages are ready in each worker's queue and its dead-letter queue, and how
+    /// many consumers each has, read with passive declares on the publisher's connection
+    /// (one short-lived channel per queue: a queue that does not exist — deleted under the
+    /// runtime — is left out, and closes only its own channel). Waits, like
+    /// [`workers`](Runtime::workers), while the runtime reconnects.
+    pub async fn queue_depths(&self) -> Result<Vec<QueueDepth>> {
+        let workers = self.workers().await?;
+        let conn = self.shared.publisher.connection().await?;
+        let mut depths = Vec::with_capacity(workers.len() * 2);
+        for worker in workers {
+            for queue in [crate::topology::dlq_name(&worker.name), worker.name] {
+                let counted = conn
+                    .on_channel(async |ch| match ch.queue_counts(&queue).await {
+                        Ok(counts) => Ok(Some(counts)),
+                        Err(e) if broker::reply_code(&e) == Some(broker::NOT_FOUND) => Ok(None),
+                        Err(e) => Err(Error::from(e)),
+                    })
+                    .await?;
+                if let Some((ready, consumers)) = counted {
+                    depths.push(QueueDepth {
+                        queue,
+                        ready,
+                        consumers,
+                    });
+                }
+            }
+        }
+        depths.sort_by(|a, b| a.queue.cmp(&b.queue));
+        Ok(depths)
+    }
+
     /// The runtime's publisher (its own connection, separate from the consumers').
     pub fn publisher(&self) -> &Publisher {
         &self.shared.publisher
@@ -459,6 +570,18 @@ impl Runtime {
     /// Wait until the runtime has stopped.
     pub async fn stopped(&self) {
         self.stopped.cancelled().await;
+    }
+
+    /// A handle that does not keep the runtime running: for tasks beside it (a poller, an
+    /// HTTP endpoint) that should not stop it from ending when its owners drop theirs.
+    pub fn downgrade(&self) -> WeakRuntime {
+        WeakRuntime {
+            commands: self.commands.downgrade(),
+            shared: Arc::downgrade(&self.shared),
+            shutdown: self.shutdown.clone(),
+            stopped: self.stopped.clone(),
+            task: Arc::downgrade(&self.task),
+        }
     }
 
     async fn call<T>(&self, command: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {

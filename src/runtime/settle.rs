@@ -25,6 +25,20 @@ use crate::retry::tier_for_delay;
 use crate::topology::{self, Publishing, Topology, dlx_name, retry_queue_name};
 use crate::worker::Subscription;
 
+/// Write the outcome on the delivery's span (the current one): `outcome`, and for a failure
+/// `error.type` (its kind) and an error status.
+fn record_on_span(handling: &Handling, failure: Option<&Failure>) {
+    let span = tracing::Span::current();
+    if span.is_disabled() {
+        return;
+    }
+    span.record("outcome", handling.as_str());
+    if let Some(failure) = failure {
+        span.record("error.type", failure.kind().as_str());
+        span.record("otel.status_code", "ERROR");
+    }
+}
+
 /// Pause before requeueing a message whose retry or dead-letter copy could not be stored.
 pub(crate) const REQUEUE_DELAY: Duration = Duration::from_secs(1);
 
@@ -136,6 +150,7 @@ impl Settling<'_> {
                 }
             }
         };
+        record_on_span(&handling, failure.as_ref());
         if !self.shared.observers.is_empty() {
             self.shared.observers.settled(&Settled {
                 worker: &self.entry.name,

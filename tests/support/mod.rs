@@ -195,6 +195,14 @@ impl TestEnv {
         }
     }
 
+    /// The relay of a `breakable_builder` runtime on RabbitMQ (`None` in memory).
+    pub fn relay(&self) -> Option<Arc<relay::Relay>> {
+        match &self.backend {
+            Backend::RabbitMq { relay } => relay.lock().unwrap().clone(),
+            Backend::Memory(_) => None,
+        }
+    }
+
     /// Remember every queue `subscription` makes, for cleanup.
     pub fn track(&self, subscription: &Subscription) {
         self.track_names(Topology::new(&self.exchange, [subscription]).queues());

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // shared by test targets that each use part of it
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -18,6 +19,7 @@ pub struct Relay {
     addr: SocketAddr,
     faults: broadcast::Sender<Fault>,
     accepted: watch::Receiver<usize>,
+    refusing: Arc<AtomicBool>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -32,8 +34,13 @@ impl Relay {
         let faults_tx = faults.clone();
         // Stalled connections are parked here, open and silent, for as long as the relay lives.
         let parked: Arc<Mutex<Vec<(TcpStream, TcpStream)>>> = Arc::default();
+        let refusing = Arc::new(AtomicBool::new(false));
+        let refuse = refusing.clone();
         let task = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
+                if refuse.load(Ordering::SeqCst) {
+                    continue; // dropped: closed at once, as a broker that is down
+                }
                 count_tx.send_modify(|n| *n += 1);
                 let mut fault = faults_tx.subscribe();
                 let upstream = upstream.clone();
@@ -56,6 +63,7 @@ impl Relay {
             addr,
             faults,
             accepted,
+            refusing,
             _task: task,
         }
     }
@@ -73,6 +81,18 @@ impl Relay {
     /// Close every connection currently open through the relay.
     pub fn cut(&self) {
         let _ = self.faults.send(Fault::Cut);
+    }
+
+    /// Cut every connection and close new ones at once until [`up`](Relay::up): the broker
+    /// is down.
+    pub fn down(&self) {
+        self.refusing.store(true, Ordering::SeqCst);
+        self.cut();
+    }
+
+    /// Relay new connections again after [`down`](Relay::down).
+    pub fn up(&self) {
+        self.refusing.store(false, Ordering::SeqCst);
     }
 
     /// Stop moving bytes on every connection currently open through the relay, without

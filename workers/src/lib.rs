@@ -10,6 +10,11 @@
 //! Every binary reads `AMQP_URL`, and for running several isolated copies on one broker,
 //! `RABBITRY_EXCHANGE` (default `events`) and `RABBITRY_QUEUE_PREFIX` (default empty).
 //! `--plan` prints what a worker would declare and exits.
+//!
+//! Observability ([`rabbitry_observe`]): the workers serve `/metrics`, `/health` and
+//! `/ready` on `RABBITRY_HTTP_ADDR` when it is set; every binary logs JSON lines with
+//! `RABBITRY_LOG_FORMAT=json`, propagates W3C trace context, and exports spans over OTLP
+//! when built with the `otlp` feature and `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 
 pub mod analytics;
 pub mod email;
@@ -19,6 +24,7 @@ pub mod orders;
 use std::process::ExitCode;
 
 use rabbitry::prelude::*;
+use rabbitry_observe::{Observability, RuntimeBuilderExt, Telemetry};
 
 /// Exchange and queue names, from the environment.
 #[derive(Debug, Clone)]
@@ -44,11 +50,6 @@ impl Names {
     }
 }
 
-/// Log to stderr, at `info` unless `RUST_LOG` says otherwise.
-pub fn init_tracing() {
-    init_tracing_at("info");
-}
-
 /// Log to stderr, at `level` unless `RUST_LOG` says otherwise.
 pub fn init_tracing_at(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -59,12 +60,38 @@ pub fn init_tracing_at(level: &str) {
         .init();
 }
 
+/// Logs and traces configured by the environment (see [`Telemetry::init`]), for the
+/// binary named `service`. Keep the value until the process ends.
+pub fn init_telemetry(service: &str) -> rabbitry::Result<Telemetry> {
+    Telemetry::init(service)
+}
+
+/// The running binary's name, for logs and traces.
+pub fn binary_name() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "rabbitry-worker".into())
+}
+
 /// Run one worker until SIGINT or SIGTERM: `--plan` prints the topology instead. Prints
-/// `ready` on stdout once consuming. Exits 0 after a graceful shutdown, 1 on a startup error.
+/// `ready` on stdout once consuming. Serves `/metrics`, `/health` and `/ready` on
+/// `RABBITRY_HTTP_ADDR` when set. Exits 0 after a graceful shutdown, 1 on a startup error
+/// (a bad setting included).
 pub async fn run_worker<W: Worker>(worker: W) -> ExitCode {
-    init_tracing();
+    let _telemetry = match init_telemetry(&binary_name()) {
+        Ok(telemetry) => telemetry,
+        Err(e) => return fail(e),
+    };
+    let observability = match Observability::from_env() {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
     let names = Names::from_env();
-    let builder = Runtime::builder().exchange(names.exchange).worker(worker);
+    let builder = Runtime::builder()
+        .exchange(names.exchange)
+        .worker(worker)
+        .observability(&observability);
     if std::env::args().any(|a| a == "--plan") {
         return match builder.plan() {
             Ok(plan) => {

@@ -12,7 +12,9 @@ use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use rabbitry::Topology;
 use rabbitry::prelude::*;
+use rabbitry_workers::analytics::{AnalyticsWorker, Stats};
 use rabbitry_workers::email::{EmailWorker, Outbox};
+use rabbitry_workers::inventory::{InventoryWorker, Stock};
 use rabbitry_workers::orders::OrderPlaced;
 
 #[path = "../../tests/support/cleanup.rs"]
@@ -142,4 +144,120 @@ async fn sigterm_finishes_the_email_in_flight_and_exits_zero() {
     );
 
     publisher.close().await;
+}
+
+/// `GET path` on `addr` (HTTP/1.1, closed after the answer): status and body.
+fn get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("the endpoint listens");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned());
+    (status, body.unwrap_or_default())
+}
+
+fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_binaries_serve_metrics_health_and_ready_and_log_json() {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let prefix = format!("t.endpoints.{}.", &id[id.len() - 8..]);
+    let exchange = format!("{prefix}events");
+    let names = ["orders.email", "orders.inventory", "orders.analytics"];
+    let queue = |name: &str| format!("{prefix}{name}");
+    let subscriptions = [
+        EmailWorker::new(queue(names[0]), Outbox::default()).subscription(),
+        InventoryWorker::new(queue(names[1]), Stock::default()).subscription(),
+        AnalyticsWorker::new(queue(names[2]), Stats::default()).subscription(),
+    ];
+    let _cleanup = DeleteOnDrop {
+        url: url(),
+        queues: Topology::new(&exchange, subscriptions.iter())
+            .queues()
+            .map(str::to_owned)
+            .collect(),
+        exchanges: vec![exchange.clone(), format!("{exchange}.dlx")],
+    };
+
+    let mut children = Vec::new();
+    for (binary, name) in [
+        (env!("CARGO_BIN_EXE_email-worker"), names[0]),
+        (env!("CARGO_BIN_EXE_inventory-worker"), names[1]),
+        (env!("CARGO_BIN_EXE_analytics-worker"), names[2]),
+    ] {
+        let addr = free_addr();
+        let mut child = Command::new(binary)
+            .env("AMQP_URL", url())
+            .env("RABBITRY_EXCHANGE", &exchange)
+            .env("RABBITRY_QUEUE_PREFIX", &prefix)
+            .env("RABBITRY_HTTP_ADDR", &addr)
+            .env("RABBITRY_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the worker starts");
+        let stdout = lines(child.stdout.take().unwrap());
+        let stderr = lines(child.stderr.take().unwrap());
+        wait_for(&stdout, "ready", &mut Vec::new());
+        let (status, body) = get(&addr, "/ready");
+        assert_eq!(status, 200, "{body}");
+        let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(ready["workers"][0]["name"], format!("{prefix}{name}"));
+        assert_eq!(ready["workers"][0]["state"], "consuming");
+        assert_eq!(get(&addr, "/health").0, 200);
+        children.push((child, addr, stderr));
+    }
+
+    // Three orders from the producer binary, handled by the email worker.
+    let produced = Command::new(env!("CARGO_BIN_EXE_order-producer"))
+        .env("AMQP_URL", url())
+        .env("RABBITRY_EXCHANGE", &exchange)
+        .env("ORDERS", "3")
+        .env("INTERVAL_MS", "0")
+        .output()
+        .unwrap();
+    assert!(produced.status.success(), "{produced:?}");
+    let email = &children[0].1;
+    let handled = format!(
+        "rabbitry_deliveries_total{{worker=\"{prefix}orders.email\",event_type=\"order.placed\",outcome=\"handled\"}} 3"
+    );
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let page = loop {
+        let page = get(email, "/metrics").1;
+        if page.contains(&handled) || std::time::Instant::now() > deadline {
+            break page;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(page.contains(&handled), "{page}");
+    assert!(page.contains("rabbitry_connection_up 1"), "{page}");
+
+    for (mut child, _, stderr) in children {
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(exit.success(), "{exit:?}");
+        let log: Vec<String> = stderr.iter().collect();
+        assert!(!log.is_empty());
+        for line in &log {
+            let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
+            assert!(parsed.is_ok(), "a JSON log line: {line}");
+        }
+    }
 }

@@ -121,6 +121,10 @@ impl Channel {
         self.with(|s, id| s.declare_queue(id, name, args))
     }
 
+    pub(crate) fn queue_counts(&self, name: &str) -> lapin::Result<(u32, u32)> {
+        self.with(|s, id| s.queue_counts(id, name))
+    }
+
     pub(crate) fn declare_queue_passive(&self, name: &str) -> lapin::Result<u32> {
         self.with(|s, id| s.declare_queue_passive(id, name))
     }

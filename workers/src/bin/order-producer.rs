@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use rabbitry::Publisher;
+use rabbitry_observe::Observability;
 use rabbitry_workers::orders::OrderPlaced;
-use rabbitry_workers::{Names, init_tracing};
+use rabbitry_workers::{Names, binary_name, init_telemetry};
 use tracing::{error, info};
 
 fn env_or(name: &str, default: u64) -> u64 {
@@ -18,10 +19,18 @@ fn env_or(name: &str, default: u64) -> u64 {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    init_tracing();
+    let _telemetry = match init_telemetry(&binary_name()) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let url = std::env::var("AMQP_URL").unwrap_or_else(|_| rabbitry::DEFAULT_URL.into());
+    // Its publishes carry a W3C trace context, so each order's trace starts here.
     let publisher = match Publisher::builder(url)
         .exchange(Names::from_env().exchange)
+        .observer(Observability::new())
         .connect()
         .await
     {
