@@ -121,9 +121,12 @@
 //! # let _ = builder;
 //! ```
 //!
-//! Every settled delivery, every publish and every change of a worker's state reaches the
-//! [`observe::Observer`]s given to [`RuntimeBuilder::observer`]; the testing harness is
-//! one of them.
+//! Every delivery received and settled, every message sent, every publish and every change
+//! of a worker's state reaches the [`observe::Observer`]s given to
+//! [`RuntimeBuilder::observer`]; the testing harness is one of them, and the
+//! `rabbitry-observe` crate (Prometheus metrics, `/metrics` `/health` `/ready`, W3C trace
+//! propagation) another. Each delivery runs in a `delivery` span and each publish in a
+//! `publish` span, with the OpenTelemetry messaging attributes.
 //!
 //! ## The pipeline
 //!

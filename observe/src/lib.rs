@@ -7,7 +7,7 @@
 //!
 //! # Metrics and endpoints
 //!
-//! An [`Observability`] is an [`Observer`](rabbitry::observe::Observer) that counts, times
+//! An [`Observability`] is an [`Observer`] that counts, times
 //! and follows a runtime. Give it to the builder with
 //! [`RuntimeBuilderExt::observability`], and tell it where to serve:
 //!
@@ -24,6 +24,8 @@
 //! # }
 //!
 //! # async fn run() -> rabbitry::Result<()> {
+//! // RUST_LOG, RABBITRY_LOG_FORMAT=json, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME…
+//! let _telemetry = rabbitry_observe::Telemetry::init("email-worker")?;
 //! let observability = Observability::new().http("127.0.0.1:9464".parse().unwrap());
 //! let runtime = Runtime::builder()
 //!     .worker(Mailer)
@@ -65,13 +67,8 @@
 //! events a handler publishes. A message from another client that carries a `traceparent`
 //! (or MassTransit's `MT-Activity-Id`) joins its trace; one without starts a new trace.
 //!
-//! ```no_run
-//! # fn main() -> rabbitry::Result<()> {
-//! // RUST_LOG, RABBITRY_LOG_FORMAT=json, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME…
-//! let _telemetry = rabbitry_observe::Telemetry::init("email-worker")?;
-//! # Ok(()) }
-//! ```
-//!
+//! [`Telemetry::init`] (in the example above) sets up logs and traces from the environment:
+//! `RUST_LOG`, `RABBITRY_LOG_FORMAT=json`, and the OpenTelemetry layer ([`trace_layer`]).
 //! Spans are exported over OTLP/HTTP only with the `otlp` feature (off by default) and
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` set.
 //!
@@ -97,7 +94,7 @@ pub use metrics::{
 };
 pub use propagation::{TRACEPARENT, TRACESTATE};
 pub use ready::{Readiness, WorkerReadiness};
-pub use telemetry::{LOG_FORMAT_VAR, LogFormat, Telemetry};
+pub use telemetry::{LOG_FORMAT_VAR, LogFormat, Telemetry, trace_layer};
 
 /// The environment variable the worker binaries read the endpoints' address from.
 pub const HTTP_ADDR_VAR: &str = "RABBITRY_HTTP_ADDR";
@@ -280,7 +277,7 @@ impl Observer for Observability {
 }
 
 /// Adds [`observability`](RuntimeBuilderExt::observability) to
-/// [`RuntimeBuilder`](rabbitry::RuntimeBuilder).
+/// [`RuntimeBuilder`].
 pub trait RuntimeBuilderExt {
     /// Observe the runtime (metrics, readiness, trace propagation for its workers and its
     /// publisher) and, once it has started, serve the endpoints and poll the queue depths.

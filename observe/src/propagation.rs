@@ -39,7 +39,10 @@ struct Headers<'a, 'b>(&'a mut Sending<'b>);
 
 impl Injector for Headers<'_, '_> {
     fn set(&mut self, key: &str, value: String) {
-        self.0.set_header(key, &value);
+        // An empty `tracestate` says nothing: leave it out of every message.
+        if !value.is_empty() {
+            self.0.set_header(key, &value);
+        }
     }
 }
 

@@ -94,10 +94,7 @@ impl Telemetry {
         };
         let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![logs];
         if let Some(p) = &provider {
-            let traces = tracing_opentelemetry::layer()
-                .with_tracer(p.tracer("rabbitry"))
-                .with_filter(LevelFilter::INFO);
-            layers.push(traces.boxed());
+            layers.push(trace_layer(p).with_filter(LevelFilter::INFO).boxed());
         }
         tracing_subscriber::registry()
             .with(layers)
@@ -130,6 +127,27 @@ impl Drop for Telemetry {
             eprintln!("flushing spans at exit failed: {e}");
         }
     }
+}
+
+/// A `tracing-opentelemetry` layer on `provider`'s tracer, set up for messaging at volume:
+/// spans carry the attributes rabbitry gives them and none that cost a lookup or a clock
+/// read on every poll (source location, thread, target, busy and idle time), and entering a
+/// span does not activate an OpenTelemetry context (rabbitry reads a span's context
+/// directly when it propagates it). [`Telemetry::init`] installs this layer; use it to
+/// build a subscriber of your own.
+pub fn trace_layer<S>(
+    provider: &SdkTracerProvider,
+) -> tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
+    tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("rabbitry"))
+        .with_location(false)
+        .with_threads(false)
+        .with_target(false)
+        .with_tracked_inactivity(false)
+        .with_context_activation(false)
 }
 
 fn env_flag(key: &str) -> bool {

@@ -353,7 +353,7 @@ async fn a_busy_address_fails_the_start(env: TestEnv) {
         .observability(&Observability::new().http(taken.local_addr().unwrap()))
         .start()
         .await;
-    let err = started.err().expect("the start fails");
+    let err = started.expect_err("the start fails");
     assert!(matches!(err, Error::Config(_)), "{err:?}");
     assert!(err.to_string().contains("RABBITRY_HTTP_ADDR"), "{err}");
 }

@@ -286,7 +286,7 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<()> {
-        let span = publish_span(exchange, routing_key, &properties, body.len());
+        let span = publish_span(exchange, routing_key, &properties);
         self.send(exchange, routing_key, body, properties, true)
             .instrument(span)
             .await
@@ -361,7 +361,6 @@ pub(crate) fn publish_span(
     exchange: &str,
     routing_key: &str,
     properties: &BasicProperties,
-    size: usize,
 ) -> tracing::Span {
     let id = properties.message_id().as_ref().map(ShortString::as_str);
     let correlation = properties
@@ -381,7 +380,6 @@ pub(crate) fn publish_span(
         messaging.rabbitmq.destination.routing_key = routing_key,
         messaging.message.id = id,
         messaging.message.conversation_id = correlation,
-        messaging.message.body.size = size,
     )
 }
 
@@ -389,12 +387,7 @@ impl Inner {
     /// Open the span of a message about to be published, and let the observers add to its
     /// headers (a trace context) from inside it.
     fn announce(&self, message: &mut Prepared) -> tracing::Span {
-        let span = publish_span(
-            &self.exchange,
-            &message.routing_key,
-            &message.properties,
-            message.body.len(),
-        );
+        let span = publish_span(&self.exchange, &message.routing_key, &message.properties);
         if !self.observers.is_empty() {
             let mut table = message.properties.headers().clone().unwrap_or_default();
             span.in_scope(|| {

@@ -300,7 +300,7 @@ impl Consumer {
             .with_retry_policy(&self.entry.subscription.retry),
         );
         let body = Bytes::from(msg.body);
-        let span = delivery_span(&metadata, msg.tag, body.len());
+        let span = delivery_span(&metadata);
         if !self.shared.observers.is_empty() {
             self.shared.observers.received(&Received {
                 worker: &self.entry.name,
@@ -312,6 +312,20 @@ impl Consumer {
         let started = Instant::now();
         let handled = span.in_scope(|| service.call(Message::new(metadata.clone(), body.clone())));
         let (entry, shared, tag) = (self.entry.clone(), self.shared.clone(), msg.tag);
+        // Made now, so that even a future dropped before its first poll reports the
+        // delivery the observers were told about.
+        let unsettled = {
+            let (entry, shared, metadata) = (entry.clone(), shared.clone(), metadata.clone());
+            Unsettled(Some(move || {
+                shared.observers.settled(&Settled {
+                    worker: &entry.name,
+                    metadata: &metadata,
+                    handling: &Handling::Requeued,
+                    failure: None,
+                    duration: started.elapsed(),
+                })
+            }))
+        };
         let settled = async move {
             let settling = async {
                 let Ok(disposition) = handled.await;
@@ -327,16 +341,7 @@ impl Consumer {
                 .settle(disposition)
                 .await
             };
-            let requeued = || {
-                shared.observers.settled(&Settled {
-                    worker: &entry.name,
-                    metadata: &metadata,
-                    handling: &Handling::Requeued,
-                    failure: None,
-                    duration: started.elapsed(),
-                })
-            };
-            (tag, guarded(settling, requeued).await)
+            (tag, guarded(settling, unsettled).await)
         };
         settled.instrument(span)
     }
@@ -472,11 +477,14 @@ impl Consumer {
 }
 
 /// Run a delivery to its settlement; a panic on the way (a bug: the stack has its own panic
-/// guard) is logged, reported through `requeued`, and the delivery requeued after a pause,
+/// guard) is logged, reported through `unsettled`, and the delivery requeued after a pause,
 /// so it cannot spin. A settlement abandoned half-way (the shutdown grace period is over)
-/// is reported through `requeued` too: its message goes back to the queue with the channel.
-async fn guarded(settling: impl Future<Output = Settle>, requeued: impl FnOnce()) -> Settle {
-    let mut unsettled = Unsettled(Some(requeued));
+/// is reported through `unsettled` when it is dropped: its message goes back to the queue
+/// with the channel.
+async fn guarded<F: FnOnce()>(
+    settling: impl Future<Output = Settle>,
+    mut unsettled: Unsettled<F>,
+) -> Settle {
     match AssertUnwindSafe(settling).catch_unwind().await {
         Ok(settle) => {
             unsettled.0 = None;
@@ -509,7 +517,7 @@ impl<F: FnOnce()> Drop for Unsettled<F> {
 /// The span a delivery is handled and settled in, with the OpenTelemetry messaging
 /// attributes for RabbitMQ. A root span: a trace context in the message's headers is made
 /// its parent by an observer ([`Observer::received`](crate::observe::Observer::received)).
-fn delivery_span(meta: &Metadata, tag: u64, size: usize) -> tracing::Span {
+fn delivery_span(meta: &Metadata) -> tracing::Span {
     tracing::info_span!(
         parent: None,
         "delivery",
@@ -523,13 +531,10 @@ fn delivery_span(meta: &Metadata, tag: u64, size: usize) -> tracing::Span {
         error.type = tracing::field::Empty,
         messaging.system = "rabbitmq",
         messaging.operation.type = "process",
-        messaging.operation.name = "process",
         messaging.destination.name = %meta.exchange(),
         messaging.rabbitmq.destination.routing_key = %meta.routing_key(),
-        messaging.rabbitmq.message.delivery_tag = tag,
         messaging.message.id = %meta.message_id(),
         messaging.message.conversation_id = meta.correlation_id(),
-        messaging.message.body.size = size,
     )
 }
 
@@ -577,15 +582,20 @@ mod tests {
     async fn a_panic_while_settling_requeues_after_a_pause() {
         let before = Instant::now();
         let mut reported = false;
-        let settle = guarded(async { panic!("storing the copy blew up") }, || {
-            reported = true
-        })
+        let settle = guarded(
+            async { panic!("storing the copy blew up") },
+            Unsettled(Some(|| reported = true)),
+        )
         .await;
         assert_eq!(settle, Settle::Requeue);
         assert!(reported, "observers hear of the requeue");
         assert_eq!(Instant::now() - before, REQUEUE_DELAY);
         assert_eq!(
-            guarded(async { Settle::Ack }, || panic!("not called")).await,
+            guarded(
+                async { Settle::Ack },
+                Unsettled(Some(|| panic!("not called")))
+            )
+            .await,
             Settle::Ack
         );
     }
@@ -593,10 +603,18 @@ mod tests {
     #[tokio::test]
     async fn an_abandoned_settlement_is_reported_as_requeued() {
         let reported = std::sync::atomic::AtomicBool::new(false);
-        let settling = guarded(std::future::pending::<Settle>(), || {
-            reported.store(true, Ordering::SeqCst)
-        });
+        let report = || reported.store(true, Ordering::SeqCst);
+        let settling = guarded(std::future::pending::<Settle>(), Unsettled(Some(report)));
         assert!(settling.now_or_never().is_none());
         assert!(reported.load(Ordering::SeqCst), "dropped before it settled");
+        reported.store(false, Ordering::SeqCst);
+        drop(guarded(
+            std::future::pending::<Settle>(),
+            Unsettled(Some(report)),
+        ));
+        assert!(
+            reported.load(Ordering::SeqCst),
+            "dropped before its first poll"
+        );
     }
 }
