@@ -327,7 +327,7 @@ impl Observers {
         self.0.is_empty()
     }
 
-    fn each(&self, what: &str, call: impl Fn(&dyn Observer)) {
+    fn each(&self, what: &str, mut call: impl FnMut(&dyn Observer)) {
         for observer in self.0.iter() {
             if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| call(&**observer))) {
                 tracing::error!(
@@ -355,14 +355,6 @@ impl Observers {
     }
 
     pub(crate) fn sending(&self, sending: &mut Sending<'_>) {
-        for observer in self.0.iter() {
-            let call = AssertUnwindSafe(|| observer.sending(sending));
-            if let Err(panic) = std::panic::catch_unwind(call) {
-                tracing::error!(
-                    panic = crate::panic_message(&*panic),
-                    "an observer panicked in sending; ignored"
-                );
-            }
-        }
+        self.each("sending", |o| o.sending(sending));
     }
 }

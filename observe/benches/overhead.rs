@@ -3,16 +3,20 @@
 //! with a tracer provider that exports nothing) against off, in the same run.
 //!
 //! ```text
-//! cargo bench -p rabbitry-observe --bench overhead            # 20 000 messages, 3 rounds
-//! BENCH_MESSAGES=50000 BENCH_ROUNDS=5 cargo bench -p rabbitry-observe --bench overhead
+//! cargo bench -p rabbitry-observe --bench overhead            # 50 000 messages, 5 rounds
+//! BENCH_MESSAGES=100000 BENCH_ROUNDS=7 cargo bench -p rabbitry-observe --bench overhead
+//! BENCH_CONFIGS=off,on cargo bench -p rabbitry-observe --bench overhead   # two of the three
 //! ```
 //!
 //! Each measurement runs in a fresh child process (a process has one global `tracing`
 //! subscriber), alternating the configurations round by round. A child pre-fills its own
 //! queue with confirmed publishes, then starts a runtime with a no-op worker and counts the
-//! process's CPU time (user + system, `getrusage`) until every message was handled. Both
-//! configurations log to a sink at `info` (what a service does); `on` adds the
-//! `Observability` observer on the runtime and the publisher and the OpenTelemetry layer.
+//! process's CPU time (user + system, `getrusage`) until every message was handled. The
+//! event and the consumer are S1's of `benches/throughput.rs` (about 200 bytes of JSON,
+//! prefetch 300, concurrency 32, a handler that does nothing with it). Every configuration
+//! logs to a sink at `info` (what a service does); `metrics` adds the `Observability`
+//! observer on the runtime and the publisher; `on` adds the OpenTelemetry layer too
+//! (`trace_layer`, a tracer provider without an exporter).
 
 use std::process::Command;
 use std::sync::Arc;
@@ -28,10 +32,12 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
+/// The S1 event of `benches/throughput.rs`: about 200 bytes of JSON.
 #[derive(Serialize, Deserialize)]
 struct Tick {
-    n: u64,
-    note: String,
+    id: u64,
+    sent_at_ns: u64,
+    pad: String,
 }
 
 impl Event for Tick {
@@ -48,10 +54,11 @@ impl Worker for Counter {
     type Event = Tick;
 
     fn subscription(&self) -> Subscription {
+        // As S1's consumer in benches/throughput.rs.
         Subscription::new(&self.queue)
             .bind("bench.tick")
-            .prefetch(200)
-            .concurrency(64)
+            .prefetch(300)
+            .concurrency(32)
     }
 
     async fn handle(&self, _: Delivery<Tick>, _: &Context) -> Outcome {
@@ -115,13 +122,18 @@ async fn child(config: &str, messages: usize) {
         publisher = publisher.observer(observability.clone());
     }
     let publisher = publisher.connect().await.unwrap();
-    let note = "x".repeat(100);
+    let pad = "p".repeat(150);
     let before = cpu_time();
     let mut pipeline = publisher.pipeline();
-    for n in 0..messages as u64 {
+    for id in 0..messages as u64 {
+        let sent_at_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
         let tick = Tick {
-            n,
-            note: note.clone(),
+            id,
+            sent_at_ns,
+            pad: pad.clone(),
         };
         pipeline.send(&tick).await.unwrap();
     }
@@ -180,7 +192,7 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
-    let messages = env("BENCH_MESSAGES", 20_000);
+    let messages = env("BENCH_MESSAGES", 50_000);
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--child") {
         let config = args[i + 1].clone();
@@ -195,7 +207,7 @@ fn main() {
     if args.iter().any(|a| a == "--list") {
         return; // `cargo test --benches` asks for the list of benchmarks
     }
-    let rounds = env("BENCH_ROUNDS", 3);
+    let rounds = env("BENCH_ROUNDS", 5);
     let exe = std::env::current_exe().unwrap();
     let wanted = std::env::var("BENCH_CONFIGS").unwrap_or_else(|_| "off,metrics,on".into());
     let configs: Vec<&str> = ["off", "metrics", "on"]

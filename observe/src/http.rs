@@ -13,9 +13,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use rabbitry::WeakRuntime;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tracing::{debug, warn};
 
 use crate::Shared;
@@ -36,19 +35,29 @@ pub(crate) async fn bind(addr: SocketAddr) -> rabbitry::Result<TcpListener> {
     })
 }
 
-/// Serve until the runtime stops.
-pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, runtime: WeakRuntime) {
+/// Resolves once `stop` is switched on (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// Serve until `stop` is switched on; open connections then finish the request at hand and
+/// close.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
-            () = runtime.stopped() => break,
+            () = stopped(&mut stop) => break,
             permit = slots.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => break,
             },
         };
         let accepted = tokio::select! {
-            () = runtime.stopped() => break,
+            () = stopped(&mut stop) => break,
             accepted = listener.accept() => accepted,
         };
         let stream = match accepted {
@@ -60,19 +69,26 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, runtime: W
                 continue;
             }
         };
-        let shared = shared.clone();
+        let (shared, mut stop) = (shared.clone(), stop.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let service = service_fn(move |request| {
                 let response = respond(&shared, &request);
                 async move { Ok::<_, Infallible>(response) }
             });
-            let served = http1::Builder::new()
+            let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                () = stopped(&mut stop) => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
             if let Err(e) = served {
                 debug!(error = %e, "HTTP connection ended with an error");
             }

@@ -50,12 +50,15 @@
 //!
 //! `event_type` comes from the message (the AMQP `type` property, set by the producer), so
 //! its values are bounded: [`MAX_EVENT_TYPES`] per worker, the rest counted as `other`.
-//! Queue depths are read every 15 s by default ([`Observability::queue_depths_every`]) with
-//! passive declares on short-lived channels.
+//! Queue depths are read every 15 s by default ([`Observability::queue_depths_every`])
+//! while the endpoints are served, with passive declares on short-lived channels of the
+//! runtime publisher's connection.
 //!
 //! `GET /health` answers 200 while the process runs. `GET /ready` answers 200 when the
-//! runtime is connected and every worker consuming (or paused on purpose), else 503; both
-//! carry a JSON [`Readiness`] body that names each worker's state.
+//! runtime is connected and every worker consuming, else 503 (a paused worker is not
+//! consuming); both carry a JSON [`Readiness`] body that names each worker's state.
+//! [`Observability::serve`] serves them before the runtime starts, so that `/health`
+//! answers while it connects.
 //!
 //! # Traces
 //!
@@ -86,6 +89,7 @@ use std::time::Duration;
 
 use rabbitry::observe::{Lifecycle, Observer, Received, Sending, Settled};
 use rabbitry::{Runtime, RuntimeBuilder, WeakRuntime};
+use tokio::sync::watch;
 use tracing::debug;
 
 pub use metrics::{
@@ -117,6 +121,8 @@ pub struct Observability {
 pub(crate) struct Shared {
     metrics: metrics::Metrics,
     ready: Mutex<ready::State>,
+    /// The endpoints' bound address and the switch that stops them, while they are served.
+    server: Mutex<Option<(SocketAddr, watch::Sender<bool>)>>,
 }
 
 impl Shared {
@@ -150,6 +156,7 @@ impl Observability {
             shared: Arc::new(Shared {
                 metrics: metrics::Metrics::new(),
                 ready: Mutex::default(),
+                server: Mutex::default(),
             }),
             http: None,
             depth_interval: DEFAULT_DEPTH_INTERVAL,
@@ -174,8 +181,11 @@ impl Observability {
         }
     }
 
-    /// Serve `GET /metrics`, `GET /health` and `GET /ready` on `addr` while the runtime
-    /// runs. The address is bound when the runtime starts: one in use fails the start.
+    /// Serve `GET /metrics`, `GET /health` and `GET /ready` on `addr` (port 0: any free
+    /// port, see [`local_addr`](Observability::local_addr)), from [`serve`](Observability::serve)
+    /// or the runtime's start — whichever comes first — until the runtime stops. An address
+    /// in use fails `serve` (and the start). While they are served, the queue depths are
+    /// read (on the runtime publisher's connection).
     pub fn http(mut self, addr: SocketAddr) -> Observability {
         self.http = Some(addr);
         self
@@ -197,16 +207,72 @@ impl Observability {
         self.shared.readiness()
     }
 
-    /// Start the endpoints (if an address was given) and the queue-depth poller beside
-    /// `runtime`; both end when it stops. Called by [`RuntimeBuilderExt::observability`].
-    pub async fn attach(&self, runtime: &Runtime) -> rabbitry::Result<()> {
-        let weak = runtime.downgrade();
-        if let Some(addr) = self.http {
-            let listener = http::bind(addr).await?;
-            tracing::info!(%addr, "serving /metrics, /health and /ready");
-            tokio::spawn(http::serve(listener, self.shared.clone(), weak.clone()));
+    /// Start serving the endpoints now, before the runtime starts, so that `/health`
+    /// answers 200 and `/ready` 503 (`running: false`) while it connects. Does nothing
+    /// without an address, or when they are already served; returns the bound address.
+    pub async fn serve(&self) -> rabbitry::Result<Option<SocketAddr>> {
+        let Some(addr) = self.http else {
+            return Ok(None);
+        };
+        if let Some(bound) = self.local_addr() {
+            return Ok(Some(bound));
         }
-        tokio::spawn(poll_depths(self.shared.clone(), weak, self.depth_interval));
+        let listener = http::bind(addr).await?;
+        let bound = listener.local_addr().map_err(|e| {
+            rabbitry::Error::Config(format!("the endpoints' socket on {addr}: {e}"))
+        })?;
+        let (stop, stopped) = watch::channel(false);
+        {
+            let mut server = self
+                .shared
+                .server
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some((other, _)) = *server {
+                return Ok(Some(other)); // served meanwhile, by another call
+            }
+            *server = Some((bound, stop));
+        }
+        tracing::info!(addr = %bound, "serving /metrics, /health and /ready");
+        tokio::spawn(http::serve(listener, self.shared.clone(), stopped));
+        Ok(Some(bound))
+    }
+
+    /// The address the endpoints listen on, while they are served.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        let server = self
+            .shared
+            .server
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        server.as_ref().map(|(addr, _)| *addr)
+    }
+
+    /// Serve the endpoints (if an address was given and they are not served yet) and read
+    /// the queue depths beside `runtime`, until it stops. Called by
+    /// [`RuntimeBuilderExt::observability`] once the runtime has started.
+    pub async fn attach(&self, runtime: &Runtime) -> rabbitry::Result<()> {
+        if self.serve().await?.is_none() {
+            return Ok(());
+        }
+        let weak = runtime.downgrade();
+        tokio::spawn(poll_depths(
+            self.shared.clone(),
+            weak.clone(),
+            self.depth_interval,
+        ));
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            weak.stopped().await;
+            let server = shared
+                .server
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            if let Some((_, stop)) = server {
+                let _ = stop.send(true);
+            }
+        });
         Ok(())
     }
 }
@@ -253,6 +319,8 @@ impl Observer for Observability {
     fn lifecycle(&self, event: &Lifecycle<'_>) {
         match event {
             Lifecycle::Started { .. } => self.shared.metrics.connection(true),
+            // Its in-flight gauge exists (at 0) before its first delivery.
+            Lifecycle::Consuming { worker } => self.shared.metrics.worker(worker),
             Lifecycle::Reconnected => self.shared.metrics.reconnected(),
             Lifecycle::ConnectionLost { .. } | Lifecycle::ShutDown => {
                 self.shared.metrics.connection(false)

@@ -28,7 +28,7 @@ pub const CONNECTION_UP: &str = "rabbitry_connection_up";
 /// `rabbitry_reconnects_total`.
 pub const RECONNECTS: &str = "rabbitry_reconnects_total";
 
-/// The buckets of [`HANDLER_DURATION`], in seconds: 1 ms to 60 s.
+/// The buckets of [`HANDLER_DURATION`], in seconds: 1 ms to 120 s.
 pub const DURATION_BUCKETS: [f64; 16] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
@@ -130,9 +130,7 @@ impl Metrics {
             }
         }
         let mut workers = self.workers.write().unwrap_or_else(PoisonError::into_inner);
-        let entry = workers
-            .entry(worker.to_owned())
-            .or_insert_with(|| WorkerMetrics::new(&self.recorder, worker));
+        let entry = self.worker_mut(&mut workers, worker);
         let label = if entry.types.len() >= MAX_EVENT_TYPES && !entry.types.contains_key(event_type)
         {
             "other"
@@ -209,6 +207,11 @@ impl Metrics {
         }
     }
 
+    /// Make `worker`'s handles now (its in-flight gauge shows 0 until its first delivery).
+    pub(crate) fn worker(&self, worker: &str) {
+        self.with_worker(worker, |_| {});
+    }
+
     /// Run `f` on `worker`'s handles, making them if needed.
     fn with_worker(&self, worker: &str, f: impl FnOnce(&WorkerMetrics)) {
         {
@@ -218,10 +221,18 @@ impl Metrics {
             }
         }
         let mut workers = self.workers.write().unwrap_or_else(PoisonError::into_inner);
-        let entry = workers
+        f(self.worker_mut(&mut workers, worker));
+    }
+
+    /// `worker`'s handles in `workers`, made if needed.
+    fn worker_mut<'a>(
+        &self,
+        workers: &'a mut HashMap<String, WorkerMetrics>,
+        worker: &str,
+    ) -> &'a mut WorkerMetrics {
+        workers
             .entry(worker.to_owned())
-            .or_insert_with(|| WorkerMetrics::new(&self.recorder, worker));
-        f(entry);
+            .or_insert_with(|| WorkerMetrics::new(&self.recorder, worker))
     }
 }
 

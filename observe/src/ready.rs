@@ -9,7 +9,7 @@ use serde::Serialize;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct Readiness {
-    /// Connected, and every worker consuming (or paused on purpose).
+    /// Running, connected, and every worker consuming.
     pub ready: bool,
     /// The runtime has started and not shut down.
     pub running: bool,
@@ -34,9 +34,10 @@ pub struct WorkerReadiness {
 }
 
 impl WorkerReadiness {
-    /// Consuming, or paused on purpose ([`Runtime::pause`](rabbitry::Runtime::pause)).
+    /// Consuming. A paused worker ([`Runtime::pause`](rabbitry::Runtime::pause)) is not:
+    /// its messages wait.
     pub fn is_ready(&self) -> bool {
-        matches!(self.state, "consuming" | "paused")
+        self.state == "consuming"
     }
 }
 
@@ -147,12 +148,14 @@ mod tests {
             worker: "b",
             reason: StopReason::Paused,
         });
-        assert!(state.report().ready, "a paused worker is paused on purpose");
+        assert!(!state.report().ready, "a paused worker is not consuming");
+        assert_eq!(state.report().workers[1].state, "paused");
         state.apply(&Lifecycle::Stopped {
             worker: "b",
             reason: StopReason::Removed,
         });
         assert_eq!(state.report().workers.len(), 1);
+        assert!(state.report().ready, "a removed worker is forgotten");
 
         state.apply(&Lifecycle::ShutDown);
         assert!(!state.report().ready);

@@ -17,7 +17,6 @@ use rabbitry_observe::{Observability, RuntimeBuilderExt};
 use serde_json::{Value, json};
 use support::journal::Journal;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 #[derive(serde::Serialize)]
@@ -30,35 +29,37 @@ impl Event for Job {
     const TYPE: &'static str = "job";
 }
 
-/// A free local address for the endpoints.
-fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
-}
-
 /// `GET path` on `addr`: the status code and the body.
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    request(
-        addr,
-        &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
-    )
-    .await
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || support::http::get(addr, &path))
+        .await
+        .unwrap()
 }
 
+/// Send `raw` as is: the status code and the body.
 async fn request(addr: SocketAddr, raw: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr)
+    let raw = raw.to_owned();
+    tokio::task::spawn_blocking(move || support::http::request(addr, &raw))
         .await
-        .expect("the endpoint listens");
-    stream.write_all(raw.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let response = String::from_utf8(response).expect("a text response");
-    let status = response[9..12].parse().expect("a status line");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+        .unwrap()
+}
+
+/// Endpoints on a free port of the loopback interface.
+fn on_any_port() -> Observability {
+    Observability::new().http("127.0.0.1:0".parse().unwrap())
+}
+
+/// Wait until nothing listens on `addr` any more.
+async fn until_closed(addr: SocketAddr) {
+    let wait = async {
+        while TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, wait)
+        .await
+        .expect("the endpoints stop with the runtime");
 }
 
 /// The value of the sample `name{labels}` in a Prometheus text page.
@@ -124,10 +125,7 @@ async fn counters_are_exact_after_a_known_mix_of_outcomes(env: TestEnv) {
     });
     let worker = Registration::new(probe)
         .layer(FilterLayer::payload(|job| job["kind"] != "skip").reason("skip"));
-    let addr = free_addr();
-    let observability = Observability::new()
-        .http(addr)
-        .queue_depths_every(Duration::from_secs(1));
+    let observability = on_any_port().queue_depths_every(Duration::from_secs(1));
     let rt = env
         .builder()
         .observer(journal.clone())
@@ -136,6 +134,7 @@ async fn counters_are_exact_after_a_known_mix_of_outcomes(env: TestEnv) {
         .start()
         .await
         .unwrap();
+    let addr = observability.local_addr().expect("served once started");
     let publisher = Publisher::builder(env.url())
         .exchange(env.exchange.clone())
         .observer(observability.clone())
@@ -282,10 +281,7 @@ async fn counters_are_exact_after_a_known_mix_of_outcomes(env: TestEnv) {
 
     publisher.close().await;
     rt.shutdown().await;
-    assert!(
-        TcpStream::connect(addr).await.is_err(),
-        "the endpoint stops with the runtime"
-    );
+    until_closed(addr).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,8 +289,12 @@ async fn ready_follows_the_broker_connection() {
     let env = TestEnv::rabbitmq("ready_follows_the_broker_connection");
     let queue = env.queue("ready");
     let (probe, _seen) = env.probe(Subscription::new(&queue).bind("x"), |_| Ok(()));
-    let addr = free_addr();
-    let observability = Observability::new().http(addr);
+    let observability = on_any_port();
+    // Served before the runtime starts: alive, not ready.
+    let addr = observability.serve().await.unwrap().expect("an address");
+    let body = ready_until(addr, 503).await;
+    assert_eq!(body["running"], json!(false), "{body}");
+    assert_eq!(get(addr, "/health").await.0, 200);
     let rt = env
         .breakable_builder()
         .await
@@ -333,14 +333,23 @@ async fn ready_follows_the_broker_connection() {
     );
     assert_eq!(sample(&page, "rabbitry_connection_up", &[]), Some(1.0));
 
+    assert_eq!(
+        observability.local_addr(),
+        Some(addr),
+        "the runtime's start kept the endpoints served before it"
+    );
+
     rt.pause(&queue).await.unwrap();
-    let body = ready_until(addr, 200).await;
+    let body = ready_until(addr, 503).await;
     assert_eq!(
         body["workers"][0]["state"],
         json!("paused"),
-        "paused on purpose is ready"
+        "paused: not consuming"
     );
+    rt.resume(&queue).await.unwrap();
+    ready_until(addr, 200).await;
     rt.shutdown().await;
+    until_closed(addr).await;
 }
 
 async fn a_busy_address_fails_the_start(env: TestEnv) {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
-use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
+use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use rabbitry::RetryPolicy;
 use rabbitry::prelude::*;
@@ -32,8 +32,9 @@ fn spans() -> &'static InMemorySpanExporter {
         let provider = SdkTracerProvider::builder()
             .with_simple_exporter(exporter.clone())
             .build();
+        // The layer `Telemetry::init` installs.
         tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("tests")))
+            .with(rabbitry_observe::trace_layer(&provider))
             .init();
         exporter
     })
@@ -88,7 +89,7 @@ impl Event for StepTwo {
     const TYPE: &'static str = "step.two";
 }
 
-/// Fails its first attempt, then publishes `StepTwo`.
+/// Rejects order 0; fails every other order's first attempt, then publishes `StepTwo`.
 struct First(Subscription);
 
 impl Worker for First {
@@ -99,6 +100,9 @@ impl Worker for First {
     }
 
     async fn handle(&self, d: Delivery<StepOne>, ctx: &Context) -> Outcome {
+        if d.payload().order == 0 {
+            return Err(Failure::reject("order 0 does not exist"));
+        }
         if d.attempt() == 1 {
             return Err(Failure::retry("stock service away"));
         }
@@ -252,6 +256,25 @@ async fn publish_retry_follow_up_and_second_worker_form_one_trace(env: TestEnv) 
     );
     assert_eq!(format!("{:?}", origin.span_kind), "Producer");
     assert_eq!(format!("{:?}", handled.span_kind), "Consumer");
+
+    // A dead-letter copy keeps the producer's trace context.
+    let rejected = publisher.publish(&StepOne { order: 0 }).await.unwrap();
+    journal
+        .wait_until(&first, |done| done.iter().any(|(id, _, _)| *id == rejected))
+        .await;
+    let sent = wait_for_spans(|all| {
+        let found = named(all, &exchange, &rejected);
+        (found.len() == 1).then(|| vec![found[0].clone()])
+    })
+    .await;
+    let expected = format!(
+        "00-{}-{}-01",
+        sent[0].span_context.trace_id(),
+        sent[0].span_context.span_id()
+    );
+    let dead = env.take(&format!("{first}.dlq"), 1).await;
+    assert_eq!(dead[0].message_id().as_deref(), Some(rejected.as_str()));
+    assert_eq!(dead[0].header_str("traceparent"), Some(expected));
 
     publisher.close().await;
     rt.shutdown().await;

@@ -189,12 +189,7 @@ impl Channel {
     }
 
     pub(crate) async fn declare_queue_passive(&self, name: &str) -> lapin::Result<u32> {
-        let options = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        self.queue_declare(name, options, FieldTable::default())
-            .await
+        self.queue_counts(name).await.map(|(ready, _)| ready)
     }
 
     pub(crate) async fn delete_queue(&self, name: &str, if_empty: bool) -> lapin::Result<u32> {

@@ -415,8 +415,9 @@ impl Inner {
             Err(Error::Nacked { .. }) => PublishOutcome::Nacked,
             Err(_) => PublishOutcome::Failed,
         };
+        // The publish span (`send` and the pipeline run inside it), never a caller's span.
         let span = tracing::Span::current();
-        if !span.is_disabled() {
+        if span.metadata().is_some_and(|m| m.name() == "publish") {
             span.record("outcome", outcome.as_str());
             if outcome != PublishOutcome::Confirmed {
                 span.record("otel.status_code", "ERROR");

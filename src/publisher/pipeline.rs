@@ -91,7 +91,14 @@ impl<'p> Pipeline<'p> {
         }
         let inner = self.publisher.inner.clone();
         inner.pace().await;
-        let slot = inner.slot(self.slot).await?;
+        let slot = match inner.slot(self.slot).await {
+            Ok(slot) => slot,
+            Err(e) => {
+                let (exchange, key) = (&inner.exchange, &prepared.routing_key);
+                inner.observe(exchange, key, &prepared.id, Err(&e));
+                return Err(e);
+            }
+        };
         let id = prepared.id.clone();
         let number = self.sent;
         self.sent += 1;

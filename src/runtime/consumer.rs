@@ -531,6 +531,7 @@ fn delivery_span(meta: &Metadata) -> tracing::Span {
         error.type = tracing::field::Empty,
         messaging.system = "rabbitmq",
         messaging.operation.type = "process",
+        messaging.operation.name = "process",
         messaging.destination.name = %meta.exchange(),
         messaging.rabbitmq.destination.routing_key = %meta.routing_key(),
         messaging.message.id = %meta.message_id(),

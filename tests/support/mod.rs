@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod cleanup;
+pub mod http;
 pub mod journal;
 pub mod relay;
 

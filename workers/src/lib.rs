@@ -101,6 +101,10 @@ pub async fn run_worker<W: Worker>(worker: W) -> ExitCode {
             Err(e) => fail(e),
         };
     }
+    // Served while connecting too: /health answers, /ready says 503 until consuming.
+    if let Err(e) = observability.serve().await {
+        return fail(e);
+    }
     match builder.start().await {
         Ok(runtime) => {
             println!("ready");

@@ -19,6 +19,9 @@ use rabbitry_workers::orders::OrderPlaced;
 
 #[path = "../../tests/support/cleanup.rs"]
 mod cleanup;
+#[path = "../../tests/support/http.rs"]
+mod http;
+use http::get;
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -144,22 +147,6 @@ async fn sigterm_finishes_the_email_in_flight_and_exits_zero() {
     );
 
     publisher.close().await;
-}
-
-/// `GET path` on `addr` (HTTP/1.1, closed after the answer): status and body.
-fn get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("the endpoint listens");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned());
-    (status, body.unwrap_or_default())
 }
 
 fn free_addr() -> String {

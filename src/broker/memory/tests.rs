@@ -314,3 +314,25 @@ async fn unbind_delete_if_empty_passive_declare_and_get_answer_like_rabbitmq() {
     let err = ch.declare_queue_passive("q").unwrap_err();
     assert_eq!(reply_code(&err), Some(NOT_FOUND));
 }
+
+#[tokio::test]
+async fn queue_counts_are_ready_messages_of_every_priority_and_consumers() {
+    let (broker, ch) = channel();
+    ch.declare_queue("p", args(&[("x-max-priority", AMQPValue::LongLongInt(10))]))
+        .unwrap();
+    for (id, priority) in [("a", 1), ("b", 5), ("c", 5)] {
+        let props = with_id(id).with_priority(priority);
+        ch.publish("", "p", b"{}", props, false).unwrap();
+    }
+    assert_eq!(ch.queue_counts("p").unwrap(), (3, 0));
+    assert_eq!(ch.declare_queue_passive("p").unwrap(), 3);
+    let consumer = broker_consumer(&broker);
+    let _deliveries = consumer.consume("p", "c1").unwrap();
+    assert_eq!(ch.queue_counts("p").unwrap().1, 1);
+    let err = ch.queue_counts("missing").unwrap_err();
+    assert_eq!(reply_code(&err), Some(NOT_FOUND));
+}
+
+fn broker_consumer(broker: &MemoryBroker) -> Channel {
+    Connection::open(&broker.url()).unwrap().channel().unwrap()
+}

@@ -329,17 +329,13 @@ impl State {
     pub(super) fn queue_counts(&mut self, chan: u64, name: &str) -> lapin::Result<(u32, u32)> {
         self.chan(chan, "queue.declare")?;
         match self.queues.get(name) {
-            Some(q) => Ok((q.ready.len() as u32, q.consumers.len() as u32)),
+            Some(q) => Ok((q.len() as u32, q.consumers.len() as u32)),
             None => Err(self.fail(chan, no_queue(name))),
         }
     }
 
     pub(super) fn declare_queue_passive(&mut self, chan: u64, name: &str) -> lapin::Result<u32> {
-        self.chan(chan, "queue.declare")?;
-        match self.queues.get(name) {
-            Some(q) => Ok(q.len() as u32),
-            None => Err(self.fail(chan, no_queue(name))),
-        }
+        self.queue_counts(chan, name).map(|(ready, _)| ready)
     }
 
     pub(super) fn unbind(
