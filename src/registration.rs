@@ -69,6 +69,8 @@ pub struct Registration {
     build: Build,
     /// A configuration mistake found while building it, reported on registration.
     problem: Option<String>,
+    /// Takes any body: no built-in JSON check ([`Registration::service`]).
+    raw: bool,
 }
 
 impl fmt::Debug for Registration {
@@ -92,6 +94,34 @@ impl Registration {
                 publisher: publisher.clone(),
             }
         })
+    }
+
+    /// A worker made of any tower service over raw [`Message`]s, for messages that have no
+    /// event type of their own: an audit log, a bridge to another system, a keeper of dead
+    /// letters. The service sees every body as received — the built-in check that a body
+    /// is JSON of bounded size is skipped (the broker's own frame limit still applies) —
+    /// inside the subscription's handler timeout and a panic guard; its
+    /// [`Disposition`] settles the message as any worker's does.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use rabbitry::{Disposition, Message, Registration, Subscription};
+    ///
+    /// let count = tower::service_fn(|message: Message| async move {
+    ///     println!("{} bytes on {}", message.body().len(), message.metadata().routing_key());
+    ///     Ok::<_, Infallible>(Disposition::Ack)
+    /// });
+    /// let tap = Registration::service(Subscription::new("tap").bind("#"), count);
+    /// # let _ = tap;
+    /// ```
+    pub fn service<S>(subscription: Subscription, service: S) -> Registration
+    where
+        S: Service<Message, Response = Disposition, Error = Infallible> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        let mut registration = Registration::innermost(subscription, "service", move |_| service);
+        registration.raw = true;
+        registration
     }
 
     /// A registration whose innermost service (made from the runtime's publisher) is
@@ -132,6 +162,7 @@ impl Registration {
             layers: Vec::new(),
             build: Box::new(build),
             problem: None,
+            raw: false,
         }
     }
 
@@ -172,10 +203,14 @@ impl Registration {
         for layer in self.layers.iter().rev().chain(parts.layers.iter().rev()) {
             service = layer.wrap(service);
         }
-        let builtin = tower::ServiceBuilder::new()
-            .layer(CatchPanicLayer)
-            .layer(JsonBodyLayer::new(parts.max_body));
-        BoxCloneService::new(builtin.service(service))
+        let guarded = tower::ServiceBuilder::new().layer(CatchPanicLayer);
+        match self.raw {
+            true => BoxCloneService::new(guarded.service(service)),
+            false => {
+                let checked = guarded.layer(JsonBodyLayer::new(parts.max_body));
+                BoxCloneService::new(checked.service(service))
+            }
+        }
     }
 }
 

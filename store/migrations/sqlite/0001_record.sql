@@ -1,0 +1,57 @@
+-- The record: events, handlings, dead letters and the de-duplication inbox.
+-- Times are Unix milliseconds; headers are the AMQP header table as JSON (serde of lapin's
+-- FieldTable: exact, so a stored message can be published again as it was).
+CREATE TABLE events (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id     TEXT    NOT NULL UNIQUE,
+    event_type     TEXT    NOT NULL,
+    exchange       TEXT    NOT NULL,
+    routing_key    TEXT    NOT NULL,
+    correlation_id TEXT,
+    source         TEXT,
+    headers        TEXT    NOT NULL,
+    body           BLOB    NOT NULL,
+    published_at   INTEGER,
+    recorded_at    INTEGER NOT NULL
+);
+CREATE INDEX events_by_type ON events (event_type, seq);
+CREATE INDEX events_by_correlation ON events (correlation_id);
+CREATE INDEX events_by_time ON events (recorded_at);
+
+CREATE TABLE handlings (
+    id          TEXT    PRIMARY KEY,
+    worker      TEXT    NOT NULL,
+    message_id  TEXT    NOT NULL,
+    attempt     INTEGER NOT NULL,
+    outcome     TEXT    NOT NULL,
+    reason      TEXT,
+    duration_us INTEGER NOT NULL,
+    handled_at  INTEGER NOT NULL,
+    host        TEXT    NOT NULL
+);
+CREATE INDEX handlings_by_message ON handlings (message_id, handled_at);
+
+CREATE TABLE dead_letters (
+    seq              INTEGER PRIMARY KEY AUTOINCREMENT,
+    worker           TEXT    NOT NULL,
+    message_id       TEXT    NOT NULL,
+    failed_at        TEXT    NOT NULL,
+    event_type       TEXT    NOT NULL,
+    exchange         TEXT    NOT NULL,
+    routing_key      TEXT    NOT NULL,
+    kind             TEXT,
+    reason           TEXT,
+    headers          TEXT    NOT NULL,
+    body             BLOB    NOT NULL,
+    recorded_at      INTEGER NOT NULL,
+    state            TEXT    NOT NULL DEFAULT 'waiting',
+    state_changed_at INTEGER,
+    UNIQUE (worker, message_id, failed_at)
+);
+CREATE INDEX dead_letters_by_worker ON dead_letters (worker, state, seq);
+
+CREATE TABLE inbox (
+    key        TEXT    PRIMARY KEY,
+    claimed_at INTEGER NOT NULL
+);
+CREATE INDEX inbox_by_time ON inbox (claimed_at);

@@ -1,0 +1,203 @@
+//! The keeper: workers that move what the broker carries into the store — every event
+//! published (through an audit queue) and every dead letter (out of the workers' DLQs).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use rabbitry::{Disposition, Message, Metadata, Registration, RetryPolicy, Subscription, headers};
+
+use crate::batch::Batcher;
+use crate::{DeadLetter, Store, StoredEvent, now_ms};
+
+/// Header on a replayed copy (the message id it replays): such copies are not audited again.
+pub const REPLAYED_FROM: &str = "x-replayed-from";
+
+/// Most messages one batch (one transaction) holds.
+const DEFAULT_BATCH: usize = 500;
+/// Longest a message waits for its batch to fill.
+const DEFAULT_WAIT: Duration = Duration::from_millis(100);
+
+/// Builds the keeper's workers for a runtime on the system's exchange:
+///
+/// - the audit worker consumes `<exchange>.audit` (declared, bound with `#`) and records
+///   every event published to the exchange;
+/// - a drainer per worker named with [`dead_letters_of`](Keeper::dead_letters_of) consumes
+///   its `<worker>.dlq` (which must exist: the worker declares it) and keeps each message
+///   with its failure.
+///
+/// Messages are acknowledged only once their batch is committed. A store that refuses a
+/// batch (down, full) is tried again, with growing pauses, while the messages wait in the
+/// broker; several keepers can consume the same queues (inserts are idempotent).
+///
+/// ```no_run
+/// use rabbitry::Runtime;
+/// use rabbitry_store::{Keeper, Store};
+///
+/// # async fn run() -> rabbitry::Result<()> {
+/// let store = Store::connect("sqlite://rabbitry.db").await.expect("the store opens");
+/// let keeper = Keeper::new(store, "events").dead_letters_of("orders.email");
+/// let mut builder = Runtime::builder().exchange("events");
+/// for worker in keeper.registrations() {
+///     builder = builder.worker(worker);
+/// }
+/// builder.run_until_signal().await
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Keeper {
+    store: Store,
+    exchange: String,
+    workers: Vec<String>,
+    batch: usize,
+    wait: Duration,
+}
+
+impl Keeper {
+    /// A keeper of `exchange`'s events, into `store`.
+    pub fn new(store: Store, exchange: impl Into<String>) -> Keeper {
+        Keeper {
+            store,
+            exchange: exchange.into(),
+            workers: Vec::new(),
+            batch: DEFAULT_BATCH,
+            wait: DEFAULT_WAIT,
+        }
+    }
+
+    /// Also drain `worker`'s dead-letter queue (`<worker>.dlq`) into the store.
+    pub fn dead_letters_of(mut self, worker: impl Into<String>) -> Keeper {
+        self.workers.push(worker.into());
+        self
+    }
+
+    /// Commit a batch at `max` messages (default 500, at least 1) or once its first message
+    /// has waited `wait` (default 100 ms).
+    pub fn batch(mut self, max: usize, wait: Duration) -> Keeper {
+        self.batch = max.max(1);
+        self.wait = wait;
+        self
+    }
+
+    /// The audit queue's name: `<exchange>.audit`.
+    pub fn audit_queue(&self) -> String {
+        format!("{}.audit", self.exchange)
+    }
+
+    /// The workers to register on a runtime whose exchange is the keeper's. Call inside a
+    /// tokio runtime: each starts its committing task.
+    pub fn registrations(&self) -> Vec<Registration> {
+        let mut registrations = vec![self.audit()];
+        registrations.extend(self.workers.iter().map(|w| self.drainer(w)));
+        registrations
+    }
+
+    /// A subscription that holds a whole batch in flight and never retries or times out:
+    /// a message waits for the store as long as it takes.
+    fn subscription(&self, queue: String) -> Subscription {
+        let in_flight = u16::try_from(self.batch * 2).unwrap_or(u16::MAX);
+        Subscription::new(queue)
+            .prefetch(in_flight)
+            .concurrency(usize::from(in_flight))
+            .retry(RetryPolicy::none())
+            .no_timeout()
+    }
+
+    fn audit(&self) -> Registration {
+        let store = self.store.clone();
+        let batcher = Batcher::start("audit", self.batch, self.wait, move |events| {
+            let store = store.clone();
+            async move { store.record_events(&events).await.map(drop) }
+        });
+        let service = tower::service_fn(move |message: Message| {
+            let batcher = batcher.clone();
+            async move {
+                let meta = message.metadata();
+                if meta.header_str(REPLAYED_FROM).is_some() {
+                    return Ok::<_, Infallible>(Disposition::skip("a replayed copy"));
+                }
+                let event = event_of(meta, message.body());
+                Ok(match batcher.add(event).await {
+                    true => Disposition::Ack,
+                    false => Disposition::defer(Duration::from_secs(1), "the keeper is stopping"),
+                })
+            }
+        });
+        let subscription = self.subscription(self.audit_queue()).bind("#");
+        Registration::service(subscription, service)
+    }
+
+    fn drainer(&self, worker: &str) -> Registration {
+        let store = self.store.clone();
+        let batcher = Batcher::start("dead letters", self.batch, self.wait, move |letters| {
+            let store = store.clone();
+            async move { store.record_dead_letters(&letters).await.map(drop) }
+        });
+        let worker: Arc<str> = worker.into();
+        let queue = format!("{worker}.dlq");
+        let service = tower::service_fn(move |message: Message| {
+            let (batcher, worker) = (batcher.clone(), worker.clone());
+            async move {
+                let letter = dead_letter_of(&worker, message.metadata(), message.body());
+                Ok::<_, Infallible>(match batcher.add(letter).await {
+                    true => Disposition::Ack,
+                    false => Disposition::defer(Duration::from_secs(1), "the keeper is stopping"),
+                })
+            }
+        });
+        Registration::service(self.subscription(queue).existing_queue(), service)
+    }
+}
+
+fn millis(meta: &Metadata) -> Option<i64> {
+    meta.timestamp()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+}
+
+/// A published message as the audit records it.
+fn event_of(meta: &Metadata, body: &[u8]) -> StoredEvent {
+    let mut event = StoredEvent::new(
+        meta.message_id(),
+        meta.event_type(),
+        meta.exchange(),
+        meta.routing_key(),
+        body,
+    );
+    event.correlation_id = meta.correlation_id().map(str::to_owned);
+    event.source = meta.app_id().map(str::to_owned);
+    event.headers = meta.headers().cloned().unwrap_or_default();
+    event.published_at = millis(meta);
+    event
+}
+
+/// A message from `worker`'s dead-letter queue, with the failure its headers tell.
+fn dead_letter_of(worker: &str, meta: &Metadata, body: &[u8]) -> DeadLetter {
+    let failed_at = meta
+        .header_str(headers::LAST_FAILURE_AT)
+        .or_else(|| meta.header_str(headers::FIRST_FAILURE_AT))
+        .map(str::to_owned)
+        .or_else(|| millis(meta).map(|ms| ms.to_string()))
+        .unwrap_or_else(|| now_ms().to_string());
+    let mut letter = DeadLetter::new(
+        worker,
+        meta.message_id(),
+        failed_at,
+        meta.event_type(),
+        body,
+    );
+    letter.exchange = meta
+        .header_str(headers::ORIGINAL_EXCHANGE)
+        .unwrap_or(meta.exchange())
+        .to_owned();
+    letter.routing_key = meta
+        .header_str(headers::ORIGINAL_ROUTING_KEY)
+        .unwrap_or(meta.routing_key())
+        .to_owned();
+    letter.kind = meta.header_str(headers::EXCEPTION_KIND).map(str::to_owned);
+    letter.reason = meta
+        .header_str(headers::EXCEPTION_MESSAGE)
+        .map(str::to_owned);
+    letter.headers = meta.headers().cloned().unwrap_or_default();
+    letter
+}

@@ -1,0 +1,385 @@
+//! The record of a [rabbitry] system: every event published, how each worker handled each
+//! delivery, the messages workers dead-lettered, and a de-duplication inbox shared by
+//! processes — in a SQLite file by default, in PostgreSQL at scale, chosen by URL.
+//!
+//! ```no_run
+//! use rabbitry_store::{EventFilter, Store, StoredEvent};
+//!
+//! # async fn run() -> Result<(), rabbitry_store::StoreError> {
+//! let store = Store::connect("sqlite://rabbitry.db").await?; // or postgres://user@host/db
+//! let mut event = StoredEvent::new("01J…", "order.placed", "events", "order.placed", r#"{"id":42}"#);
+//! event.correlation_id = Some("order-42".into());
+//! store.record_events(&[event]).await?; // idempotent on the message id
+//! for event in store.events(&EventFilter::new().event_type("order.placed")).await? {
+//!     println!("{} {}", event.seq, event.message_id);
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Migrations are compiled in and run by [`Store::connect`]. A SQLite store runs in WAL
+//! mode with a busy timeout and one writer connection (readers do not wait for it); a
+//! PostgreSQL store shares one pool. Every write is a transaction, and every insert is
+//! idempotent on what identifies the row (an event's message id, a handling report's id, a
+//! dead letter's worker + message id + failure time), so a batch written twice — by a
+//! process killed before it acknowledged its messages, say — is recorded once.
+//!
+//! [`Inbox`] is the persistent [`DedupStore`](rabbitry::middleware::DedupStore) for
+//! [`DedupLayer`](rabbitry::middleware::DedupLayer): processes on one queue share it.
+//!
+//! [rabbitry]: https://docs.rs/rabbitry
+
+mod batch;
+mod db;
+mod inbox;
+mod keeper;
+mod records;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rabbitry::lapin::types::FieldTable;
+use sqlx::any::AnyRow;
+use sqlx::{AnyPool, Row};
+
+pub use db::Backend;
+pub use inbox::Inbox;
+pub use keeper::{Keeper, REPLAYED_FROM};
+pub use records::{DeadLetter, DeadLetterState, EventFilter, HandlingRecord, StoredEvent};
+
+/// What can go wrong with a store. Each says what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The URL names no supported database.
+    #[error("{0}")]
+    Url(String),
+    /// The database could not be reached or opened.
+    #[error("cannot open the store {url}: {error} (is the database running, and the URL right?)")]
+    Connect {
+        /// The URL, without its password.
+        url: String,
+        /// What the driver said.
+        error: String,
+    },
+    /// The schema could not be brought up to date.
+    #[error("cannot migrate the store: {0}")]
+    Migrate(String),
+    /// A query failed (the database went away, a disk is full…): nothing was written by the
+    /// call that returned it; try again later.
+    #[error("store query failed: {0}")]
+    Query(#[from] sqlx::Error),
+    /// A stored row could not be read back (written by another version?).
+    #[error("a stored row is unreadable: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    fn connect(url: &str, error: impl std::fmt::Display) -> StoreError {
+        StoreError::Connect {
+            url: db::redact(url),
+            error: error.to_string(),
+        }
+    }
+}
+
+/// The store's result type.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Default number of rows a listing returns.
+const DEFAULT_LIMIT: u32 = 100;
+
+/// A connection to the record. Cheap to clone: clones share the pools.
+#[derive(Clone)]
+pub struct Store {
+    pools: std::sync::Arc<db::Pools>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.pools.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Now, in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Open the store at `url` — `sqlite://<file>` (created if missing) or
+    /// `postgres://user[:password]@host[:port]/database` — and bring its schema up to date.
+    pub async fn connect(url: &str) -> Result<Store> {
+        let pools = db::open(url).await?;
+        Ok(Store {
+            pools: std::sync::Arc::new(pools),
+        })
+    }
+
+    /// Which database this store is on.
+    pub fn backend(&self) -> Backend {
+        self.pools.backend
+    }
+
+    /// Close every connection (waiting for queries in progress).
+    pub async fn close(&self) {
+        self.pools.write.close().await;
+        self.pools.read.close().await;
+    }
+
+    fn write(&self) -> &AnyPool {
+        &self.pools.write
+    }
+
+    fn read(&self) -> &AnyPool {
+        &self.pools.read
+    }
+
+    /// Record `events` in one transaction; an event whose message id is already stored is
+    /// left as it is. Returns how many were new.
+    pub async fn record_events(&self, events: &[StoredEvent]) -> Result<u64> {
+        let recorded_at = now_ms();
+        let mut tx = self.write().begin().await?;
+        let mut new = 0;
+        for e in events {
+            new += sqlx::query(
+                "INSERT INTO events (message_id, event_type, exchange, routing_key, correlation_id, \
+                 source, headers, body, published_at, recorded_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (message_id) DO NOTHING",
+            )
+            .bind(&e.message_id)
+            .bind(&e.event_type)
+            .bind(&e.exchange)
+            .bind(&e.routing_key)
+            .bind(e.correlation_id.as_deref())
+            .bind(e.source.as_deref())
+            .bind(headers_json(&e.headers))
+            .bind(&e.body)
+            .bind(e.published_at)
+            .bind(recorded_at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(new)
+    }
+
+    /// The events `filter` selects, oldest first.
+    pub async fn events(&self, filter: &EventFilter) -> Result<Vec<StoredEvent>> {
+        let rows = sqlx::query(
+            "SELECT * FROM (SELECT seq, message_id, event_type, exchange, routing_key, correlation_id, \
+             source, headers, body, published_at, recorded_at FROM events \
+             WHERE ($1 IS NULL OR event_type = $1) AND ($2 IS NULL OR recorded_at >= $2) \
+             AND ($3 IS NULL OR correlation_id = $3) ORDER BY seq DESC LIMIT $4) AS latest \
+             ORDER BY seq",
+        )
+        .bind(filter.event_type.as_deref())
+        .bind(filter.since)
+        .bind(filter.correlation_id.as_deref())
+        .bind(i64::from(filter.limit.unwrap_or(DEFAULT_LIMIT)))
+        .fetch_all(self.read())
+        .await?;
+        rows.iter().map(event_of).collect()
+    }
+
+    /// The event with `message_id`, if it was recorded.
+    pub async fn event(&self, message_id: &str) -> Result<Option<StoredEvent>> {
+        let row = sqlx::query(
+            "SELECT seq, message_id, event_type, exchange, routing_key, correlation_id, source, \
+             headers, body, published_at, recorded_at FROM events WHERE message_id = $1",
+        )
+        .bind(message_id)
+        .fetch_optional(self.read())
+        .await?;
+        row.as_ref().map(event_of).transpose()
+    }
+
+    /// Record handling reports in one transaction (a report already stored is skipped).
+    /// Returns how many were new.
+    pub async fn record_handlings(&self, handlings: &[HandlingRecord]) -> Result<u64> {
+        let mut tx = self.write().begin().await?;
+        let mut new = 0;
+        for h in handlings {
+            new += sqlx::query(
+                "INSERT INTO handlings (id, worker, message_id, attempt, outcome, reason, \
+                 duration_us, handled_at, host) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(&h.id)
+            .bind(&h.worker)
+            .bind(&h.message_id)
+            .bind(i64::from(h.attempt))
+            .bind(&h.outcome)
+            .bind(h.reason.as_deref())
+            .bind(h.duration_us)
+            .bind(h.handled_at)
+            .bind(&h.host)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(new)
+    }
+
+    /// Every handling of `message_id`, in the order they happened.
+    pub async fn handlings(&self, message_id: &str) -> Result<Vec<HandlingRecord>> {
+        let rows = sqlx::query(
+            "SELECT id, worker, message_id, attempt, outcome, reason, duration_us, handled_at, host \
+             FROM handlings WHERE message_id = $1 ORDER BY handled_at, worker, attempt",
+        )
+        .bind(message_id)
+        .fetch_all(self.read())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(HandlingRecord {
+                    id: r.try_get("id")?,
+                    worker: r.try_get("worker")?,
+                    message_id: r.try_get("message_id")?,
+                    attempt: u32::try_from(r.try_get::<i64, _>("attempt")?).unwrap_or(0),
+                    outcome: r.try_get("outcome")?,
+                    reason: r.try_get("reason")?,
+                    duration_us: r.try_get("duration_us")?,
+                    handled_at: r.try_get("handled_at")?,
+                    host: r.try_get("host")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Keep dead letters in one transaction (one already kept is skipped). Returns how many
+    /// were new.
+    pub async fn record_dead_letters(&self, letters: &[DeadLetter]) -> Result<u64> {
+        let recorded_at = now_ms();
+        let mut tx = self.write().begin().await?;
+        let mut new = 0;
+        for d in letters {
+            new += sqlx::query(
+                "INSERT INTO dead_letters (worker, message_id, failed_at, event_type, exchange, \
+                 routing_key, kind, reason, headers, body, recorded_at, state) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'waiting') \
+                 ON CONFLICT (worker, message_id, failed_at) DO NOTHING",
+            )
+            .bind(&d.worker)
+            .bind(&d.message_id)
+            .bind(&d.failed_at)
+            .bind(&d.event_type)
+            .bind(&d.exchange)
+            .bind(&d.routing_key)
+            .bind(d.kind.as_deref())
+            .bind(d.reason.as_deref())
+            .bind(headers_json(&d.headers))
+            .bind(&d.body)
+            .bind(recorded_at)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(new)
+    }
+
+    /// Dead letters, oldest first: of one worker (or all), in one state (or any).
+    pub async fn dead_letters(
+        &self,
+        worker: Option<&str>,
+        state: Option<DeadLetterState>,
+        limit: Option<u32>,
+    ) -> Result<Vec<DeadLetter>> {
+        let rows = sqlx::query(
+            "SELECT seq, worker, message_id, failed_at, event_type, exchange, routing_key, kind, \
+             reason, headers, body, recorded_at, state, state_changed_at FROM dead_letters \
+             WHERE ($1 IS NULL OR worker = $1) AND ($2 IS NULL OR state = $2) ORDER BY seq LIMIT $3",
+        )
+        .bind(worker)
+        .bind(state.map(DeadLetterState::as_str))
+        .bind(i64::from(limit.unwrap_or(DEFAULT_LIMIT)))
+        .fetch_all(self.read())
+        .await?;
+        rows.iter().map(dead_letter_of).collect()
+    }
+
+    /// The dead letter `seq`.
+    pub async fn dead_letter(&self, seq: i64) -> Result<Option<DeadLetter>> {
+        let row = sqlx::query(
+            "SELECT seq, worker, message_id, failed_at, event_type, exchange, routing_key, kind, \
+             reason, headers, body, recorded_at, state, state_changed_at FROM dead_letters \
+             WHERE seq = $1",
+        )
+        .bind(seq)
+        .fetch_optional(self.read())
+        .await?;
+        row.as_ref().map(dead_letter_of).transpose()
+    }
+
+    /// Move the waiting dead letters among `seqs` to `state`, in one transaction; those not
+    /// waiting (already redriven or purged) are left as they are. Returns how many moved.
+    pub async fn set_dead_letter_state(&self, seqs: &[i64], state: DeadLetterState) -> Result<u64> {
+        let now = now_ms();
+        let mut tx = self.write().begin().await?;
+        let mut moved = 0;
+        for seq in seqs {
+            moved += sqlx::query(
+                "UPDATE dead_letters SET state = $1, state_changed_at = $2 \
+                 WHERE seq = $3 AND state = 'waiting'",
+            )
+            .bind(state.as_str())
+            .bind(now)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(moved)
+    }
+}
+
+/// An AMQP header table as stored: serde's JSON of it, exact (types included).
+fn headers_json(headers: &FieldTable) -> String {
+    serde_json::to_string(headers).unwrap_or_else(|_| "{}".into())
+}
+
+fn headers_of(text: &str) -> Result<FieldTable> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("headers: {e}")))
+}
+
+fn event_of(r: &AnyRow) -> Result<StoredEvent> {
+    Ok(StoredEvent {
+        seq: r.try_get("seq")?,
+        message_id: r.try_get("message_id")?,
+        event_type: r.try_get("event_type")?,
+        exchange: r.try_get("exchange")?,
+        routing_key: r.try_get("routing_key")?,
+        correlation_id: r.try_get("correlation_id")?,
+        source: r.try_get("source")?,
+        headers: headers_of(&r.try_get::<String, _>("headers")?)?,
+        body: r.try_get("body")?,
+        published_at: r.try_get("published_at")?,
+        recorded_at: r.try_get("recorded_at")?,
+    })
+}
+
+fn dead_letter_of(r: &AnyRow) -> Result<DeadLetter> {
+    Ok(DeadLetter {
+        seq: r.try_get("seq")?,
+        worker: r.try_get("worker")?,
+        message_id: r.try_get("message_id")?,
+        failed_at: r.try_get("failed_at")?,
+        event_type: r.try_get("event_type")?,
+        exchange: r.try_get("exchange")?,
+        routing_key: r.try_get("routing_key")?,
+        kind: r.try_get("kind")?,
+        reason: r.try_get("reason")?,
+        headers: headers_of(&r.try_get::<String, _>("headers")?)?,
+        body: r.try_get("body")?,
+        recorded_at: r.try_get("recorded_at")?,
+        state: DeadLetterState::parse(&r.try_get::<String, _>("state")?),
+        state_changed_at: r.try_get("state_changed_at")?,
+    })
+}

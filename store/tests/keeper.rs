@@ -1,0 +1,208 @@
+//! The keeper on RabbitMQ and on the in-memory broker, into a SQLite store: every published
+//! event recorded once (replayed copies not again), dead letters moved out of the DLQ with
+//! their failure.
+
+#[path = "../../tests/support/mod.rs"]
+#[macro_use]
+mod support;
+
+use std::time::Duration;
+
+use rabbitry::prelude::*;
+use rabbitry::{Registration, Runtime};
+use rabbitry_store::{DeadLetterState, EventFilter, Keeper, REPLAYED_FROM, Store};
+use serde::{Deserialize, Serialize};
+use support::*;
+
+#[derive(Serialize, Deserialize)]
+struct OrderPlaced {
+    id: u64,
+}
+
+impl Event for OrderPlaced {
+    const TYPE: &'static str = "order.placed";
+}
+
+#[derive(Serialize, Deserialize)]
+struct OrderPaid {
+    id: u64,
+}
+
+impl Event for OrderPaid {
+    const TYPE: &'static str = "order.paid";
+}
+
+/// A SQLite store in a directory of its own, removed at the end.
+struct TempStore {
+    store: Store,
+    dir: std::path::PathBuf,
+}
+
+impl TempStore {
+    async fn new(test: &str) -> TempStore {
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let dir = std::env::temp_dir().join(format!("keeper-{test}-{}", &id[id.len() - 8..]));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}/store.db", dir.display());
+        let store = Store::connect(&url).await.unwrap();
+        TempStore { store, dir }
+    }
+}
+
+impl Drop for TempStore {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Wait until `check` holds on the store (the keeper commits in batches).
+async fn until<F, Fut>(check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let wait = async {
+        while !check().await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, wait)
+        .await
+        .expect("the store reached the expected state");
+}
+
+/// The keeper's runtime on the test's exchange.
+async fn keeper(env: &TestEnv, keeper: &Keeper) -> Runtime {
+    let mut builder = env.builder();
+    for registration in keeper.registrations() {
+        env.track(registration.subscription());
+        builder = builder.worker(registration);
+    }
+    builder.start().await.expect("the keeper starts")
+}
+
+async fn the_audit_records_every_published_event_once(env: TestEnv) {
+    let temp = TempStore::new("audit").await;
+    let store = temp.store.clone();
+    let keeper_rt = keeper(&env, &Keeper::new(store.clone(), &env.exchange)).await;
+    let publisher = env.publisher().await;
+    for id in 0..30 {
+        publisher.publish(&OrderPlaced { id }).await.unwrap();
+        publisher.publish(&OrderPaid { id }).await.unwrap();
+    }
+    // The same message twice (a producer retrying after a lost confirm): recorded once.
+    for _ in 0..2 {
+        publisher
+            .message(&OrderPlaced { id: 99 })
+            .message_id("order-99")
+            .correlation_id("checkout-99")
+            .header("x-tenant", "acme")
+            .send()
+            .await
+            .unwrap();
+    }
+    // A replayed copy is not audited again.
+    publisher
+        .message(&OrderPlaced { id: 1 })
+        .header(REPLAYED_FROM, "whatever")
+        .send()
+        .await
+        .unwrap();
+
+    let all = EventFilter::new().limit(1_000);
+    until(|| async { store.events(&all).await.unwrap().len() >= 61 }).await;
+    // Give a stray duplicate the chance to show: the broker is idle once the last event is in.
+    let events = store.events(&all).await.unwrap();
+    assert_eq!(events.len(), 61, "60 events and order-99 once");
+    let placed = store
+        .events(&EventFilter::new().event_type("order.placed").limit(1_000))
+        .await
+        .unwrap();
+    assert_eq!(placed.len(), 31);
+    let order = store
+        .event("order-99")
+        .await
+        .unwrap()
+        .expect("order-99 recorded");
+    assert_eq!(order.correlation_id.as_deref(), Some("checkout-99"));
+    assert_eq!(order.exchange, env.exchange);
+    assert_eq!(order.routing_key, "order.placed");
+    assert_eq!(order.body, br#"{"id":99}"#);
+    assert!(order.published_at.is_some());
+    assert_eq!(
+        order
+            .headers
+            .inner()
+            .get("x-tenant")
+            .map(|v| format!("{v:?}")),
+        Some(format!(
+            "{:?}",
+            rabbitry::lapin::types::AMQPValue::LongString("acme".into())
+        ))
+    );
+    publisher.close().await;
+    keeper_rt.shutdown().await;
+    store.close().await;
+}
+
+async fn dead_letters_move_from_the_dlq_into_the_store(env: TestEnv) {
+    let temp = TempStore::new("dlq").await;
+    let store = temp.store.clone();
+    let queue = env.queue("inventory");
+    let (probe, _seen) = env.probe(
+        Subscription::new(&queue).bind("order.placed"),
+        |seen| match seen.body["id"].as_u64() {
+            Some(id) if id % 2 == 0 => Err(Failure::reject(format!(
+                "order {id}: quantity must be positive"
+            ))),
+            _ => Ok(()),
+        },
+    );
+    let worker_rt = env
+        .builder()
+        .worker(Registration::new(probe))
+        .start()
+        .await
+        .unwrap();
+    let keeper_rt = keeper(
+        &env,
+        &Keeper::new(store.clone(), &env.exchange).dead_letters_of(&queue),
+    )
+    .await;
+    let publisher = env.publisher().await;
+    for id in 0..6 {
+        publisher.publish(&OrderPlaced { id }).await.unwrap();
+    }
+    until(|| async { store.dead_letters(None, None, None).await.unwrap().len() >= 3 }).await;
+    let letters = store.dead_letters(Some(&queue), None, None).await.unwrap();
+    assert_eq!(letters.len(), 3);
+    for letter in &letters {
+        assert_eq!(letter.worker, queue);
+        assert_eq!(letter.state, DeadLetterState::Waiting);
+        assert_eq!(letter.kind.as_deref(), Some("rejected"));
+        assert!(
+            letter
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("quantity must be positive")
+        );
+        assert_eq!(
+            letter.exchange, env.exchange,
+            "the original exchange, not the DLX"
+        );
+        assert_eq!(letter.routing_key, "order.placed");
+        assert_eq!(letter.event_type, "order.placed");
+    }
+    // Moved, not copied: the dead-letter queue is empty.
+    until(|| async { env.ready(&format!("{queue}.dlq")).await == 0 }).await;
+    publisher.close().await;
+    keeper_rt.shutdown().await;
+    worker_rt.shutdown().await;
+    store.close().await;
+}
+
+on_both_brokers!(
+    the_audit_records_every_published_event_once,
+    dead_letters_move_from_the_dlq_into_the_store,
+);

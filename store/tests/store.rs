@@ -1,0 +1,400 @@
+//! The store on SQLite and on PostgreSQL: the same tests on both. PostgreSQL is the local
+//! server (`RABBITRY_TEST_POSTGRES`, default `postgres://postgres@127.0.0.1:5432/postgres`);
+//! each test creates its own database and drops it.
+
+use std::sync::Arc;
+
+use rabbitry::lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
+use rabbitry::middleware::DedupStore;
+use rabbitry_store::{
+    DeadLetter, DeadLetterState, EventFilter, HandlingRecord, Inbox, Store, StoreError, StoredEvent,
+};
+use sqlx::{AnyConnection, Connection, Executor};
+
+/// A database of the test's own, dropped at the end.
+struct Db {
+    url: String,
+    drop: Option<(String, String)>,
+    _dir: Option<TempDir>,
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn unique(test: &str) -> String {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    format!("t_{test}_{}", &id[id.len() - 10..])
+}
+
+fn admin_url() -> String {
+    std::env::var("RABBITRY_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+impl Db {
+    async fn sqlite(test: &str) -> Db {
+        let dir = std::env::temp_dir().join(unique(test));
+        std::fs::create_dir_all(&dir).unwrap();
+        Db {
+            url: format!("sqlite://{}/store.db", dir.display()),
+            drop: None,
+            _dir: Some(TempDir(dir)),
+        }
+    }
+
+    async fn postgres(test: &str) -> Db {
+        sqlx::any::install_default_drivers();
+        let name = unique(test);
+        let admin = admin_url();
+        let mut conn = AnyConnection::connect(&admin)
+            .await
+            .expect("PostgreSQL is reachable (scripts/ensure-postgres starts it)");
+        conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .await
+            .unwrap();
+        let base = admin.rsplit_once('/').unwrap().0;
+        Db {
+            url: format!("{base}/{name}"),
+            drop: Some((admin, name)),
+            _dir: None,
+        }
+    }
+
+    async fn store(&self) -> Store {
+        Store::connect(&self.url).await.expect("the store opens")
+    }
+
+    async fn done(mut self, store: Store) {
+        store.close().await;
+        if let Some((admin, name)) = self.drop.take() {
+            let mut conn = AnyConnection::connect(&admin).await.unwrap();
+            let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+            conn.execute(sqlx::AssertSqlSafe(drop)).await.unwrap();
+        }
+    }
+}
+
+/// Instantiate each `async fn name(db: Db)` on both databases.
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Db::sqlite(stringify!($name)).await).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Db::postgres(stringify!($name)).await).await
+                }
+            )*
+        }
+    };
+}
+
+fn headers() -> FieldTable {
+    let mut death = FieldTable::default();
+    death.insert("count".into(), AMQPValue::LongLongInt(2));
+    death.insert("reason".into(), AMQPValue::LongString("expired".into()));
+    death.insert("time".into(), AMQPValue::Timestamp(1_764_547_200));
+    let mut headers = FieldTable::default();
+    headers.insert("x-retry-count".into(), AMQPValue::LongInt(3));
+    headers.insert(
+        "traceparent".into(),
+        AMQPValue::LongString("00-ab-cd-01".into()),
+    );
+    headers.insert(
+        "raw".into(),
+        AMQPValue::LongString(LongString::from(vec![0xff_u8, 0, 1])),
+    );
+    headers.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+    );
+    headers
+}
+
+fn event(id: &str, event_type: &str, correlation: Option<&str>) -> StoredEvent {
+    let mut e = StoredEvent::new(
+        id,
+        event_type,
+        "events",
+        event_type,
+        format!(r#"{{"id":"{id}"}}"#),
+    );
+    e.correlation_id = correlation.map(str::to_owned);
+    e.source = Some("shop".into());
+    e.published_at = Some(1_764_547_200_000);
+    e
+}
+
+async fn events_are_recorded_once_and_listed_by_filter(db: Db) {
+    let store = db.store().await;
+    let mut first = event("m1", "order.placed", Some("c1"));
+    first.headers = headers();
+    first.body = vec![0xde, 0xad, 0xbe, 0xef];
+    let batch = [
+        first.clone(),
+        event("m2", "order.paid", Some("c1")),
+        event("m3", "order.placed", Some("c2")),
+    ];
+    assert_eq!(store.record_events(&batch).await.unwrap(), 3);
+    // The same batch again (a keeper restarted before its acknowledgement): nothing new.
+    assert_eq!(store.record_events(&batch).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .record_events(&[event("m4", "order.placed", None)])
+            .await
+            .unwrap(),
+        1
+    );
+
+    let stored = store.event("m1").await.unwrap().expect("m1 is stored");
+    assert_eq!(stored.headers, first.headers, "headers come back exactly");
+    assert_eq!(stored.body, first.body);
+    assert_eq!(stored.correlation_id.as_deref(), Some("c1"));
+    assert_eq!(stored.source.as_deref(), Some("shop"));
+    assert_eq!(stored.published_at, Some(1_764_547_200_000));
+    assert!(stored.recorded_at > 0 && stored.seq > 0);
+    assert!(store.event("nope").await.unwrap().is_none());
+
+    let ids = |events: Vec<StoredEvent>| -> Vec<String> {
+        events.into_iter().map(|e| e.message_id).collect()
+    };
+    let all = store.events(&EventFilter::new()).await.unwrap();
+    assert_eq!(ids(all), ["m1", "m2", "m3", "m4"]);
+    let placed = store
+        .events(&EventFilter::new().event_type("order.placed"))
+        .await
+        .unwrap();
+    assert_eq!(ids(placed), ["m1", "m3", "m4"]);
+    let c1 = store
+        .events(&EventFilter::new().correlation_id("c1"))
+        .await
+        .unwrap();
+    assert_eq!(ids(c1), ["m1", "m2"]);
+    let latest = store.events(&EventFilter::new().limit(2)).await.unwrap();
+    assert_eq!(ids(latest), ["m3", "m4"], "the latest two, oldest first");
+    let later = EventFilter::new().since(rabbitry_store::now_ms() + 60_000);
+    assert!(store.events(&later).await.unwrap().is_empty());
+    db.done(store).await;
+}
+
+fn handling(id: &str, worker: &str, attempt: u32, outcome: &str, at: i64) -> HandlingRecord {
+    let mut h = HandlingRecord::new(id, worker, "m1", attempt, outcome, at, "host-a");
+    h.duration_us = 1_500;
+    if outcome != "handled" {
+        h.reason = Some("stock service away".into());
+    }
+    h
+}
+
+async fn handlings_tell_what_happened_to_a_message(db: Db) {
+    let store = db.store().await;
+    let reports = [
+        handling("h1", "orders.email", 1, "handled", 10),
+        handling("h2", "orders.inventory", 1, "retried", 11),
+        handling("h3", "orders.inventory", 2, "handled", 20),
+        handling("h4", "orders.analytics", 1, "handled", 12),
+    ];
+    assert_eq!(store.record_handlings(&reports).await.unwrap(), 4);
+    assert_eq!(
+        store.record_handlings(&reports[1..2]).await.unwrap(),
+        0,
+        "a report is recorded once"
+    );
+    let story = store.handlings("m1").await.unwrap();
+    let told: Vec<(&str, u32, &str)> = story
+        .iter()
+        .map(|h| (h.worker.as_str(), h.attempt, h.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        told,
+        [
+            ("orders.email", 1, "handled"),
+            ("orders.inventory", 1, "retried"),
+            ("orders.analytics", 1, "handled"),
+            ("orders.inventory", 2, "handled"),
+        ]
+    );
+    assert_eq!(story[1].reason.as_deref(), Some("stock service away"));
+    assert_eq!(story[0].duration_us, 1_500);
+    assert!(store.handlings("other").await.unwrap().is_empty());
+    db.done(store).await;
+}
+
+fn dead(worker: &str, id: &str, failed_at: &str) -> DeadLetter {
+    let mut d = DeadLetter::new(worker, id, failed_at, "order.placed", b"{}".to_vec());
+    d.exchange = "events".into();
+    d.routing_key = "order.placed".into();
+    d.kind = Some("rejected".into());
+    d.reason = Some("quantity must be positive".into());
+    d.headers = headers();
+    d
+}
+
+async fn dead_letters_are_kept_once_and_change_state_once(db: Db) {
+    let store = db.store().await;
+    let letters = [
+        dead("orders.inventory", "m1", "2026-12-01T10:00:00Z"),
+        dead("orders.inventory", "m2", "2026-12-01T10:00:01Z"),
+        dead("orders.email", "m1", "2026-12-01T10:00:02Z"),
+    ];
+    assert_eq!(store.record_dead_letters(&letters).await.unwrap(), 3);
+    assert_eq!(
+        store.record_dead_letters(&letters).await.unwrap(),
+        0,
+        "kept once"
+    );
+    // Redriven, failing again later: a second dead letter of the same message.
+    let again = dead("orders.inventory", "m1", "2026-12-01T11:00:00Z");
+    assert_eq!(store.record_dead_letters(&[again]).await.unwrap(), 1);
+
+    let inventory = store
+        .dead_letters(Some("orders.inventory"), None, None)
+        .await
+        .unwrap();
+    assert_eq!(inventory.len(), 3);
+    assert!(
+        inventory
+            .iter()
+            .all(|d| d.state == DeadLetterState::Waiting)
+    );
+    assert_eq!(inventory[0].headers, headers());
+    assert_eq!(
+        inventory[0].reason.as_deref(),
+        Some("quantity must be positive")
+    );
+
+    let first = inventory[0].seq;
+    assert_eq!(
+        store
+            .set_dead_letter_state(&[first], DeadLetterState::Redriven)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .set_dead_letter_state(&[first], DeadLetterState::Purged)
+            .await
+            .unwrap(),
+        0,
+        "a redriven dead letter is not purged after"
+    );
+    let shown = store.dead_letter(first).await.unwrap().unwrap();
+    assert_eq!(shown.state, DeadLetterState::Redriven);
+    assert!(shown.state_changed_at.is_some());
+    let waiting = store
+        .dead_letters(
+            Some("orders.inventory"),
+            Some(DeadLetterState::Waiting),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(waiting.len(), 2);
+    assert_eq!(
+        store.dead_letters(None, None, Some(2)).await.unwrap().len(),
+        2
+    );
+    assert!(store.dead_letter(999_999).await.unwrap().is_none());
+    db.done(store).await;
+}
+
+async fn the_inbox_is_shared_by_processes(db: Db) {
+    let store = db.store().await;
+    let other = db.store().await; // another process on the same database
+    let (a, b) = (Inbox::new(store.clone()), Inbox::new(other.clone()));
+    assert!(a.claim("q:m1").await.unwrap());
+    assert!(
+        !b.claim("q:m1").await.unwrap(),
+        "claimed by the other process"
+    );
+    b.release("q:m1").await.unwrap();
+    assert!(b.claim("q:m1").await.unwrap(), "free again after a release");
+    assert_eq!(a.prune(-1).await.unwrap(), 1);
+    assert!(a.claim("q:m1").await.unwrap());
+
+    // Many claims of one key at once: exactly one wins.
+    let inbox = Arc::new(a);
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let inbox = inbox.clone();
+            tokio::spawn(async move { inbox.claim("q:race").await.unwrap() })
+        })
+        .collect();
+    let mut won = 0;
+    for t in tasks {
+        won += usize::from(t.await.unwrap());
+    }
+    assert_eq!(won, 1);
+    other.close().await;
+    db.done(store).await;
+}
+
+async fn concurrent_writers_do_not_lock_each_other_out(db: Db) {
+    let store = db.store().await;
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for batch in 0..10 {
+                    let events: Vec<StoredEvent> = (0..25)
+                        .map(|i| event(&format!("w{t}-{batch}-{i}"), "load", None))
+                        .collect();
+                    store.record_events(&events).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let all = store
+        .events(&EventFilter::new().limit(10_000))
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 8 * 10 * 25);
+    db.done(store).await;
+}
+
+on_both_databases!(
+    events_are_recorded_once_and_listed_by_filter,
+    handlings_tell_what_happened_to_a_message,
+    dead_letters_are_kept_once_and_change_state_once,
+    the_inbox_is_shared_by_processes,
+    concurrent_writers_do_not_lock_each_other_out,
+);
+
+#[tokio::test]
+async fn bad_urls_and_unreachable_databases_are_clear_errors() {
+    let err = Store::connect("mysql://root@localhost/x")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Url(_)), "{err:?}");
+    assert!(err.to_string().contains("sqlite://"), "{err}");
+
+    let err = Store::connect("postgres://postgres:secret@127.0.0.1:1/x")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Connect { .. }), "{err:?}");
+    assert!(
+        !err.to_string().contains("secret"),
+        "the password is not shown: {err}"
+    );
+
+    let err = Store::connect("sqlite:///nonexistent-dir/x/store.db")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Connect { .. }), "{err:?}");
+}
