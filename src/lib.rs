@@ -242,6 +242,7 @@ mod outcome;
 mod publisher;
 mod rate;
 mod registration;
+pub mod report;
 mod retry;
 mod router;
 mod runtime;

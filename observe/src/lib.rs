@@ -81,6 +81,7 @@ mod http;
 mod metrics;
 mod propagation;
 mod ready;
+mod report;
 mod telemetry;
 
 use std::net::SocketAddr;
@@ -98,6 +99,7 @@ pub use metrics::{
 };
 pub use propagation::{TRACEPARENT, TRACESTATE};
 pub use ready::{Readiness, WorkerReadiness};
+pub use report::HandlingReports;
 pub use telemetry::{LOG_FORMAT_VAR, LogFormat, Telemetry, trace_layer};
 
 /// The environment variable the worker binaries read the endpoints' address from.

@@ -120,8 +120,10 @@ impl PublisherBuilder {
         Ok(publisher)
     }
 
-    /// Check the settings; the connection opens on the first publish.
-    pub(crate) fn build(self) -> Result<Publisher> {
+    /// Check the settings without connecting: the connection opens on the first publish
+    /// (whose error then says if the broker cannot be reached). For a publisher that may
+    /// never be used, or that must not delay a start.
+    pub fn build(self) -> Result<Publisher> {
         if self.connections == 0 {
             return Err(Error::Config(
                 "publisher connections must be at least 1".into(),

@@ -61,7 +61,8 @@ impl<T: Send + Sync + 'static> Batcher<T> {
                         Ok(None) | Err(_) => break,
                     }
                 }
-                commit_until_done(what, Arc::new(items), &commit).await;
+                let items = Arc::new(items);
+                until_stored(what, || commit(items.clone())).await;
                 for done in waiting {
                     let _ = done.send(());
                 }
@@ -81,16 +82,18 @@ impl<T: Send + Sync + 'static> Batcher<T> {
     }
 }
 
-async fn commit_until_done<T, F, Fut, E>(what: &str, items: Arc<Vec<T>>, commit: &F)
+/// Run `store` until it succeeds: a refusal is logged and tried again after a pause that
+/// grows from 100 ms to 5 s. Meanwhile the caller's messages stay unacknowledged.
+pub(crate) async fn until_stored<F, Fut, E>(what: &str, mut store: F)
 where
-    F: Fn(Arc<Vec<T>>) -> Fut,
+    F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
     let mut pause = RETRY_MIN;
     let mut failures = 0u32;
     loop {
-        match commit(items.clone()).await {
+        match store().await {
             Ok(()) => {
                 if failures > 0 {
                     tracing::info!(%what, failures, "the store took the batch after refusing it");

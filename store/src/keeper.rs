@@ -5,10 +5,13 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use rabbitry::{Disposition, Message, Metadata, Registration, RetryPolicy, Subscription, headers};
+use rabbitry::report::{HANDLINGS_KEY, HandlingReport, REPORTS_EXCHANGE};
+use rabbitry::{
+    Disposition, FailureKind, Message, Metadata, Registration, RetryPolicy, Subscription, headers,
+};
 
-use crate::batch::Batcher;
-use crate::{DeadLetter, Store, StoredEvent, now_ms};
+use crate::batch::{Batcher, until_stored};
+use crate::{DeadLetter, HandlingRecord, Store, StoredEvent, now_ms};
 
 /// Header on a replayed copy (the message id it replays): such copies are not audited again.
 pub const REPLAYED_FROM: &str = "x-replayed-from";
@@ -82,6 +85,57 @@ impl Keeper {
     /// The audit queue's name: `<exchange>.audit`.
     pub fn audit_queue(&self) -> String {
         format!("{}.audit", self.exchange)
+    }
+
+    /// The worker that writes the runtimes' handling reports
+    /// ([`HandlingReport`](rabbitry::report::HandlingReport)) to the store: register it on
+    /// a runtime whose exchange is [`REPORTS_EXCHANGE`] (its queue is
+    /// `rabbitry.reports.keeper`, bound to [`HANDLINGS_KEY`]). Each report is one
+    /// transaction, acknowledged after it; a report that is not one is dead-lettered
+    /// (`undecodable`).
+    pub fn handling_reports(&self) -> Registration {
+        let store = self.store.clone();
+        let service = tower::service_fn(move |message: Message| {
+            let store = store.clone();
+            async move {
+                let report: HandlingReport = match serde_json::from_slice(message.body()) {
+                    Ok(report) => report,
+                    Err(e) => {
+                        let why = format!("not a handling report: {e}");
+                        return Ok::<_, Infallible>(Disposition::dead_letter(
+                            FailureKind::Undecodable,
+                            why,
+                        ));
+                    }
+                };
+                let records: Vec<HandlingRecord> = report
+                    .handlings
+                    .into_iter()
+                    .map(|h| {
+                        let mut record = HandlingRecord::new(
+                            h.id,
+                            h.worker,
+                            h.message_id,
+                            h.attempt,
+                            h.outcome,
+                            h.handled_at,
+                            report.host.clone(),
+                        );
+                        record.reason = h.reason;
+                        record.duration_us = i64::try_from(h.duration_us).unwrap_or(i64::MAX);
+                        record
+                    })
+                    .collect();
+                until_stored("handling reports", || async {
+                    store.record_handlings(&records).await.map(drop)
+                })
+                .await;
+                Ok(Disposition::Ack)
+            }
+        });
+        let queue = format!("{REPORTS_EXCHANGE}.keeper");
+        let subscription = self.subscription(queue).bind(HANDLINGS_KEY);
+        Registration::service(subscription, service)
     }
 
     /// The workers to register on a runtime whose exchange is the keeper's. Call inside a

@@ -9,7 +9,8 @@ mod support;
 use std::time::Duration;
 
 use rabbitry::prelude::*;
-use rabbitry::{Registration, Runtime};
+use rabbitry::report::REPORTS_EXCHANGE;
+use rabbitry::{Registration, RetryPolicy, Runtime};
 use rabbitry_store::{DeadLetterState, EventFilter, Keeper, REPLAYED_FROM, Store};
 use serde::{Deserialize, Serialize};
 use support::*;
@@ -202,7 +203,75 @@ async fn dead_letters_move_from_the_dlq_into_the_store(env: TestEnv) {
     store.close().await;
 }
 
+async fn handling_reports_tell_the_store_what_happened_to_each_message(env: TestEnv) {
+    let temp = TempStore::new("reports").await;
+    let store = temp.store.clone();
+    let keeper = Keeper::new(store.clone(), &env.exchange);
+    // The keeper's reports worker runs on the reports exchange (shared by every system on
+    // the broker: the test's messages are told apart by their ids).
+    let reports_worker = keeper.handling_reports();
+    env.track_names([format!("{REPORTS_EXCHANGE}.keeper").as_str()]);
+    env.track(reports_worker.subscription());
+    let reports_rt = env
+        .builder()
+        .exchange(REPORTS_EXCHANGE)
+        .worker(reports_worker)
+        .start()
+        .await
+        .unwrap();
+    let (email, inventory) = (env.queue("email"), env.queue("inventory"));
+    let (email_probe, _e) = env.probe(Subscription::new(&email).bind("order.placed"), |_| Ok(()));
+    let retry = RetryPolicy::exponential(Duration::from_millis(50)).max_attempts(3);
+    let inventory_sub = Subscription::new(&inventory)
+        .bind("order.placed")
+        .retry(retry);
+    let (inventory_probe, _i) = env.probe(inventory_sub, |seen| match seen.attempt {
+        1 => Err(Failure::retry("stock service away")),
+        _ => Ok(()),
+    });
+    let reports = rabbitry_observe::HandlingReports::start(&env.url()).unwrap();
+    let workers_rt = env
+        .builder()
+        .observer(reports.clone())
+        .worker(email_probe)
+        .worker(inventory_probe)
+        .start()
+        .await
+        .unwrap();
+    let publisher = env.publisher().await;
+    let id = publisher.publish(&OrderPlaced { id: 42 }).await.unwrap();
+
+    until(|| async { store.handlings(&id).await.unwrap().len() >= 3 }).await;
+    let story: Vec<(String, u32, String)> = store
+        .handlings(&id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| (h.worker, h.attempt, h.outcome))
+        .collect();
+    let mut expected = vec![
+        (email.clone(), 1, "handled".to_owned()),
+        (inventory.clone(), 1, "retried".to_owned()),
+        (inventory.clone(), 2, "handled".to_owned()),
+    ];
+    let mut told = story.clone();
+    told.sort();
+    expected.sort();
+    assert_eq!(told, expected, "{story:?}");
+    let retried = store.handlings(&id).await.unwrap();
+    let retried = retried.iter().find(|h| h.outcome == "retried").unwrap();
+    assert_eq!(retried.reason.as_deref(), Some("stock service away"));
+    assert!(retried.host.contains(':'), "host:pid");
+    assert_eq!(reports.dropped(), 0);
+
+    publisher.close().await;
+    workers_rt.shutdown().await;
+    reports_rt.shutdown().await;
+    store.close().await;
+}
+
 on_both_brokers!(
     the_audit_records_every_published_event_once,
     dead_letters_move_from_the_dlq_into_the_store,
+    handling_reports_tell_the_store_what_happened_to_each_message,
 );

@@ -14,7 +14,8 @@
 //! Observability ([`rabbitry_observe`]): the workers serve `/metrics`, `/health` and
 //! `/ready` on `RABBITRY_HTTP_ADDR` when it is set; every binary logs JSON lines with
 //! `RABBITRY_LOG_FORMAT=json`, propagates W3C trace context, and exports spans over OTLP
-//! when built with the `otlp` feature and `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+//! when built with the `otlp` feature and `OTEL_EXPORTER_OTLP_ENDPOINT` is set. The workers
+//! send handling reports to the store's keeper (`rabbitry.reports`).
 
 pub mod analytics;
 pub mod email;
@@ -24,7 +25,7 @@ pub mod orders;
 use std::process::ExitCode;
 
 use rabbitry::prelude::*;
-use rabbitry_observe::{Observability, RuntimeBuilderExt, Telemetry};
+use rabbitry_observe::{HandlingReports, Observability, RuntimeBuilderExt, Telemetry};
 
 /// Exchange and queue names, from the environment.
 #[derive(Debug, Clone)]
@@ -105,6 +106,12 @@ pub async fn run_worker<W: Worker>(worker: W) -> ExitCode {
     if let Err(e) = observability.serve().await {
         return fail(e);
     }
+    // Every outcome goes to the store's keeper, if one runs (rabbitry serve).
+    let url = std::env::var("AMQP_URL").unwrap_or_else(|_| rabbitry::DEFAULT_URL.into());
+    let builder = match HandlingReports::start(&url) {
+        Ok(reports) => builder.observer(reports),
+        Err(e) => return fail(e),
+    };
     match builder.start().await {
         Ok(runtime) => {
             println!("ready");
