@@ -169,7 +169,12 @@ async fn cleanup(url: &str, exchange: &str, queue: &str) {
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    for q in [queue.to_owned(), format!("{queue}.dlq")] {
+    // Every queue the worker's topology declares (retry tiers, DLQ), and its record.
+    let subscription = Subscription::new(queue);
+    let plan = rabbitry::Topology::new(exchange, [&subscription]);
+    let mut queues: Vec<String> = plan.queues().map(str::to_owned).collect();
+    queues.push(format!("{queue}.topology"));
+    for q in queues {
         let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
     }
     for e in [exchange.to_owned(), format!("{exchange}.dlx")] {

@@ -277,6 +277,25 @@ impl Publisher {
         Ok((body, props, id))
     }
 
+    /// Publish `body` with `properties` as they are — no serialization, no schema, no trace
+    /// context added — to `exchange` (`""`: the default exchange, whose routing keys are
+    /// queue names) under `routing_key`, and wait for the broker's confirm. Mandatory: a
+    /// message no queue takes is [`Error::Unroutable`]. For tools that move stored messages
+    /// back to the broker (a redrive, a replay) or publish JSON without a Rust type.
+    pub async fn publish_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<()> {
+        self.inner.check_size(body.len())?;
+        broker::short("routing key", routing_key)?;
+        broker::short("exchange name", exchange)?;
+        self.inner.pace().await;
+        self.send_raw(exchange, routing_key, body, properties).await
+    }
+
     /// Publish a copy of a received message and wait for its confirm (retries and
     /// dead-letters). The outgoing size limit does not apply: the broker already holds it.
     pub(crate) async fn send_raw(

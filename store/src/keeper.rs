@@ -218,10 +218,7 @@ fn event_of(meta: &Metadata, body: &[u8]) -> StoredEvent {
         meta.routing_key(),
         body,
     );
-    event.correlation_id = meta.correlation_id().map(str::to_owned);
-    event.source = meta.app_id().map(str::to_owned);
-    event.headers = meta.headers().cloned().unwrap_or_default();
-    event.published_at = millis(meta);
+    event.properties = meta.properties().clone();
     event
 }
 
@@ -252,6 +249,6 @@ fn dead_letter_of(worker: &str, meta: &Metadata, body: &[u8]) -> DeadLetter {
     letter.reason = meta
         .header_str(headers::EXCEPTION_MESSAGE)
         .map(str::to_owned);
-    letter.headers = meta.headers().cloned().unwrap_or_default();
+    letter.properties = meta.properties().clone();
     letter
 }

@@ -8,7 +8,7 @@
 //! # async fn run() -> Result<(), rabbitry_store::StoreError> {
 //! let store = Store::connect("sqlite://rabbitry.db").await?; // or postgres://user@host/db
 //! let mut event = StoredEvent::new("01J…", "order.placed", "events", "order.placed", r#"{"id":42}"#);
-//! event.correlation_id = Some("order-42".into());
+//! event.properties = event.properties.with_correlation_id("order-42".into());
 //! store.record_events(&[event]).await?; // idempotent on the message id
 //! for event in store.events(&EventFilter::new().event_type("order.placed")).await? {
 //!     println!("{} {}", event.seq, event.message_id);
@@ -36,7 +36,7 @@ mod records;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rabbitry::lapin::types::FieldTable;
+use rabbitry::lapin::BasicProperties;
 use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row};
 
@@ -147,18 +147,18 @@ impl Store {
         for e in events {
             new += sqlx::query(
                 "INSERT INTO events (message_id, event_type, exchange, routing_key, correlation_id, \
-                 source, headers, body, published_at, recorded_at) \
+                 source, properties, body, published_at, recorded_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (message_id) DO NOTHING",
             )
             .bind(&e.message_id)
             .bind(&e.event_type)
             .bind(&e.exchange)
             .bind(&e.routing_key)
-            .bind(e.correlation_id.as_deref())
-            .bind(e.source.as_deref())
-            .bind(headers_json(&e.headers))
+            .bind(e.correlation_id())
+            .bind(e.source())
+            .bind(properties_json(&e.properties))
             .bind(&e.body)
-            .bind(e.published_at)
+            .bind(e.published_at())
             .bind(recorded_at)
             .execute(&mut *tx)
             .await?
@@ -172,7 +172,7 @@ impl Store {
     pub async fn events(&self, filter: &EventFilter) -> Result<Vec<StoredEvent>> {
         let rows = sqlx::query(
             "SELECT * FROM (SELECT seq, message_id, event_type, exchange, routing_key, correlation_id, \
-             source, headers, body, published_at, recorded_at FROM events \
+             source, properties, body, published_at, recorded_at FROM events \
              WHERE ($1 IS NULL OR event_type = $1) AND ($2 IS NULL OR recorded_at >= $2) \
              AND ($3 IS NULL OR correlation_id = $3) ORDER BY seq DESC LIMIT $4) AS latest \
              ORDER BY seq",
@@ -190,7 +190,7 @@ impl Store {
     pub async fn event(&self, message_id: &str) -> Result<Option<StoredEvent>> {
         let row = sqlx::query(
             "SELECT seq, message_id, event_type, exchange, routing_key, correlation_id, source, \
-             headers, body, published_at, recorded_at FROM events WHERE message_id = $1",
+             properties, body, published_at, recorded_at FROM events WHERE message_id = $1",
         )
         .bind(message_id)
         .fetch_optional(self.read())
@@ -261,7 +261,7 @@ impl Store {
         for d in letters {
             new += sqlx::query(
                 "INSERT INTO dead_letters (worker, message_id, failed_at, event_type, exchange, \
-                 routing_key, kind, reason, headers, body, recorded_at, state) \
+                 routing_key, kind, reason, properties, body, recorded_at, state) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'waiting') \
                  ON CONFLICT (worker, message_id, failed_at) DO NOTHING",
             )
@@ -273,7 +273,7 @@ impl Store {
             .bind(&d.routing_key)
             .bind(d.kind.as_deref())
             .bind(d.reason.as_deref())
-            .bind(headers_json(&d.headers))
+            .bind(properties_json(&d.properties))
             .bind(&d.body)
             .bind(recorded_at)
             .execute(&mut *tx)
@@ -293,7 +293,7 @@ impl Store {
     ) -> Result<Vec<DeadLetter>> {
         let rows = sqlx::query(
             "SELECT seq, worker, message_id, failed_at, event_type, exchange, routing_key, kind, \
-             reason, headers, body, recorded_at, state, state_changed_at FROM dead_letters \
+             reason, properties, body, recorded_at, state, state_changed_at FROM dead_letters \
              WHERE ($1 IS NULL OR worker = $1) AND ($2 IS NULL OR state = $2) ORDER BY seq LIMIT $3",
         )
         .bind(worker)
@@ -308,7 +308,7 @@ impl Store {
     pub async fn dead_letter(&self, seq: i64) -> Result<Option<DeadLetter>> {
         let row = sqlx::query(
             "SELECT seq, worker, message_id, failed_at, event_type, exchange, routing_key, kind, \
-             reason, headers, body, recorded_at, state, state_changed_at FROM dead_letters \
+             reason, properties, body, recorded_at, state, state_changed_at FROM dead_letters \
              WHERE seq = $1",
         )
         .bind(seq)
@@ -340,13 +340,13 @@ impl Store {
     }
 }
 
-/// An AMQP header table as stored: serde's JSON of it, exact (types included).
-fn headers_json(headers: &FieldTable) -> String {
-    serde_json::to_string(headers).unwrap_or_else(|_| "{}".into())
+/// AMQP properties as stored: serde's JSON of them, exact (header types included).
+fn properties_json(properties: &BasicProperties) -> String {
+    serde_json::to_string(properties).unwrap_or_else(|_| "{}".into())
 }
 
-fn headers_of(text: &str) -> Result<FieldTable> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("headers: {e}")))
+fn properties_of(text: &str) -> Result<BasicProperties> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("properties: {e}")))
 }
 
 fn event_of(r: &AnyRow) -> Result<StoredEvent> {
@@ -356,11 +356,8 @@ fn event_of(r: &AnyRow) -> Result<StoredEvent> {
         event_type: r.try_get("event_type")?,
         exchange: r.try_get("exchange")?,
         routing_key: r.try_get("routing_key")?,
-        correlation_id: r.try_get("correlation_id")?,
-        source: r.try_get("source")?,
-        headers: headers_of(&r.try_get::<String, _>("headers")?)?,
+        properties: properties_of(&r.try_get::<String, _>("properties")?)?,
         body: r.try_get("body")?,
-        published_at: r.try_get("published_at")?,
         recorded_at: r.try_get("recorded_at")?,
     })
 }
@@ -376,7 +373,7 @@ fn dead_letter_of(r: &AnyRow) -> Result<DeadLetter> {
         routing_key: r.try_get("routing_key")?,
         kind: r.try_get("kind")?,
         reason: r.try_get("reason")?,
-        headers: headers_of(&r.try_get::<String, _>("headers")?)?,
+        properties: properties_of(&r.try_get::<String, _>("properties")?)?,
         body: r.try_get("body")?,
         recorded_at: r.try_get("recorded_at")?,
         state: DeadLetterState::parse(&r.try_get::<String, _>("state")?),

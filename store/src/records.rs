@@ -1,5 +1,6 @@
 //! What the store holds, as Rust values.
 
+use rabbitry::lapin::BasicProperties;
 use rabbitry::lapin::types::FieldTable;
 use serde::Serialize;
 
@@ -17,17 +18,14 @@ pub struct StoredEvent {
     pub exchange: String,
     /// Its routing key.
     pub routing_key: String,
-    /// Its correlation id.
-    pub correlation_id: Option<String>,
-    /// Who published it (the AMQP `app_id`).
-    pub source: Option<String>,
-    /// Its headers, exactly as published.
-    pub headers: FieldTable,
+    /// Its AMQP properties (headers included), exactly as published: it can be published
+    /// again as it was. Its correlation id, source (`app_id`) and timestamp are also
+    /// stored in columns of their own, for filtering.
+    #[serde(serialize_with = "properties_as_json")]
+    pub properties: BasicProperties,
     /// Its body.
     #[serde(serialize_with = "body_as_text")]
     pub body: Vec<u8>,
-    /// The AMQP timestamp, in Unix milliseconds (second precision), if it had one.
-    pub published_at: Option<i64>,
     /// When the store recorded it, in Unix milliseconds.
     pub recorded_at: i64,
 }
@@ -47,13 +45,36 @@ impl StoredEvent {
             event_type: event_type.into(),
             exchange: exchange.into(),
             routing_key: routing_key.into(),
-            correlation_id: None,
-            source: None,
-            headers: FieldTable::default(),
+            properties: BasicProperties::default(),
             body: body.into(),
-            published_at: None,
             recorded_at: 0,
         }
+    }
+
+    /// Its correlation id.
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.as_str())
+    }
+
+    /// Who published it (the AMQP `app_id`).
+    pub fn source(&self) -> Option<&str> {
+        self.properties.app_id().as_ref().map(|a| a.as_str())
+    }
+
+    /// The AMQP timestamp, in Unix milliseconds (second precision), if it had one.
+    pub fn published_at(&self) -> Option<i64> {
+        self.properties
+            .timestamp()
+            .and_then(|secs| i64::try_from(secs).ok())
+            .map(|secs| secs.saturating_mul(1000))
+    }
+
+    /// Its headers.
+    pub fn headers(&self) -> Option<&FieldTable> {
+        self.properties.headers().as_ref()
     }
 }
 
@@ -162,8 +183,9 @@ pub struct DeadLetter {
     pub kind: Option<String>,
     /// The failure's message (`x-exception-message`).
     pub reason: Option<String>,
-    /// Its headers as dead-lettered (failure headers included).
-    pub headers: FieldTable,
+    /// Its AMQP properties as dead-lettered (failure headers included), exactly.
+    #[serde(serialize_with = "properties_as_json")]
+    pub properties: BasicProperties,
     /// Its body.
     #[serde(serialize_with = "body_as_text")]
     pub body: Vec<u8>,
@@ -194,7 +216,7 @@ impl DeadLetter {
             routing_key: String::new(),
             kind: None,
             reason: None,
-            headers: FieldTable::default(),
+            properties: BasicProperties::default(),
             body: body.into(),
             recorded_at: 0,
             state: DeadLetterState::Waiting,
@@ -246,6 +268,11 @@ impl EventFilter {
         self.limit = Some(limit);
         self
     }
+}
+
+/// Properties in JSON output: serde's form of them (types included).
+fn properties_as_json<S: serde::Serializer>(p: &BasicProperties, s: S) -> Result<S::Ok, S::Error> {
+    p.serialize(s)
 }
 
 /// A body in JSON output: as text when it is UTF-8 (JSON events are), else as bytes.

@@ -125,14 +125,15 @@ async fn the_audit_records_every_published_event_once(env: TestEnv) {
         .await
         .unwrap()
         .expect("order-99 recorded");
-    assert_eq!(order.correlation_id.as_deref(), Some("checkout-99"));
+    assert_eq!(order.correlation_id(), Some("checkout-99"));
     assert_eq!(order.exchange, env.exchange);
     assert_eq!(order.routing_key, "order.placed");
     assert_eq!(order.body, br#"{"id":99}"#);
-    assert!(order.published_at.is_some());
+    assert!(order.published_at().is_some());
     assert_eq!(
         order
-            .headers
+            .headers()
+            .unwrap()
             .inner()
             .get("x-tenant")
             .map(|v| format!("{v:?}")),

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use rabbitry::lapin::BasicProperties;
 use rabbitry::lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use rabbitry::middleware::DedupStore;
 use rabbitry_store::{
@@ -131,16 +132,22 @@ fn event(id: &str, event_type: &str, correlation: Option<&str>) -> StoredEvent {
         event_type,
         format!(r#"{{"id":"{id}"}}"#),
     );
-    e.correlation_id = correlation.map(str::to_owned);
-    e.source = Some("shop".into());
-    e.published_at = Some(1_764_547_200_000);
+    let mut properties = BasicProperties::default()
+        .with_app_id("shop".into())
+        .with_timestamp(1_764_547_200)
+        .with_priority(7)
+        .with_content_type("application/json".into());
+    if let Some(c) = correlation {
+        properties = properties.with_correlation_id(c.into());
+    }
+    e.properties = properties;
     e
 }
 
 async fn events_are_recorded_once_and_listed_by_filter(db: Db) {
     let store = db.store().await;
     let mut first = event("m1", "order.placed", Some("c1"));
-    first.headers = headers();
+    first.properties = first.properties.clone().with_headers(headers());
     first.body = vec![0xde, 0xad, 0xbe, 0xef];
     let batch = [
         first.clone(),
@@ -159,11 +166,15 @@ async fn events_are_recorded_once_and_listed_by_filter(db: Db) {
     );
 
     let stored = store.event("m1").await.unwrap().expect("m1 is stored");
-    assert_eq!(stored.headers, first.headers, "headers come back exactly");
+    assert_eq!(
+        stored.properties, first.properties,
+        "properties come back exactly"
+    );
+    assert_eq!(stored.headers(), Some(&headers()));
     assert_eq!(stored.body, first.body);
-    assert_eq!(stored.correlation_id.as_deref(), Some("c1"));
-    assert_eq!(stored.source.as_deref(), Some("shop"));
-    assert_eq!(stored.published_at, Some(1_764_547_200_000));
+    assert_eq!(stored.correlation_id(), Some("c1"));
+    assert_eq!(stored.source(), Some("shop"));
+    assert_eq!(stored.published_at(), Some(1_764_547_200_000));
     assert!(stored.recorded_at > 0 && stored.seq > 0);
     assert!(store.event("nope").await.unwrap().is_none());
 
@@ -238,7 +249,9 @@ fn dead(worker: &str, id: &str, failed_at: &str) -> DeadLetter {
     d.routing_key = "order.placed".into();
     d.kind = Some("rejected".into());
     d.reason = Some("quantity must be positive".into());
-    d.headers = headers();
+    d.properties = BasicProperties::default()
+        .with_message_id(id.into())
+        .with_headers(headers());
     d
 }
 
@@ -269,7 +282,7 @@ async fn dead_letters_are_kept_once_and_change_state_once(db: Db) {
             .iter()
             .all(|d| d.state == DeadLetterState::Waiting)
     );
-    assert_eq!(inventory[0].headers, headers());
+    assert_eq!(inventory[0].properties.headers().as_ref(), Some(&headers()));
     assert_eq!(
         inventory[0].reason.as_deref(),
         Some("quantity must be positive")

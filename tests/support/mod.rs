@@ -491,6 +491,11 @@ pub struct Recorder {
 }
 
 impl Recorder {
+    /// A delivery already seen and not yet taken, if any.
+    pub fn try_next(&mut self) -> Option<Seen> {
+        self.rx.try_recv().ok()
+    }
+
     pub async fn next(&mut self) -> Seen {
         tokio::time::timeout(PATIENCE, self.rx.recv())
             .await

@@ -1,6 +1,7 @@
 -- The record: events, handlings, dead letters and the de-duplication inbox.
--- Times are Unix milliseconds; headers are the AMQP header table as JSON (serde of lapin's
--- FieldTable: exact, so a stored message can be published again as it was).
+-- Times are Unix milliseconds; `properties` are the AMQP properties with their headers as
+-- JSON (serde of lapin's BasicProperties: exact, so a stored message can be published again
+-- as it was).
 CREATE TABLE events (
     seq            INTEGER PRIMARY KEY AUTOINCREMENT,
     message_id     TEXT    NOT NULL UNIQUE,
@@ -9,7 +10,7 @@ CREATE TABLE events (
     routing_key    TEXT    NOT NULL,
     correlation_id TEXT,
     source         TEXT,
-    headers        TEXT    NOT NULL,
+    properties     TEXT    NOT NULL,
     body           BLOB    NOT NULL,
     published_at   INTEGER,
     recorded_at    INTEGER NOT NULL
@@ -41,7 +42,7 @@ CREATE TABLE dead_letters (
     routing_key      TEXT    NOT NULL,
     kind             TEXT,
     reason           TEXT,
-    headers          TEXT    NOT NULL,
+    properties       TEXT    NOT NULL,
     body             BLOB    NOT NULL,
     recorded_at      INTEGER NOT NULL,
     state            TEXT    NOT NULL DEFAULT 'waiting',

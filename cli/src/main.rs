@@ -1,0 +1,634 @@
+//! `rabbitry`: run the keeper, publish events, and browse, redrive and purge what the store
+//! recorded. See `rabbitry --help`.
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use rabbitry::lapin::BasicProperties;
+use rabbitry::lapin::types::{AMQPValue, FieldTable};
+use rabbitry::report::REPORTS_EXCHANGE;
+use rabbitry::{Error, Publisher, Runtime, headers};
+use rabbitry_store::{DeadLetter, DeadLetterState, EventFilter, Keeper, Store, StoreError};
+
+/// Header a redriven message carries: when it was sent back (RFC 3339).
+const REDRIVEN_AT: &str = "x-redriven-at";
+
+/// The rabbitry command. Exit codes: 0 done; 2 bad arguments or input; 3 unroutable (no
+/// queue takes the routing key); 4 the broker failed or refused; 5 the store failed; 6 not
+/// found.
+#[derive(Parser, Debug)]
+#[command(name = "rabbitry", version, about, long_about = None)]
+struct Cli {
+    /// The broker.
+    #[arg(long, env = "AMQP_URL", default_value = rabbitry::DEFAULT_URL, global = true, hide_env_values = true)]
+    url: String,
+    /// The store: sqlite://<file> or postgres://user@host/db.
+    #[arg(
+        long,
+        env = "RABBITRY_STORE",
+        default_value = "sqlite://rabbitry.db",
+        global = true,
+        hide_env_values = true
+    )]
+    store: String,
+    /// The system's exchange.
+    #[arg(
+        long,
+        env = "RABBITRY_EXCHANGE",
+        default_value = "events",
+        global = true
+    )]
+    exchange: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the keeper until SIGINT or SIGTERM: audit every event into the store, move the
+    /// named workers' dead letters into it, write the runtimes' handling reports.
+    Serve {
+        /// A worker whose dead-letter queue (<worker>.dlq) to drain (repeat for several).
+        #[arg(long = "dlq", value_name = "WORKER")]
+        dlq: Vec<String>,
+    },
+    /// Publish one JSON event (confirmed) and print its message id.
+    Publish {
+        /// Its routing key.
+        routing_key: String,
+        /// Its body: JSON.
+        json: String,
+        /// Its event type (default: the routing key).
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// Its message id (default: a new UUID v7).
+        #[arg(long)]
+        id: Option<String>,
+        /// Its correlation id.
+        #[arg(long)]
+        correlation_id: Option<String>,
+    },
+    /// List recorded events, oldest first.
+    Events {
+        #[command(flatten)]
+        filter: Filter,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One event and every handling of it: which workers, which attempts, which outcomes.
+    Event {
+        /// Its message id.
+        message_id: String,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The dead letters the keeper moved into the store.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Args, Debug)]
+struct Filter {
+    /// Only this event type.
+    #[arg(long = "type")]
+    event_type: Option<String>,
+    /// Only events recorded since this time (RFC 3339).
+    #[arg(long, conflicts_with = "last")]
+    since: Option<String>,
+    /// Only events recorded in the last DURATION (e.g. 30s, 15m, 1h, 2days).
+    #[arg(long)]
+    last: Option<String>,
+    /// Only events with this correlation id.
+    #[arg(long)]
+    correlation_id: Option<String>,
+    /// At most N (the latest).
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+}
+
+#[derive(Subcommand, Debug)]
+enum DlqCommand {
+    /// List dead letters, oldest first.
+    List {
+        /// Only this worker's.
+        worker: Option<String>,
+        /// Only in this state.
+        #[arg(long, value_enum, default_value_t = StateArg::Waiting)]
+        state: StateArg,
+        /// At most N.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter, with its failure, headers and body.
+    Show {
+        /// Its id (the first column of `dlq list`).
+        id: i64,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters back to their worker's queue only, with a fresh retry budget
+    /// (x-retry-count and the failure headers removed, x-redriven-at added). Each is
+    /// confirmed by the broker before it is marked redriven.
+    Redrive {
+        /// The worker whose dead letters to send back.
+        worker: String,
+        #[command(flatten)]
+        which: Which,
+        /// Only say what would be sent.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Mark dead letters purged (they are already out of the broker).
+    Purge {
+        /// The worker whose dead letters to purge.
+        worker: String,
+        #[command(flatten)]
+        which: Which,
+    },
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+struct Which {
+    /// These dead letters (ids from `dlq list`).
+    #[arg(long = "id", value_name = "ID", num_args = 1..)]
+    ids: Vec<i64>,
+    /// Every waiting dead letter of the worker.
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum StateArg {
+    Waiting,
+    Redriven,
+    Purged,
+    All,
+}
+
+impl StateArg {
+    fn state(self) -> Option<DeadLetterState> {
+        match self {
+            StateArg::Waiting => Some(DeadLetterState::Waiting),
+            StateArg::Redriven => Some(DeadLetterState::Redriven),
+            StateArg::Purged => Some(DeadLetterState::Purged),
+            StateArg::All => None,
+        }
+    }
+}
+
+/// A failure, with its exit code.
+struct Failed {
+    code: u8,
+    message: String,
+}
+
+impl Failed {
+    fn usage(message: impl Into<String>) -> Failed {
+        Failed {
+            code: 2,
+            message: message.into(),
+        }
+    }
+
+    fn not_found(message: impl Into<String>) -> Failed {
+        Failed {
+            code: 6,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Error> for Failed {
+    fn from(e: Error) -> Failed {
+        let code = match &e {
+            Error::Config(_) | Error::BodyTooLarge { .. } | Error::Invalid { .. } => 2,
+            Error::Unroutable { .. } => 3,
+            _ => 4,
+        };
+        Failed {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<StoreError> for Failed {
+    fn from(e: StoreError) -> Failed {
+        let code = match e {
+            StoreError::Url(_) => 2,
+            _ => 5,
+        };
+        Failed {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rabbitry_cli=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failed) => {
+            eprintln!("error: {}", failed.message);
+            ExitCode::from(failed.code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failed> {
+    match cli.command {
+        Command::Serve { dlq } => serve(&cli.url, &cli.store, &cli.exchange, dlq).await,
+        Command::Publish {
+            routing_key,
+            json,
+            event_type,
+            id,
+            correlation_id,
+        } => {
+            let value: serde_json::Value = serde_json::from_str(&json)
+                .map_err(|e| Failed::usage(format!("the event is not JSON: {e}")))?;
+            let body = serde_json::to_vec(&value).unwrap_or_default();
+            let id = id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+            let mut properties = BasicProperties::default()
+                .with_message_id(id.as_str().into())
+                .with_type(event_type.as_deref().unwrap_or(&routing_key).into())
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2)
+                .with_timestamp(unix_seconds())
+                .with_app_id("rabbitry-cli".into());
+            if let Some(c) = correlation_id {
+                properties = properties.with_correlation_id(c.as_str().into());
+            }
+            let publisher = Publisher::builder(cli.url)
+                .exchange(cli.exchange.as_str())
+                .connect()
+                .await?;
+            let sent = publisher
+                .publish_raw(&cli.exchange, &routing_key, &body, properties)
+                .await;
+            publisher.close().await;
+            sent?;
+            println!("{id}");
+            Ok(())
+        }
+        Command::Events { filter, json } => {
+            let filter = event_filter(&filter)?;
+            let store = Store::connect(&cli.store).await?;
+            let events = store.events(&filter).await?;
+            if json {
+                print_json(&events);
+            } else {
+                println!(
+                    "{:>6}  {:<24}  {:<24}  {:<24}  {:<36}  correlation",
+                    "seq", "recorded", "type", "routing key", "message id"
+                );
+                for e in &events {
+                    println!(
+                        "{:>6}  {:<24}  {:<24}  {:<24}  {:<36}  {}",
+                        e.seq,
+                        time(e.recorded_at),
+                        e.event_type,
+                        e.routing_key,
+                        e.message_id,
+                        e.correlation_id().unwrap_or("-")
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Event { message_id, json } => {
+            let store = Store::connect(&cli.store).await?;
+            let event = store.event(&message_id).await?;
+            let handlings = store.handlings(&message_id).await?;
+            if event.is_none() && handlings.is_empty() {
+                return Err(Failed::not_found(format!(
+                    "no event or handling of message {message_id} in the store"
+                )));
+            }
+            if json {
+                print_json(&serde_json::json!({ "event": event, "handlings": handlings }));
+                return Ok(());
+            }
+            match &event {
+                Some(e) => {
+                    println!(
+                        "message {} ({}), published to {} with key {}",
+                        e.message_id, e.event_type, e.exchange, e.routing_key
+                    );
+                    println!(
+                        "recorded {}; correlation {}",
+                        time(e.recorded_at),
+                        e.correlation_id().unwrap_or("-")
+                    );
+                    println!("body: {}", String::from_utf8_lossy(&e.body));
+                }
+                None => println!("message {message_id}: not audited (handlings only)"),
+            }
+            println!(
+                "\n{:<24}  {:<32}  {:>7}  {:<14}  {:>10}  reason",
+                "when", "worker", "attempt", "outcome", "ms"
+            );
+            for h in &handlings {
+                println!(
+                    "{:<24}  {:<32}  {:>7}  {:<14}  {:>10.1}  {}",
+                    time(h.handled_at),
+                    h.worker,
+                    h.attempt,
+                    h.outcome,
+                    h.duration_us as f64 / 1000.0,
+                    h.reason.as_deref().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        Command::Dlq { command } => dlq(&cli.url, &cli.store, command).await,
+    }
+}
+
+async fn serve(url: &str, store: &str, exchange: &str, dlq: Vec<String>) -> Result<(), Failed> {
+    let store = Store::connect(store).await?;
+    let mut keeper = Keeper::new(store.clone(), exchange);
+    for worker in dlq {
+        keeper = keeper.dead_letters_of(worker);
+    }
+    let mut events = Runtime::builder().url(url).exchange(exchange);
+    for worker in keeper.registrations() {
+        events = events.worker(worker);
+    }
+    let events = events.start().await?;
+    let reports = Runtime::builder()
+        .url(url)
+        .exchange(REPORTS_EXCHANGE)
+        .worker(keeper.handling_reports());
+    let reports = match reports.start().await {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            events.shutdown().await;
+            return Err(e.into());
+        }
+    };
+    eprintln!(
+        "rabbitry serve: keeping {exchange} into the store ({:?})",
+        store.backend()
+    );
+    println!("ready");
+    tokio::select! {
+        () = events.shutdown_on_signal() => {}
+        () = reports.stopped() => {}
+    }
+    events.shutdown().await;
+    reports.shutdown().await;
+    store.close().await;
+    Ok(())
+}
+
+async fn dlq(url: &str, store: &str, command: DlqCommand) -> Result<(), Failed> {
+    let store = Store::connect(store).await?;
+    match command {
+        DlqCommand::List {
+            worker,
+            state,
+            limit,
+            json,
+        } => {
+            let letters = store
+                .dead_letters(worker.as_deref(), state.state(), Some(limit))
+                .await?;
+            if json {
+                print_json(&letters);
+                return Ok(());
+            }
+            println!(
+                "{:>6}  {:<9}  {:<32}  {:<36}  {:<14}  reason",
+                "id", "state", "worker", "message id", "kind"
+            );
+            for d in &letters {
+                println!(
+                    "{:>6}  {:<9}  {:<32}  {:<36}  {:<14}  {}",
+                    d.seq,
+                    d.state.as_str(),
+                    d.worker,
+                    d.message_id,
+                    d.kind.as_deref().unwrap_or("-"),
+                    d.reason.as_deref().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        DlqCommand::Show { id, json } => {
+            let Some(d) = store.dead_letter(id).await? else {
+                return Err(Failed::not_found(format!(
+                    "no dead letter {id} in the store"
+                )));
+            };
+            if json {
+                print_json(&d);
+                return Ok(());
+            }
+            println!(
+                "dead letter {} of {} ({})",
+                d.seq,
+                d.worker,
+                d.state.as_str()
+            );
+            println!(
+                "message {} ({}), first published to {} with key {}",
+                d.message_id, d.event_type, d.exchange, d.routing_key
+            );
+            println!(
+                "failed at {}: {} — {}",
+                d.failed_at,
+                d.kind.as_deref().unwrap_or("-"),
+                d.reason.as_deref().unwrap_or("")
+            );
+            if let Some(headers) = d.properties.headers() {
+                for (k, v) in headers.inner() {
+                    println!("  {k}: {v:?}");
+                }
+            }
+            println!("body: {}", String::from_utf8_lossy(&d.body));
+            Ok(())
+        }
+        DlqCommand::Redrive {
+            worker,
+            which,
+            dry_run,
+        } => {
+            let letters = chosen(&store, &worker, &which).await?;
+            if dry_run {
+                for d in &letters {
+                    println!(
+                        "would redrive {} (message {}) to {}",
+                        d.seq, d.message_id, d.worker
+                    );
+                }
+                println!("{} dead letter(s) would be redriven", letters.len());
+                return Ok(());
+            }
+            let publisher = Publisher::builder(url).connect().await?;
+            let mut redriven = 0;
+            for d in &letters {
+                // To the worker's own queue only (the default exchange routes by queue name).
+                let sent = publisher
+                    .publish_raw("", &d.worker, &d.body, fresh_budget(&d.properties))
+                    .await;
+                if let Err(e) = sent {
+                    publisher.close().await;
+                    return Err(Failed {
+                        message: format!("redriving {} stopped after {redriven}: {e}", d.seq),
+                        ..Failed::from(e)
+                    });
+                }
+                store
+                    .set_dead_letter_state(&[d.seq], DeadLetterState::Redriven)
+                    .await?;
+                redriven += 1;
+            }
+            publisher.close().await;
+            println!("{redriven} dead letter(s) redriven to {worker}");
+            Ok(())
+        }
+        DlqCommand::Purge { worker, which } => {
+            let letters = chosen(&store, &worker, &which).await?;
+            let seqs: Vec<i64> = letters.iter().map(|d| d.seq).collect();
+            let purged = store
+                .set_dead_letter_state(&seqs, DeadLetterState::Purged)
+                .await?;
+            println!("{purged} dead letter(s) of {worker} purged");
+            Ok(())
+        }
+    }
+}
+
+/// The waiting dead letters of `worker` that `which` names; a named one that is not
+/// waiting, or not the worker's, is an error that says so.
+async fn chosen(store: &Store, worker: &str, which: &Which) -> Result<Vec<DeadLetter>, Failed> {
+    if which.all {
+        return Ok(store
+            .dead_letters(Some(worker), Some(DeadLetterState::Waiting), Some(u32::MAX))
+            .await?);
+    }
+    let mut letters = Vec::with_capacity(which.ids.len());
+    for id in &which.ids {
+        match store.dead_letter(*id).await? {
+            Some(d) if d.worker == worker && d.state == DeadLetterState::Waiting => letters.push(d),
+            Some(d) if d.worker != worker => {
+                return Err(Failed::usage(format!(
+                    "dead letter {id} is {}'s, not {worker}'s",
+                    d.worker
+                )));
+            }
+            Some(d) => {
+                return Err(Failed::usage(format!(
+                    "dead letter {id} is {}, not waiting",
+                    d.state.as_str()
+                )));
+            }
+            None => {
+                return Err(Failed::not_found(format!(
+                    "no dead letter {id} in the store"
+                )));
+            }
+        }
+    }
+    Ok(letters)
+}
+
+/// The properties of a redriven copy: the failure headers and the retry count removed, so
+/// the worker gives it its whole retry budget again, and `x-redriven-at` added.
+fn fresh_budget(properties: &BasicProperties) -> BasicProperties {
+    let mut table = FieldTable::default();
+    if let Some(old) = properties.headers() {
+        for (key, value) in old.inner() {
+            let failure = [
+                headers::RETRY_COUNT,
+                headers::FIRST_FAILURE_AT,
+                headers::LAST_FAILURE_AT,
+                headers::EXCEPTION_MESSAGE,
+                headers::EXCEPTION_KIND,
+                headers::HANDLER,
+                headers::X_DEATH,
+            ];
+            if !failure.contains(&key.as_str()) {
+                table.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+    table.insert(
+        REDRIVEN_AT.into(),
+        AMQPValue::LongString(now.as_str().into()),
+    );
+    properties.clone().with_headers(table)
+}
+
+fn event_filter(filter: &Filter) -> Result<EventFilter, Failed> {
+    let mut f = EventFilter::new().limit(filter.limit);
+    if let Some(t) = &filter.event_type {
+        f = f.event_type(t.clone());
+    }
+    if let Some(c) = &filter.correlation_id {
+        f = f.correlation_id(c.clone());
+    }
+    if let Some(since) = &filter.since {
+        let at = humantime::parse_rfc3339_weak(since).map_err(|e| {
+            Failed::usage(format!(
+                "--since {since:?}: {e} (e.g. 2026-12-01T10:00:00Z)"
+            ))
+        })?;
+        f = f.since(millis(at));
+    }
+    if let Some(last) = &filter.last {
+        let span: Duration = humantime::parse_duration(last)
+            .map_err(|e| Failed::usage(format!("--last {last:?}: {e} (e.g. 15m, 1h, 2days)")))?;
+        let at = SystemTime::now()
+            .checked_sub(span)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        f = f.since(millis(at));
+    }
+    Ok(f)
+}
+
+fn millis(at: SystemTime) -> i64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Unix milliseconds as RFC 3339 (UTC).
+fn time(ms: i64) -> String {
+    let at = SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("error: cannot write JSON: {e}"),
+    }
+}

@@ -1,0 +1,256 @@
+//! The `rabbitry` binary against RabbitMQ and a SQLite store: publish (with its exit codes),
+//! serve (the keeper), events and event, and the dead-letter round trip — list, show,
+//! redrive to the failing worker only with a fresh retry budget, purge.
+
+#[path = "../../tests/support/mod.rs"]
+#[allow(unused_macros)]
+mod support;
+
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rabbitry::prelude::*;
+use rabbitry::{Registration, Topology};
+use rabbitry_store::{DeadLetterState, Store};
+use support::*;
+
+/// The binary with this test's broker, store and exchange.
+struct Cli {
+    store: String,
+    exchange: String,
+    dir: std::path::PathBuf,
+}
+
+impl Cli {
+    fn new(env: &TestEnv) -> Cli {
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let dir = std::env::temp_dir().join(format!("cli-{}", &id[id.len() - 8..]));
+        std::fs::create_dir_all(&dir).unwrap();
+        Cli {
+            store: format!("sqlite://{}/store.db", dir.display()),
+            exchange: env.exchange.clone(),
+            dir,
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rabbitry"));
+        command
+            .args(args)
+            .env("AMQP_URL", support::url())
+            .env("RABBITRY_STORE", &self.store)
+            .env("RABBITRY_EXCHANGE", &self.exchange);
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("rabbitry runs")
+    }
+
+    /// Run; assert it succeeded; its standard output.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "rabbitry {args:?}: {:?}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).expect("JSON output")
+    }
+
+    /// `rabbitry serve` in the background, once it says it is ready.
+    fn serve(&self, args: &[&str]) -> Served {
+        let mut all = vec!["serve"];
+        all.extend_from_slice(args);
+        let mut child = self
+            .command(&all)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+        Served(child)
+    }
+}
+
+impl Drop for Cli {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `rabbitry serve` process, stopped with SIGTERM when dropped.
+struct Served(Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+async fn until<F, Fut>(check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let wait = async {
+        while !check().await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, wait)
+        .await
+        .expect("reached in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_answers_with_exit_codes() {
+    let env = TestEnv::rabbitmq("cli_publish");
+    let cli = Cli::new(&env);
+    Topology::new(&env.exchange, std::iter::empty::<&Subscription>())
+        .declare(&support::url())
+        .await
+        .unwrap();
+    let bad = cli.run(&["publish", "order.placed", "{not json"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not JSON"));
+    let unroutable = cli.run(&["publish", "nobody.listens", r#"{"id":1}"#]);
+    assert_eq!(unroutable.status.code(), Some(3), "{unroutable:?}");
+    let down = cli
+        .command(&["publish", "x", "{}"])
+        .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+        .output()
+        .unwrap();
+    assert_eq!(down.status.code(), Some(4), "{down:?}");
+    let missing = cli.run(&["event", "nope"]);
+    assert_eq!(missing.status.code(), Some(6));
+    let usage = cli.run(&["dlq", "redrive", "w"]);
+    assert_eq!(usage.status.code(), Some(2), "--id or --all is required");
+    env.track_names([format!("{}.audit", env.exchange).as_str()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_redriven_to_the_failing_worker_and_purged() {
+    let env = TestEnv::rabbitmq("cli_dlq");
+    let cli = Cli::new(&env);
+    let (inventory, email) = (env.queue("inventory"), env.queue("email"));
+    let fixed = Arc::new(AtomicBool::new(false));
+    let fix = fixed.clone();
+    let (inventory_probe, mut inventory_seen) = env.probe(
+        Subscription::new(&inventory).bind("order.placed"),
+        move |seen| match fix.load(Ordering::SeqCst) || seen.body["id"] == 99 {
+            true if seen.body["id"] != 99 => Ok(()),
+            _ => Err(Failure::reject("stock record missing")),
+        },
+    );
+    let (email_probe, mut email_seen) =
+        env.probe(Subscription::new(&email).bind("order.placed"), |_| Ok(()));
+    let workers = env
+        .builder()
+        .worker(Registration::new(inventory_probe))
+        .worker(email_probe)
+        .start()
+        .await
+        .unwrap();
+    let audit = format!("{}.audit", env.exchange);
+    env.track_names([audit.as_str(), format!("{audit}.dlq").as_str()]);
+    env.track_names([format!("{inventory}.dlq.dlq").as_str()]);
+    env.track_names(["rabbitry.reports.keeper", "rabbitry.reports.keeper.dlq"]);
+    let _serve = cli.serve(&["--dlq", &inventory]);
+
+    let mut ids = Vec::new();
+    for id in [1, 2, 3, 99] {
+        let out = cli.ok(&[
+            "publish",
+            "order.placed",
+            &format!(r#"{{"id":{id}}}"#),
+            "--correlation-id",
+            "batch-7",
+        ]);
+        ids.push(out.trim().to_owned());
+    }
+    let store = Store::connect(&cli.store).await.unwrap();
+    until(|| async { store.dead_letters(None, None, None).await.unwrap().len() == 4 }).await;
+    assert_eq!(email_seen.take(4).await.len(), 4);
+
+    let listed = cli.json(&["dlq", "list", &inventory, "--json"]);
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 4);
+    assert_eq!(listed[0]["reason"], "stock record missing");
+    assert_eq!(listed[0]["kind"], "rejected");
+    let first = listed[0]["seq"].as_i64().unwrap();
+    let shown = cli.ok(&["dlq", "show", &first.to_string()]);
+    assert!(
+        shown.contains("stock record missing") && shown.contains("x-retry-count"),
+        "{shown}"
+    );
+    let events = cli.json(&["events", "--correlation-id", "batch-7", "--json"]);
+    assert_eq!(events.as_array().unwrap().len(), 4, "audited");
+
+    // The stock records are back: redrive orders 1..3, purge 99.
+    fixed.store(true, Ordering::SeqCst);
+    let last = listed[3]["seq"].as_i64().unwrap();
+    let dry = cli.ok(&[
+        "dlq",
+        "redrive",
+        &inventory,
+        "--id",
+        &first.to_string(),
+        "--dry-run",
+    ]);
+    assert!(dry.contains("1 dead letter(s) would be redriven"), "{dry}");
+    let purged = cli.ok(&["dlq", "purge", &inventory, "--id", &last.to_string()]);
+    assert!(purged.contains("1 dead letter(s)"), "{purged}");
+    let redriven = cli.ok(&["dlq", "redrive", &inventory, "--all"]);
+    assert!(redriven.contains("3 dead letter(s) redriven"), "{redriven}");
+
+    // Seen again by the failing worker only, with its whole retry budget.
+    let mut again = Vec::new();
+    while again.len() < 3 {
+        let seen = inventory_seen.next().await;
+        if seen.body["id"] != 99 && ids.contains(&seen.message_id) && fixed.load(Ordering::SeqCst) {
+            again.push(seen);
+        }
+    }
+    let redelivered: Vec<&Seen> = again.iter().filter(|s| s.attempt == 1).collect();
+    assert_eq!(redelivered.len(), 3, "a fresh retry budget: attempt 1");
+    let states = store
+        .dead_letters(Some(&inventory), None, None)
+        .await
+        .unwrap();
+    let count = |s: DeadLetterState| states.iter().filter(|d| d.state == s).count();
+    assert_eq!(
+        (
+            count(DeadLetterState::Redriven),
+            count(DeadLetterState::Purged)
+        ),
+        (3, 1)
+    );
+    let again = cli.run(&["dlq", "redrive", &inventory, "--id", &first.to_string()]);
+    assert_eq!(
+        again.status.code(),
+        Some(2),
+        "a redriven dead letter is not redriven twice"
+    );
+    assert!(
+        email_seen.try_next().is_none(),
+        "the other worker did not see the redriven copies"
+    );
+    store.close().await;
+    workers.shutdown().await;
+}
