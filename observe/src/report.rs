@@ -7,7 +7,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rabbitry::observe::{Handling, Observer, Settled};
 use rabbitry::report::{HANDLINGS_KEY, HandlingReport, REPORTS_EXCHANGE, ReportedHandling};
 use rabbitry::{Publisher, Subscription, Topology};
-use tokio::sync::mpsc;
+use std::sync::Mutex;
+
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 /// Most handlings one report carries.
@@ -41,6 +44,8 @@ const MAX_REASON: usize = 1024;
 pub struct HandlingReports {
     tx: mpsc::Sender<ReportedHandling>,
     dropped: Arc<AtomicU64>,
+    stop: Arc<Notify>,
+    task: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
 impl std::fmt::Debug for HandlingReports {
@@ -61,8 +66,35 @@ impl HandlingReports {
             .build()?;
         let (tx, rx) = mpsc::channel(BACKLOG);
         let dropped = Arc::new(AtomicU64::new(0));
-        tokio::spawn(send_reports(rx, publisher, url.to_owned(), dropped.clone()));
-        Ok(HandlingReports { tx, dropped })
+        let stop = Arc::new(Notify::new());
+        let task = tokio::spawn(send_reports(
+            rx,
+            publisher,
+            url.to_owned(),
+            dropped.clone(),
+            stop.clone(),
+        ));
+        Ok(HandlingReports {
+            tx,
+            dropped,
+            stop,
+            task: Arc::new(Mutex::new(Some(task))),
+        })
+    }
+
+    /// Send what is waiting, close the connection and stop reporting. Call it after the
+    /// runtime has shut down, before the process ends (an open connection at exit is torn
+    /// down mid-flight).
+    pub async fn close(&self) {
+        self.stop.notify_one();
+        let task = self
+            .task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 
     /// Handlings that were not reported (the backlog was full, or the broker refused).
@@ -130,13 +162,32 @@ async fn send_reports(
     publisher: Publisher,
     url: String,
     dropped: Arc<AtomicU64>,
+    stop: Arc<Notify>,
 ) {
     let host = host();
     let mut declared = false;
-    while let Some(first) = rx.recv().await {
+    let mut stopping = false;
+    loop {
+        let first = tokio::select! {
+            first = rx.recv(), if !stopping => first,
+            () = stop.notified(), if !stopping => {
+                stopping = true;
+                continue;
+            }
+            // Stopping: send what is left, without waiting for more.
+            () = std::future::ready(()), if stopping => rx.try_recv().ok(),
+        };
+        let Some(first) = first else { break };
         let deadline = tokio::time::Instant::now() + REPORT_WAIT;
         let mut handlings = vec![first];
         while handlings.len() < REPORT_SIZE {
+            if stopping {
+                match rx.try_recv() {
+                    Ok(h) => handlings.push(h),
+                    Err(_) => break,
+                }
+                continue;
+            }
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(h)) => handlings.push(h),
                 Ok(None) | Err(_) => break,

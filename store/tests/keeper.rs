@@ -267,6 +267,7 @@ async fn handling_reports_tell_the_store_what_happened_to_each_message(env: Test
 
     publisher.close().await;
     workers_rt.shutdown().await;
+    reports.close().await;
     reports_rt.shutdown().await;
     store.close().await;
 }

@@ -108,18 +108,22 @@ pub async fn run_worker<W: Worker>(worker: W) -> ExitCode {
     }
     // Every outcome goes to the store's keeper, if one runs (rabbitry serve).
     let url = std::env::var("AMQP_URL").unwrap_or_else(|_| rabbitry::DEFAULT_URL.into());
-    let builder = match HandlingReports::start(&url) {
-        Ok(reports) => builder.observer(reports),
+    let reports = match HandlingReports::start(&url) {
+        Ok(reports) => reports,
         Err(e) => return fail(e),
     };
-    match builder.start().await {
+    let builder = builder.observer(reports.clone());
+    let code = match builder.start().await {
         Ok(runtime) => {
             println!("ready");
             runtime.shutdown_on_signal().await;
             ExitCode::SUCCESS
         }
         Err(e) => fail(e),
-    }
+    };
+    // The last reports go out, and their connection closes, before the process ends.
+    reports.close().await;
+    code
 }
 
 fn fail(e: rabbitry::Error) -> ExitCode {

@@ -244,7 +244,7 @@ async fn the_worker_binaries_serve_metrics_health_and_ready_and_log_json() {
         assert!(!log.is_empty());
         for line in &log {
             let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
-            assert!(parsed.is_ok(), "a JSON log line: {line}");
+            assert!(parsed.is_ok(), "a JSON log line: {line:?} in {log:#?}");
         }
     }
 }
