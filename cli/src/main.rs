@@ -23,7 +23,7 @@ struct Cli {
     /// The broker.
     #[arg(long, env = "AMQP_URL", default_value = rabbitry::DEFAULT_URL, global = true, hide_env_values = true)]
     url: String,
-    /// The store: sqlite://<file> or postgres://user@host/db.
+    /// The store: sqlite://FILE or postgres://USER@HOST/DB.
     #[arg(
         long,
         env = "RABBITRY_STORE",
@@ -49,7 +49,7 @@ enum Command {
     /// Run the keeper until SIGINT or SIGTERM: audit every event into the store, move the
     /// named workers' dead letters into it, write the runtimes' handling reports.
     Serve {
-        /// A worker whose dead-letter queue (<worker>.dlq) to drain (repeat for several).
+        /// A worker whose dead-letter queue (WORKER.dlq) to drain (repeat for several).
         #[arg(long = "dlq", value_name = "WORKER")]
         dlq: Vec<String>,
     },
@@ -84,6 +84,22 @@ enum Command {
         /// JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Publish recorded events again, as new messages marked `x-replayed-from` (the
+    /// keeper does not audit them twice): to one worker's queue only, or to the exchange
+    /// (every subscriber) with their original routing keys.
+    Replay {
+        #[command(flatten)]
+        filter: Filter,
+        /// To this worker's queue only.
+        #[arg(long, value_name = "WORKER", required_unless_present = "to_exchange")]
+        to_worker: Option<String>,
+        /// To the exchange, with each event's routing key.
+        #[arg(long, conflicts_with = "to_worker")]
+        to_exchange: bool,
+        /// Only say what would be published.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// The dead letters the keeper moved into the store.
     Dlq {
@@ -359,8 +375,70 @@ async fn run(cli: Cli) -> Result<(), Failed> {
             }
             Ok(())
         }
+        Command::Replay {
+            filter,
+            to_worker,
+            to_exchange: _,
+            dry_run,
+        } => {
+            let selected = event_filter(&filter)?;
+            let store = Store::connect(&cli.store).await?;
+            let events = store.events(&selected).await?;
+            store.close().await;
+            let target = |e: &rabbitry_store::StoredEvent| match &to_worker {
+                Some(worker) => (String::new(), worker.clone()),
+                None => (e.exchange.clone(), e.routing_key.clone()),
+            };
+            if dry_run {
+                for e in &events {
+                    let (exchange, key) = target(e);
+                    println!(
+                        "would replay {} ({}) to exchange {exchange:?} with key {key}",
+                        e.message_id, e.event_type
+                    );
+                }
+                println!("{} event(s) would be replayed", events.len());
+                return Ok(());
+            }
+            let publisher = Publisher::builder(cli.url).connect().await?;
+            let mut replayed = 0;
+            for e in &events {
+                let (exchange, key) = target(e);
+                let sent = publisher
+                    .publish_raw(&exchange, &key, &e.body, replay_of(e))
+                    .await;
+                if let Err(err) = sent {
+                    publisher.close().await;
+                    return Err(Failed {
+                        message: format!(
+                            "replaying {} stopped after {replayed}: {err}",
+                            e.message_id
+                        ),
+                        ..Failed::from(err)
+                    });
+                }
+                replayed += 1;
+            }
+            publisher.close().await;
+            println!("{replayed} event(s) replayed");
+            Ok(())
+        }
         Command::Dlq { command } => dlq(&cli.url, &cli.store, command).await,
     }
+}
+
+/// The properties of a replayed copy: a new message id, and `x-replayed-from` naming the
+/// original.
+fn replay_of(event: &rabbitry_store::StoredEvent) -> BasicProperties {
+    let mut table = event.headers().cloned().unwrap_or_default();
+    let from = AMQPValue::LongString(event.message_id.as_str().into());
+    table.insert(rabbitry_store::REPLAYED_FROM.into(), from);
+    let id = uuid::Uuid::now_v7().to_string();
+    event
+        .properties
+        .clone()
+        .with_message_id(id.as_str().into())
+        .with_headers(table)
 }
 
 async fn serve(url: &str, store: &str, exchange: &str, dlq: Vec<String>) -> Result<(), Failed> {
