@@ -120,15 +120,40 @@ pub(crate) async fn open(url: &str) -> Result<Pools, StoreError> {
 
 /// The migrations of `backend`, compiled into the binary.
 fn migrator(backend: Backend) -> Migrator {
-    let sql: &'static str = match backend {
-        Backend::Sqlite => include_str!("../migrations/sqlite/0001_record.sql"),
-        Backend::Postgres => include_str!("../migrations/postgres/0001_record.sql"),
+    let steps: [(&'static str, &'static str); 2] = match backend {
+        Backend::Sqlite => [
+            (
+                "record",
+                include_str!("../migrations/sqlite/0001_record.sql"),
+            ),
+            (
+                "outbox",
+                include_str!("../migrations/sqlite/0002_outbox.sql"),
+            ),
+        ],
+        Backend::Postgres => [
+            (
+                "record",
+                include_str!("../migrations/postgres/0001_record.sql"),
+            ),
+            (
+                "outbox",
+                include_str!("../migrations/postgres/0002_outbox.sql"),
+            ),
+        ],
     };
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        Cow::Borrowed("record"),
-        MigrationType::Simple,
-        sqlx::SqlSafeStr::into_sql_str(sql),
-        false,
-    )])
+    let migrations = steps
+        .into_iter()
+        .zip(1..)
+        .map(|((name, sql), version)| {
+            Migration::new(
+                version,
+                Cow::Borrowed(name),
+                MigrationType::Simple,
+                sqlx::SqlSafeStr::into_sql_str(sql),
+                false,
+            )
+        })
+        .collect();
+    Migrator::with_migrations(migrations)
 }

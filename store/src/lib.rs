@@ -32,6 +32,7 @@ mod batch;
 mod db;
 mod inbox;
 mod keeper;
+mod outbox;
 mod records;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -43,6 +44,7 @@ use sqlx::{AnyPool, Row};
 pub use db::Backend;
 pub use inbox::Inbox;
 pub use keeper::{Keeper, REPLAYED_FROM};
+pub use outbox::{Outbox, OutboxConnection, OutboxRelay};
 pub use records::{DeadLetter, DeadLetterState, EventFilter, HandlingRecord, StoredEvent};
 
 /// What can go wrong with a store. Each says what to do about it.
