@@ -129,10 +129,15 @@ struct Filter {
 
 #[derive(Subcommand, Debug)]
 enum DlqCommand {
-    /// List dead letters, oldest first.
+    /// List dead letters, oldest first. With --broker, no store: how many wait in each
+    /// named worker's dead-letter queue.
     List {
-        /// Only this worker's.
-        worker: Option<String>,
+        /// Only this worker's (with --broker: the workers to count, at least one).
+        #[arg(num_args = 0..)]
+        workers: Vec<String>,
+        /// Count in the broker's dead-letter queues instead of listing the store.
+        #[arg(long)]
+        broker: bool,
         /// Only in this state.
         #[arg(long, value_enum, default_value_t = StateArg::Waiting)]
         state: StateArg,
@@ -162,6 +167,10 @@ enum DlqCommand {
         /// Only say what would be sent.
         #[arg(long)]
         dry_run: bool,
+        /// No store: move messages straight from the worker's dead-letter queue (take one,
+        /// publish it with confirm, then acknowledge it — never browsing). With --all only.
+        #[arg(long)]
+        broker: bool,
     },
     /// Mark dead letters purged (they are already out of the broker).
     Purge {
@@ -479,16 +488,45 @@ async fn serve(url: &str, store: &str, exchange: &str, dlq: Vec<String>) -> Resu
 }
 
 async fn dlq(url: &str, store: &str, command: DlqCommand) -> Result<(), Failed> {
+    match command {
+        DlqCommand::List {
+            workers,
+            broker: true,
+            json,
+            ..
+        } => return broker_counts(url, &workers, json).await,
+        DlqCommand::Redrive {
+            worker,
+            which,
+            broker: true,
+            dry_run,
+        } => {
+            if !which.all {
+                return Err(Failed::usage(
+                    "--broker moves a worker's whole dead-letter queue: use --all",
+                ));
+            }
+            return broker_redrive(url, &worker, dry_run).await;
+        }
+        _ => {}
+    }
     let store = Store::connect(store).await?;
     match command {
         DlqCommand::List {
-            worker,
+            workers,
             state,
             limit,
             json,
+            ..
         } => {
+            if workers.len() > 1 {
+                return Err(Failed::usage(
+                    "list one worker's dead letters, or every worker's",
+                ));
+            }
+            let worker = workers.first().map(String::as_str);
             let letters = store
-                .dead_letters(worker.as_deref(), state.state(), Some(limit))
+                .dead_letters(worker, state.state(), Some(limit))
                 .await?;
             if json {
                 print_json(&letters);
@@ -549,6 +587,7 @@ async fn dlq(url: &str, store: &str, command: DlqCommand) -> Result<(), Failed> 
             worker,
             which,
             dry_run,
+            ..
         } => {
             let letters = chosen(&store, &worker, &which).await?;
             if dry_run {
@@ -594,6 +633,75 @@ async fn dlq(url: &str, store: &str, command: DlqCommand) -> Result<(), Failed> 
             Ok(())
         }
     }
+}
+
+/// `dlq list --broker`: the messages waiting in each worker's dead-letter queue.
+async fn broker_counts(url: &str, workers: &[String], json: bool) -> Result<(), Failed> {
+    if workers.is_empty() {
+        return Err(Failed::usage(
+            "name the workers whose dead-letter queues to count",
+        ));
+    }
+    let publisher = Publisher::builder(url).connect().await?;
+    let mut counts = Vec::new();
+    for worker in workers {
+        let queue = format!("{worker}.dlq");
+        let depth = match publisher.queue_depth(&queue).await {
+            Ok(depth) => depth,
+            Err(e) => {
+                publisher.close().await;
+                return Err(e.into());
+            }
+        };
+        counts.push((worker.clone(), queue, depth.map(|d| d.ready)));
+    }
+    publisher.close().await;
+    if json {
+        let rows: Vec<_> = counts
+            .iter()
+            .map(|(worker, queue, ready)| {
+                serde_json::json!({ "worker": worker, "queue": queue, "ready": ready })
+            })
+            .collect();
+        print_json(&rows);
+        return Ok(());
+    }
+    for (worker, queue, ready) in &counts {
+        match ready {
+            Some(n) => println!("{worker}: {n} message(s) in {queue}"),
+            None => println!("{worker}: no queue {queue}"),
+        }
+    }
+    Ok(())
+}
+
+/// `dlq redrive --broker --all`: move every message of the worker's dead-letter queue back
+/// to its queue, with a fresh retry budget.
+async fn broker_redrive(url: &str, worker: &str, dry_run: bool) -> Result<(), Failed> {
+    let publisher = Publisher::builder(url).connect().await?;
+    let queue = format!("{worker}.dlq");
+    let result = async {
+        let Some(depth) = publisher.queue_depth(&queue).await? else {
+            return Err(Failed::not_found(format!("no queue {queue}")));
+        };
+        if dry_run {
+            println!(
+                "{} message(s) in {queue} would be redriven to {worker}",
+                depth.ready
+            );
+            return Ok(());
+        }
+        let moved = publisher
+            .move_messages(&queue, "", worker, depth.ready as usize, |p| {
+                fresh_budget(&p)
+            })
+            .await?;
+        println!("{moved} message(s) redriven from {queue} to {worker}");
+        Ok(())
+    }
+    .await;
+    publisher.close().await;
+    result
 }
 
 /// The waiting dead letters of `worker` that `which` names; a named one that is not

@@ -333,3 +333,54 @@ async fn replay_goes_to_one_worker_or_to_every_subscriber_and_is_not_audited_twi
     store.close().await;
     workers.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_store_dlq_counts_and_redrives_broker_side() {
+    let env = TestEnv::rabbitmq("cli_broker_dlq");
+    let mut cli = Cli::new(&env);
+    // No store is opened on this path: an unreachable one proves it.
+    cli.store = "postgres://nobody@127.0.0.1:1/none".into();
+    let queue = env.queue("inventory");
+    let fixed = Arc::new(AtomicBool::new(false));
+    let fix = fixed.clone();
+    let (probe, mut seen) =
+        env.probe(
+            Subscription::new(&queue).bind("order.placed"),
+            move |_| match fix.load(Ordering::SeqCst) {
+                true => Ok(()),
+                false => Err(Failure::reject("stock record missing")),
+            },
+        );
+    let rt = env.builder().worker(probe).start().await.unwrap();
+    for id in [1, 2] {
+        cli.ok(&["publish", "order.placed", &format!(r#"{{"id":{id}}}"#)]);
+    }
+    let dlq = format!("{queue}.dlq");
+    until(|| async { env.ready(&dlq).await == 2 }).await;
+    assert_eq!(seen.take(2).await.len(), 2);
+
+    let counted = cli.ok(&["dlq", "list", "--broker", &queue]);
+    assert!(counted.contains("2 message(s)"), "{counted}");
+    let counted = cli.json(&["dlq", "list", "--broker", &queue, "--json"]);
+    assert_eq!(counted[0]["ready"], 2);
+    let dry = cli.ok(&["dlq", "redrive", &queue, "--all", "--broker", "--dry-run"]);
+    assert!(dry.contains("2 message(s)"), "{dry}");
+    assert_eq!(env.ready(&dlq).await, 2, "a dry run moves nothing");
+
+    fixed.store(true, Ordering::SeqCst);
+    let moved = cli.ok(&["dlq", "redrive", &queue, "--all", "--broker"]);
+    assert!(moved.contains("2 message(s) redriven"), "{moved}");
+    let again = seen.take(2).await;
+    assert!(again.iter().all(|s| s.attempt == 1), "a fresh retry budget");
+    assert_eq!(env.ready(&dlq).await, 0, "moved, not copied");
+
+    let missing = cli.run(&["dlq", "redrive", "no.such.worker", "--all", "--broker"]);
+    assert_eq!(missing.status.code(), Some(6), "{missing:?}");
+    let by_id = cli.run(&["dlq", "redrive", &queue, "--id", "1", "--broker"]);
+    assert_eq!(
+        by_id.status.code(),
+        Some(2),
+        "broker-side redrive is --all only"
+    );
+    rt.shutdown().await;
+}

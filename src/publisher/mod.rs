@@ -296,6 +296,60 @@ impl Publisher {
         self.send_raw(exchange, routing_key, body, properties).await
     }
 
+    /// How many messages are ready in `queue` and how many consumers it has (a passive
+    /// declare on a short-lived channel of this publisher's connection); `None` if it does
+    /// not exist.
+    pub async fn queue_depth(&self, queue: &str) -> Result<Option<crate::QueueDepth>> {
+        let conn = self.connection().await?;
+        let counted = conn
+            .on_channel(async |ch| match ch.queue_counts(queue).await {
+                Ok(counts) => Ok(Some(counts)),
+                Err(e) if broker::reply_code(&e) == Some(NOT_FOUND) => Ok(None),
+                Err(e) => Err(Error::from(e)),
+            })
+            .await?;
+        Ok(counted.map(|(ready, consumers)| crate::QueueDepth::new(queue, ready, consumers)))
+    }
+
+    /// Move up to `max` messages out of `queue`, one at a time: take one (`basic.get`),
+    /// publish it with `edit`'s properties to `exchange` under `routing_key` and wait for
+    /// the confirm, and only then acknowledge the original — so a failure leaves it where
+    /// it was (the taken message returns to `queue` when the channel closes). Nothing is
+    /// browsed or requeued: a quorum queue's delivery count is not spent. Returns how many
+    /// moved; stops early when `queue` is empty.
+    pub async fn move_messages(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        max: usize,
+        edit: impl Fn(BasicProperties) -> BasicProperties,
+    ) -> Result<usize> {
+        let conn = self.connection().await?;
+        let channel = conn.channel().await?;
+        let mut moved = 0;
+        let result = async {
+            while moved < max {
+                let Some(message) = channel.get(queue).await? else {
+                    break;
+                };
+                self.send_raw(
+                    exchange,
+                    routing_key,
+                    &message.body,
+                    edit(message.properties),
+                )
+                .await?;
+                channel.ack_one(message.tag).await?;
+                moved += 1;
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        channel.close().await;
+        result.map(|()| moved)
+    }
+
     /// Publish a copy of a received message and wait for its confirm (retries and
     /// dead-letters). The outgoing size limit does not apply: the broker already holds it.
     pub(crate) async fn send_raw(

@@ -60,7 +60,7 @@ type StartHook =
     Box<dyn FnOnce(Runtime) -> futures_util::future::BoxFuture<'static, Result<()>> + Send>;
 
 /// How many messages wait in a queue, and how many consumers it has (see
-/// [`Runtime::queue_depths`]).
+/// [`Runtime::queue_depths`], [`Publisher::queue_depth`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct QueueDepth {
@@ -70,6 +70,16 @@ pub struct QueueDepth {
     pub ready: u32,
     /// Consumers on the queue, from every process.
     pub consumers: u32,
+}
+
+impl QueueDepth {
+    pub(crate) fn new(queue: &str, ready: u32, consumers: u32) -> QueueDepth {
+        QueueDepth {
+            queue: queue.to_owned(),
+            ready,
+            consumers,
+        }
+    }
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -514,23 +524,11 @@ impl Runtime {
     /// [`workers`](Runtime::workers), while the runtime reconnects.
     pub async fn queue_depths(&self) -> Result<Vec<QueueDepth>> {
         let workers = self.workers().await?;
-        let conn = self.shared.publisher.connection().await?;
         let mut depths = Vec::with_capacity(workers.len() * 2);
         for worker in workers {
             for queue in [crate::topology::dlq_name(&worker.name), worker.name] {
-                let counted = conn
-                    .on_channel(async |ch| match ch.queue_counts(&queue).await {
-                        Ok(counts) => Ok(Some(counts)),
-                        Err(e) if broker::reply_code(&e) == Some(broker::NOT_FOUND) => Ok(None),
-                        Err(e) => Err(Error::from(e)),
-                    })
-                    .await?;
-                if let Some((ready, consumers)) = counted {
-                    depths.push(QueueDepth {
-                        queue,
-                        ready,
-                        consumers,
-                    });
+                if let Some(depth) = self.shared.publisher.queue_depth(&queue).await? {
+                    depths.push(depth);
                 }
             }
         }
