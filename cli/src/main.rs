@@ -442,6 +442,14 @@ fn replay_of(event: &rabbitry_store::StoredEvent) -> BasicProperties {
     let mut table = event.headers().cloned().unwrap_or_default();
     let from = AMQPValue::LongString(event.message_id.as_str().into());
     table.insert(rabbitry_store::REPLAYED_FROM.into(), from);
+    // A copy sent to one worker's queue (through the default exchange) still shows the
+    // worker its original exchange and routing key, as a retry copy does.
+    let text = |s: &str| AMQPValue::LongString(s.into());
+    table.insert(headers::ORIGINAL_EXCHANGE.into(), text(&event.exchange));
+    table.insert(
+        headers::ORIGINAL_ROUTING_KEY.into(),
+        text(&event.routing_key),
+    );
     let id = uuid::Uuid::now_v7().to_string();
     event
         .properties
@@ -614,9 +622,19 @@ async fn dlq(url: &str, store: &str, command: DlqCommand) -> Result<(), Failed> 
                         ..Failed::from(e)
                     });
                 }
-                store
+                let marked = store
                     .set_dead_letter_state(&[d.seq], DeadLetterState::Redriven)
-                    .await?;
+                    .await;
+                if let Err(e) = marked {
+                    publisher.close().await;
+                    return Err(Failed {
+                        message: format!(
+                            "dead letter {} was redriven but could not be marked (it would be sent again by another redrive): {e}",
+                            d.seq
+                        ),
+                        ..Failed::from(e)
+                    });
+                }
                 redriven += 1;
             }
             publisher.close().await;
@@ -806,10 +824,17 @@ fn unix_seconds() -> u64 {
         .unwrap_or(0)
 }
 
-/// Unix milliseconds as RFC 3339 (UTC).
+/// Unix milliseconds as RFC 3339 (UTC); a time RFC 3339 cannot show (a report from a
+/// broken clock) as the number itself.
 fn time(ms: i64) -> String {
-    let at = SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    humantime::format_rfc3339_millis(at).to_string()
+    const YEAR_9999: i64 = 253_402_300_799_999;
+    match u64::try_from(ms) {
+        Ok(millis) if ms <= YEAR_9999 => {
+            let at = SystemTime::UNIX_EPOCH + Duration::from_millis(millis);
+            humantime::format_rfc3339_millis(at).to_string()
+        }
+        _ => format!("{ms} ms"),
+    }
 }
 
 fn print_json(value: &impl serde::Serialize) {

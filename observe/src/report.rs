@@ -21,6 +21,8 @@ const REPORT_WAIT: Duration = Duration::from_millis(100);
 const BACKLOG: usize = 10_000;
 /// Attempts to send one report before it is dropped.
 const SEND_ATTEMPTS: u32 = 3;
+/// Longest `close` waits for the last reports to go out.
+const CLOSE_WITHIN: Duration = Duration::from_secs(5);
 /// Longest reason carried in a report.
 const MAX_REASON: usize = 1024;
 
@@ -82,9 +84,10 @@ impl HandlingReports {
         })
     }
 
-    /// Send what is waiting, close the connection and stop reporting. Call it after the
-    /// runtime has shut down, before the process ends (an open connection at exit is torn
-    /// down mid-flight).
+    /// Send what is waiting (for at most 5 s: a broker that is away does not hold up the
+    /// process's exit; what is left is dropped), close the connection and stop reporting.
+    /// Call it after the runtime has shut down, before the process ends (an open
+    /// connection at exit is torn down mid-flight).
     pub async fn close(&self) {
         self.stop.notify_one();
         let task = self
@@ -92,8 +95,11 @@ impl HandlingReports {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
-        if let Some(task) = task {
-            let _ = task.await;
+        if let Some(mut task) = task
+            && tokio::time::timeout(CLOSE_WITHIN, &mut task).await.is_err()
+        {
+            task.abort();
+            warn!("handling reports still unsent after {CLOSE_WITHIN:?} at close: dropped");
         }
     }
 

@@ -127,9 +127,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let _ = stop.send(());
     relaying.await?;
-    let pending: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL")
-        .fetch_one(&mut conn)
-        .await?;
+    let pending: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM rabbitry_outbox WHERE sent_at IS NULL")
+            .fetch_one(&mut conn)
+            .await?;
     println!("outbox: {pending} event(s) pending");
     runtime.shutdown().await;
     store.close().await;

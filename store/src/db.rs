@@ -155,5 +155,9 @@ fn migrator(backend: Backend) -> Migrator {
             )
         })
         .collect();
-    Migrator::with_migrations(migrations)
+    let mut migrator = Migrator::with_migrations(migrations);
+    // Its own bookkeeping table, so that it lives beside an application's sqlx migrations
+    // in the application's database (where the outbox is).
+    migrator.dangerous_set_table_name("_rabbitry_migrations");
+    migrator
 }

@@ -35,7 +35,7 @@ impl Inbox {
 
     /// Forget claims older than `max_age_ms` milliseconds; returns how many.
     pub async fn prune(&self, max_age_ms: i64) -> crate::Result<u64> {
-        let done = sqlx::query("DELETE FROM inbox WHERE claimed_at < $1")
+        let done = sqlx::query("DELETE FROM rabbitry_inbox WHERE claimed_at < $1")
             .bind(now_ms() - max_age_ms)
             .execute(self.store.write())
             .await?;
@@ -47,7 +47,7 @@ impl DedupStore for Inbox {
     fn claim<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, BoxError>> {
         Box::pin(async move {
             let done = sqlx::query(
-                "INSERT INTO inbox (key, claimed_at) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+                "INSERT INTO rabbitry_inbox (key, claimed_at) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
             )
             .bind(key)
             .bind(now_ms())
@@ -59,7 +59,7 @@ impl DedupStore for Inbox {
 
     fn release<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BoxError>> {
         Box::pin(async move {
-            sqlx::query("DELETE FROM inbox WHERE key = $1")
+            sqlx::query("DELETE FROM rabbitry_inbox WHERE key = $1")
                 .bind(key)
                 .execute(self.store.write())
                 .await?;

@@ -3,15 +3,16 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
+use rabbitry::lapin::types::AMQPValue;
 use rabbitry::report::{HANDLINGS_KEY, HandlingReport, REPORTS_EXCHANGE};
 use rabbitry::{
     Disposition, FailureKind, Message, Metadata, Registration, RetryPolicy, Subscription, headers,
 };
 
 use crate::batch::{Batcher, until_stored};
-use crate::{DeadLetter, HandlingRecord, Store, StoredEvent, now_ms};
+use crate::{DeadLetter, HandlingRecord, Store, StoredEvent};
 
 /// Header on a replayed copy (the message id it replays): such copies are not audited again.
 pub const REPLAYED_FROM: &str = "x-replayed-from";
@@ -203,10 +204,37 @@ impl Keeper {
     }
 }
 
-fn millis(meta: &Metadata) -> Option<i64> {
-    meta.timestamp()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as i64)
+/// What tells one dead-lettering of a message from another: the runtime's
+/// `x-last-failure-at`; for a message the broker dead-lettered (a delivery limit, a TTL),
+/// the time and count of its latest `x-death` entry; else the time it was redriven; else
+/// nothing more (a redelivery of the same message is then recognised).
+fn failure_time(meta: &Metadata) -> String {
+    if let Some(at) = meta.header_str(headers::LAST_FAILURE_AT) {
+        return at.to_owned();
+    }
+    let death = meta
+        .headers()
+        .and_then(|h| h.inner().get(headers::X_DEATH))
+        .and_then(|v| match v {
+            AMQPValue::FieldArray(deaths) => deaths.as_slice().first().cloned(),
+            _ => None,
+        });
+    if let Some(AMQPValue::FieldTable(death)) = death {
+        let time = match death.inner().get("time") {
+            Some(AMQPValue::Timestamp(t)) => t.to_string(),
+            _ => String::new(),
+        };
+        let count = match death.inner().get("count") {
+            Some(AMQPValue::LongLongInt(n)) => n.to_string(),
+            Some(AMQPValue::LongInt(n)) => n.to_string(),
+            _ => String::new(),
+        };
+        return format!("x-death {time} #{count}");
+    }
+    match meta.header_str("x-redriven-at") {
+        Some(at) => format!("redriven {at}"),
+        None => "-".to_owned(),
+    }
 }
 
 /// A published message as the audit records it.
@@ -224,12 +252,7 @@ fn event_of(meta: &Metadata, body: &[u8]) -> StoredEvent {
 
 /// A message from `worker`'s dead-letter queue, with the failure its headers tell.
 fn dead_letter_of(worker: &str, meta: &Metadata, body: &[u8]) -> DeadLetter {
-    let failed_at = meta
-        .header_str(headers::LAST_FAILURE_AT)
-        .or_else(|| meta.header_str(headers::FIRST_FAILURE_AT))
-        .map(str::to_owned)
-        .or_else(|| millis(meta).map(|ms| ms.to_string()))
-        .unwrap_or_else(|| now_ms().to_string());
+    let failed_at = failure_time(meta);
     let mut letter = DeadLetter::new(
         worker,
         meta.message_id(),

@@ -148,7 +148,7 @@ impl Store {
         let mut new = 0;
         for e in events {
             new += sqlx::query(
-                "INSERT INTO events (message_id, event_type, exchange, routing_key, correlation_id, \
+                "INSERT INTO rabbitry_events (message_id, event_type, exchange, routing_key, correlation_id, \
                  source, properties, body, published_at, recorded_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (message_id) DO NOTHING",
             )
@@ -174,7 +174,7 @@ impl Store {
     pub async fn events(&self, filter: &EventFilter) -> Result<Vec<StoredEvent>> {
         let rows = sqlx::query(
             "SELECT * FROM (SELECT seq, message_id, event_type, exchange, routing_key, correlation_id, \
-             source, properties, body, published_at, recorded_at FROM events \
+             source, properties, body, published_at, recorded_at FROM rabbitry_events \
              WHERE ($1 IS NULL OR event_type = $1) AND ($2 IS NULL OR recorded_at >= $2) \
              AND ($3 IS NULL OR correlation_id = $3) ORDER BY seq DESC LIMIT $4) AS latest \
              ORDER BY seq",
@@ -192,7 +192,7 @@ impl Store {
     pub async fn event(&self, message_id: &str) -> Result<Option<StoredEvent>> {
         let row = sqlx::query(
             "SELECT seq, message_id, event_type, exchange, routing_key, correlation_id, source, \
-             properties, body, published_at, recorded_at FROM events WHERE message_id = $1",
+             properties, body, published_at, recorded_at FROM rabbitry_events WHERE message_id = $1",
         )
         .bind(message_id)
         .fetch_optional(self.read())
@@ -207,7 +207,7 @@ impl Store {
         let mut new = 0;
         for h in handlings {
             new += sqlx::query(
-                "INSERT INTO handlings (id, worker, message_id, attempt, outcome, reason, \
+                "INSERT INTO rabbitry_handlings (id, worker, message_id, attempt, outcome, reason, \
                  duration_us, handled_at, host) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
                  ON CONFLICT (id) DO NOTHING",
             )
@@ -232,7 +232,7 @@ impl Store {
     pub async fn handlings(&self, message_id: &str) -> Result<Vec<HandlingRecord>> {
         let rows = sqlx::query(
             "SELECT id, worker, message_id, attempt, outcome, reason, duration_us, handled_at, host \
-             FROM handlings WHERE message_id = $1 ORDER BY handled_at, worker, attempt",
+             FROM rabbitry_handlings WHERE message_id = $1 ORDER BY handled_at, worker, attempt",
         )
         .bind(message_id)
         .fetch_all(self.read())
@@ -262,7 +262,7 @@ impl Store {
         let mut new = 0;
         for d in letters {
             new += sqlx::query(
-                "INSERT INTO dead_letters (worker, message_id, failed_at, event_type, exchange, \
+                "INSERT INTO rabbitry_dead_letters (worker, message_id, failed_at, event_type, exchange, \
                  routing_key, kind, reason, properties, body, recorded_at, state) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'waiting') \
                  ON CONFLICT (worker, message_id, failed_at) DO NOTHING",
@@ -295,7 +295,7 @@ impl Store {
     ) -> Result<Vec<DeadLetter>> {
         let rows = sqlx::query(
             "SELECT seq, worker, message_id, failed_at, event_type, exchange, routing_key, kind, \
-             reason, properties, body, recorded_at, state, state_changed_at FROM dead_letters \
+             reason, properties, body, recorded_at, state, state_changed_at FROM rabbitry_dead_letters \
              WHERE ($1 IS NULL OR worker = $1) AND ($2 IS NULL OR state = $2) ORDER BY seq LIMIT $3",
         )
         .bind(worker)
@@ -310,7 +310,7 @@ impl Store {
     pub async fn dead_letter(&self, seq: i64) -> Result<Option<DeadLetter>> {
         let row = sqlx::query(
             "SELECT seq, worker, message_id, failed_at, event_type, exchange, routing_key, kind, \
-             reason, properties, body, recorded_at, state, state_changed_at FROM dead_letters \
+             reason, properties, body, recorded_at, state, state_changed_at FROM rabbitry_dead_letters \
              WHERE seq = $1",
         )
         .bind(seq)
@@ -327,7 +327,7 @@ impl Store {
         let mut moved = 0;
         for seq in seqs {
             moved += sqlx::query(
-                "UPDATE dead_letters SET state = $1, state_changed_at = $2 \
+                "UPDATE rabbitry_dead_letters SET state = $1, state_changed_at = $2 \
                  WHERE seq = $3 AND state = 'waiting'",
             )
             .bind(state.as_str())

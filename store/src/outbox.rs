@@ -50,7 +50,7 @@ macro_rules! outbox_connection {
             ) -> BoxFuture<'a, Result<(), sqlx::Error>> {
                 Box::pin(async move {
                     sqlx::query(
-                        "INSERT INTO outbox (message_id, exchange, routing_key, properties, body, \
+                        "INSERT INTO rabbitry_outbox (message_id, exchange, routing_key, properties, body, \
                          created_at) VALUES ($1, $2, $3, $4, $5, $6)",
                     )
                     .bind(&row.message_id)
@@ -166,8 +166,12 @@ fn unix_seconds() -> u64 {
 
 /// Publishes what the outbox holds, oldest first: each row with a confirm (mandatory), and
 /// marks it sent only then. A row whose publish fails stays pending (its error and attempts
-/// recorded) and is tried again. Several relays may run on one database: each takes rows
-/// under a 30 s lease.
+/// recorded) and is tried again after a pause that grows with its attempts (1 s per
+/// attempt, at most a minute), while the rows behind it go on: a row that cannot be
+/// published (an event nobody subscribes to yet) does not hold the others up, at the price
+/// of their order. Several relays may run on one database: each takes rows under a 30 s
+/// lease and marks only rows it still holds; a relay slower than its lease (a broker that
+/// takes more than 30 s over 100 rows) can see another relay publish the same rows again.
 #[derive(Debug, Clone)]
 pub struct OutboxRelay {
     store: Store,
@@ -185,9 +189,9 @@ impl OutboxRelay {
         let now = now_ms();
         let lease = now + LEASE.as_millis() as i64;
         let rows = sqlx::query(
-            "UPDATE outbox SET lease_until = $1, attempts = attempts + 1 \
+            "UPDATE rabbitry_outbox SET lease_until = $1, attempts = attempts + 1 \
              WHERE sent_at IS NULL AND (lease_until IS NULL OR lease_until < $2) \
-             AND seq IN (SELECT seq FROM outbox WHERE sent_at IS NULL \
+             AND seq IN (SELECT seq FROM rabbitry_outbox WHERE sent_at IS NULL \
              AND (lease_until IS NULL OR lease_until < $2) ORDER BY seq LIMIT $3) \
              RETURNING seq, message_id, exchange, routing_key, properties, body",
         )
@@ -213,29 +217,58 @@ impl OutboxRelay {
             .collect::<crate::Result<_>>()?;
         rows.sort_by_key(|r| r.0);
         let mut published = 0;
-        for (seq, exchange, routing_key, properties, body) in rows {
+        let taken: Vec<i64> = rows.iter().map(|r| r.0).collect();
+        for (i, (seq, exchange, routing_key, properties, body)) in rows.into_iter().enumerate() {
             match self
                 .publisher
                 .publish_raw(&exchange, &routing_key, &body, properties)
                 .await
             {
                 Ok(()) => {
-                    sqlx::query("UPDATE outbox SET sent_at = $1, last_error = NULL WHERE seq = $2")
-                        .bind(now_ms())
-                        .bind(seq)
-                        .execute(self.store.write())
-                        .await?;
+                    // Only while the lease is this step's: a relay that took too long (its
+                    // lease over, the row taken by another) does not mark another's row.
+                    sqlx::query(
+                        "UPDATE rabbitry_outbox SET sent_at = $1, last_error = NULL \
+                         WHERE seq = $2 AND lease_until = $3",
+                    )
+                    .bind(now_ms())
+                    .bind(seq)
+                    .bind(lease)
+                    .execute(self.store.write())
+                    .await?;
                     published += 1;
                 }
                 Err(e) => {
-                    warn!(seq, error = %e, "publishing an outbox row failed; it stays pending");
+                    // This row waits (a growing pause: an event nobody subscribes to yet
+                    // must not hold up the rows behind it); the rows after it go back now,
+                    // and the step ends — the broker may be away.
+                    let attempts =
+                        sqlx::query("SELECT attempts FROM rabbitry_outbox WHERE seq = $1")
+                            .bind(seq)
+                            .fetch_one(self.store.read())
+                            .await?
+                            .try_get::<i64, _>("attempts")?;
+                    let pause = (attempts.clamp(1, 60) * 1_000).min(60_000);
+                    warn!(seq, error = %e, retry_in_ms = pause, "publishing an outbox row failed; it stays pending");
                     sqlx::query(
-                        "UPDATE outbox SET lease_until = NULL, last_error = $1 WHERE seq = $2",
+                        "UPDATE rabbitry_outbox SET lease_until = $1, last_error = $2 WHERE seq = $3",
                     )
+                    .bind(now_ms() + pause)
                     .bind(e.to_string())
                     .bind(seq)
                     .execute(self.store.write())
                     .await?;
+                    for rest in &taken[i + 1..] {
+                        sqlx::query(
+                            "UPDATE rabbitry_outbox SET lease_until = NULL \
+                             WHERE seq = $1 AND lease_until = $2",
+                        )
+                        .bind(rest)
+                        .bind(lease)
+                        .execute(self.store.write())
+                        .await?;
+                    }
+                    break;
                 }
             }
         }
@@ -266,7 +299,7 @@ impl OutboxRelay {
 
     /// Rows not yet published.
     pub async fn pending(&self) -> crate::Result<i64> {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM outbox WHERE sent_at IS NULL")
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM rabbitry_outbox WHERE sent_at IS NULL")
             .fetch_one(self.store.read())
             .await?;
         Ok(row.try_get("n")?)

@@ -116,7 +116,7 @@ async fn a_crash_between_publish_and_mark_publishes_twice_with_one_id(env: TestE
     // The relay publishes, then dies before it marks the row sent.
     let mut conn = SqliteConnection::connect(&app.url).await.unwrap();
     sqlx::query(
-        "CREATE TRIGGER crash BEFORE UPDATE OF sent_at ON outbox \
+        "CREATE TRIGGER crash BEFORE UPDATE OF sent_at ON rabbitry_outbox \
          BEGIN SELECT RAISE(ABORT, 'the relay died here'); END",
     )
     .execute(&mut conn)
@@ -131,7 +131,7 @@ async fn a_crash_between_publish_and_mark_publishes_twice_with_one_id(env: TestE
         .execute(&mut conn)
         .await
         .unwrap();
-    sqlx::query("UPDATE outbox SET lease_until = NULL")
+    sqlx::query("UPDATE rabbitry_outbox SET lease_until = NULL")
         .execute(&mut conn)
         .await
         .unwrap();

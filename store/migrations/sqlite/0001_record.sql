@@ -2,7 +2,7 @@
 -- Times are Unix milliseconds; `properties` are the AMQP properties with their headers as
 -- JSON (serde of lapin's BasicProperties: exact, so a stored message can be published again
 -- as it was).
-CREATE TABLE events (
+CREATE TABLE rabbitry_events (
     seq            INTEGER PRIMARY KEY AUTOINCREMENT,
     message_id     TEXT    NOT NULL UNIQUE,
     event_type     TEXT    NOT NULL,
@@ -15,11 +15,11 @@ CREATE TABLE events (
     published_at   INTEGER,
     recorded_at    INTEGER NOT NULL
 );
-CREATE INDEX events_by_type ON events (event_type, seq);
-CREATE INDEX events_by_correlation ON events (correlation_id);
-CREATE INDEX events_by_time ON events (recorded_at);
+CREATE INDEX rabbitry_events_by_type ON rabbitry_events (event_type, seq);
+CREATE INDEX rabbitry_events_by_correlation ON rabbitry_events (correlation_id);
+CREATE INDEX rabbitry_events_by_time ON rabbitry_events (recorded_at);
 
-CREATE TABLE handlings (
+CREATE TABLE rabbitry_handlings (
     id          TEXT    PRIMARY KEY,
     worker      TEXT    NOT NULL,
     message_id  TEXT    NOT NULL,
@@ -30,9 +30,9 @@ CREATE TABLE handlings (
     handled_at  INTEGER NOT NULL,
     host        TEXT    NOT NULL
 );
-CREATE INDEX handlings_by_message ON handlings (message_id, handled_at);
+CREATE INDEX rabbitry_handlings_by_message ON rabbitry_handlings (message_id, handled_at);
 
-CREATE TABLE dead_letters (
+CREATE TABLE rabbitry_dead_letters (
     seq              INTEGER PRIMARY KEY AUTOINCREMENT,
     worker           TEXT    NOT NULL,
     message_id       TEXT    NOT NULL,
@@ -49,10 +49,10 @@ CREATE TABLE dead_letters (
     state_changed_at INTEGER,
     UNIQUE (worker, message_id, failed_at)
 );
-CREATE INDEX dead_letters_by_worker ON dead_letters (worker, state, seq);
+CREATE INDEX rabbitry_dead_letters_by_worker ON rabbitry_dead_letters (worker, state, seq);
 
-CREATE TABLE inbox (
+CREATE TABLE rabbitry_inbox (
     key        TEXT    PRIMARY KEY,
     claimed_at INTEGER NOT NULL
 );
-CREATE INDEX inbox_by_time ON inbox (claimed_at);
+CREATE INDEX rabbitry_inbox_by_time ON rabbitry_inbox (claimed_at);

@@ -1,5 +1,5 @@
 -- The outbox: events written in the application's own transaction, published by a relay.
-CREATE TABLE outbox (
+CREATE TABLE rabbitry_outbox (
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,
     message_id  TEXT    NOT NULL UNIQUE,
     exchange    TEXT    NOT NULL,
@@ -12,4 +12,4 @@ CREATE TABLE outbox (
     last_error  TEXT,
     sent_at     INTEGER
 );
-CREATE INDEX outbox_pending ON outbox (sent_at, seq);
+CREATE INDEX rabbitry_outbox_pending ON rabbitry_outbox (sent_at, seq);
