@@ -141,7 +141,8 @@ async fn publish_answers_with_exit_codes() {
     assert_eq!(missing.status.code(), Some(6));
     let usage = cli.run(&["dlq", "redrive", "w"]);
     assert_eq!(usage.status.code(), Some(2), "--id or --all is required");
-    env.track_names([format!("{}.audit", env.exchange).as_str()]);
+    let audit = format!("{}.audit", env.exchange);
+    env.track_names([audit.as_str(), format!("{audit}.topology").as_str()]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,7 +169,11 @@ async fn dead_letters_are_listed_redriven_to_the_failing_worker_and_purged() {
         .await
         .unwrap();
     let audit = format!("{}.audit", env.exchange);
-    env.track_names([audit.as_str(), format!("{audit}.dlq").as_str()]);
+    env.track_names([
+        audit.as_str(),
+        format!("{audit}.dlq").as_str(),
+        format!("{audit}.topology").as_str(),
+    ]);
     env.track_names([format!("{inventory}.dlq.dlq").as_str()]);
     env.track_names(["rabbitry.reports.keeper", "rabbitry.reports.keeper.dlq"]);
     let _serve = cli.serve(&["--dlq", &inventory]);
@@ -272,7 +277,11 @@ async fn replay_goes_to_one_worker_or_to_every_subscriber_and_is_not_audited_twi
         .await
         .unwrap();
     let audit = format!("{}.audit", env.exchange);
-    env.track_names([audit.as_str(), format!("{audit}.dlq").as_str()]);
+    env.track_names([
+        audit.as_str(),
+        format!("{audit}.dlq").as_str(),
+        format!("{audit}.topology").as_str(),
+    ]);
     env.track_names(["rabbitry.reports.keeper", "rabbitry.reports.keeper.dlq"]);
     let _serve = cli.serve(&[]);
     let first = cli.ok(&["publish", "order.placed", r#"{"id":1}"#]);

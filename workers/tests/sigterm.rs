@@ -149,6 +149,18 @@ async fn sigterm_finishes_the_email_in_flight_and_exits_zero() {
     publisher.close().await;
 }
 
+/// A child process killed if the test fails before it stops it.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 fn free_addr() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().to_string()
@@ -202,7 +214,7 @@ async fn the_worker_binaries_serve_metrics_health_and_ready_and_log_json() {
         assert_eq!(ready["workers"][0]["name"], format!("{prefix}{name}"));
         assert_eq!(ready["workers"][0]["state"], "consuming");
         assert_eq!(get(&addr, "/health").0, 200);
-        children.push((child, addr, stderr));
+        children.push((KillOnDrop(Some(child)), addr, stderr));
     }
 
     // Three orders from the producer binary, handled by the email worker.
@@ -229,7 +241,8 @@ async fn the_worker_binaries_serve_metrics_health_and_ready_and_log_json() {
     assert!(page.contains(&handled), "{page}");
     assert!(page.contains("rabbitry_connection_up 1"), "{page}");
 
-    for (mut child, _, stderr) in children {
+    for (mut guard, _, stderr) in children {
+        let mut child = guard.0.take().expect("running");
         let status = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status()
