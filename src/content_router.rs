@@ -236,21 +236,16 @@ impl Service<Message> for Route {
                 Err(dead_letter) => return Ok(dead_letter),
             };
             // A fresh event on its new key: what retries and failures wrote is not carried.
-            let retry_marks = [
+            let route = [
                 headers::ORIGINAL_EXCHANGE,
                 headers::ORIGINAL_ROUTING_KEY,
                 headers::ORIGINAL_QUEUE,
-                headers::RETRY_COUNT,
-                headers::FIRST_FAILURE_AT,
-                headers::LAST_FAILURE_AT,
-                headers::EXCEPTION_MESSAGE,
-                headers::EXCEPTION_KIND,
-                headers::HANDLER,
             ];
+            let dropped = |k: &str| route.contains(&k) || headers::FAILURE.contains(&k);
             let kept = meta.headers().map(|h| {
                 h.inner()
                     .iter()
-                    .filter(|(k, _)| !retry_marks.contains(&k.as_str()))
+                    .filter(|(k, _)| !dropped(k.as_str()))
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect::<std::collections::BTreeMap<_, _>>()
             });

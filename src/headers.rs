@@ -30,6 +30,18 @@ pub const EVENT_VERSION: &str = "x-event-version";
 /// Written by RabbitMQ itself when it dead-letters a message; rabbitry keeps it as is.
 pub const X_DEATH: &str = "x-death";
 
+/// The headers a failure writes on a retry or dead-letter copy: what a fresh copy of the
+/// message (a redrive, a routed copy) leaves out so that it starts with a whole retry
+/// budget and no failure.
+pub const FAILURE: [&str; 6] = [
+    RETRY_COUNT,
+    FIRST_FAILURE_AT,
+    LAST_FAILURE_AT,
+    EXCEPTION_MESSAGE,
+    EXCEPTION_KIND,
+    HANDLER,
+];
+
 /// Upper bound on the size of [`EXCEPTION_MESSAGE`], in bytes.
 pub const MAX_EXCEPTION_MESSAGE: usize = 1024;
 

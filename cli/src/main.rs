@@ -762,16 +762,8 @@ fn fresh_budget(properties: &BasicProperties) -> BasicProperties {
     let mut table = FieldTable::default();
     if let Some(old) = properties.headers() {
         for (key, value) in old.inner() {
-            let failure = [
-                headers::RETRY_COUNT,
-                headers::FIRST_FAILURE_AT,
-                headers::LAST_FAILURE_AT,
-                headers::EXCEPTION_MESSAGE,
-                headers::EXCEPTION_KIND,
-                headers::HANDLER,
-                headers::X_DEATH,
-            ];
-            if !failure.contains(&key.as_str()) {
+            let key_str = key.as_str();
+            if !headers::FAILURE.contains(&key_str) && key_str != headers::X_DEATH {
                 table.insert(key.clone(), value.clone());
             }
         }

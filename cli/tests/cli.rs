@@ -9,7 +9,6 @@ mod support;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use rabbitry::prelude::*;
 use rabbitry::{Registration, Topology};
@@ -101,21 +100,6 @@ impl Drop for Served {
             .status();
         let _ = self.0.wait();
     }
-}
-
-async fn until<F, Fut>(check: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let wait = async {
-        while !check().await {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(PATIENCE, wait)
-        .await
-        .expect("reached in time");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -86,6 +86,22 @@ impl StoreError {
 /// The store's result type.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// The columns [`event_of`] reads.
+macro_rules! event_columns {
+    () => {
+        "seq, message_id, event_type, exchange, routing_key, correlation_id, source, \
+         properties, body, published_at, recorded_at"
+    };
+}
+
+/// The columns [`dead_letter_of`] reads.
+macro_rules! dead_letter_columns {
+    () => {
+        "seq, worker, message_id, failed_at, event_type, exchange, routing_key, kind, reason, \
+         properties, body, recorded_at, state, state_changed_at"
+    };
+}
+
 /// Default number of rows a listing returns.
 const DEFAULT_LIMIT: u32 = 100;
 
@@ -172,13 +188,14 @@ impl Store {
 
     /// The events `filter` selects, oldest first.
     pub async fn events(&self, filter: &EventFilter) -> Result<Vec<StoredEvent>> {
-        let rows = sqlx::query(
-            "SELECT * FROM (SELECT seq, message_id, event_type, exchange, routing_key, correlation_id, \
-             source, properties, body, published_at, recorded_at FROM rabbitry_events \
+        let rows = sqlx::query(concat!(
+            "SELECT * FROM (SELECT ",
+            event_columns!(),
+            " FROM rabbitry_events \
              WHERE ($1 IS NULL OR event_type = $1) AND ($2 IS NULL OR recorded_at >= $2) \
              AND ($3 IS NULL OR correlation_id = $3) ORDER BY seq DESC LIMIT $4) AS latest \
-             ORDER BY seq",
-        )
+             ORDER BY seq"
+        ))
         .bind(filter.event_type.as_deref())
         .bind(filter.since)
         .bind(filter.correlation_id.as_deref())
@@ -190,10 +207,11 @@ impl Store {
 
     /// The event with `message_id`, if it was recorded.
     pub async fn event(&self, message_id: &str) -> Result<Option<StoredEvent>> {
-        let row = sqlx::query(
-            "SELECT seq, message_id, event_type, exchange, routing_key, correlation_id, source, \
-             properties, body, published_at, recorded_at FROM rabbitry_events WHERE message_id = $1",
-        )
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            event_columns!(),
+            " FROM rabbitry_events WHERE message_id = $1"
+        ))
         .bind(message_id)
         .fetch_optional(self.read())
         .await?;
@@ -293,11 +311,12 @@ impl Store {
         state: Option<DeadLetterState>,
         limit: Option<u32>,
     ) -> Result<Vec<DeadLetter>> {
-        let rows = sqlx::query(
-            "SELECT seq, worker, message_id, failed_at, event_type, exchange, routing_key, kind, \
-             reason, properties, body, recorded_at, state, state_changed_at FROM rabbitry_dead_letters \
-             WHERE ($1 IS NULL OR worker = $1) AND ($2 IS NULL OR state = $2) ORDER BY seq LIMIT $3",
-        )
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            dead_letter_columns!(),
+            " FROM rabbitry_dead_letters WHERE ($1 IS NULL OR worker = $1) \
+                 AND ($2 IS NULL OR state = $2) ORDER BY seq LIMIT $3"
+        ))
         .bind(worker)
         .bind(state.map(DeadLetterState::as_str))
         .bind(i64::from(limit.unwrap_or(DEFAULT_LIMIT)))
@@ -308,11 +327,11 @@ impl Store {
 
     /// The dead letter `seq`.
     pub async fn dead_letter(&self, seq: i64) -> Result<Option<DeadLetter>> {
-        let row = sqlx::query(
-            "SELECT seq, worker, message_id, failed_at, event_type, exchange, routing_key, kind, \
-             reason, properties, body, recorded_at, state, state_changed_at FROM rabbitry_dead_letters \
-             WHERE seq = $1",
-        )
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            dead_letter_columns!(),
+            " FROM rabbitry_dead_letters WHERE seq = $1"
+        ))
         .bind(seq)
         .fetch_optional(self.read())
         .await?;

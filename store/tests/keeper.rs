@@ -56,22 +56,6 @@ impl Drop for TempStore {
     }
 }
 
-/// Wait until `check` holds on the store (the keeper commits in batches).
-async fn until<F, Fut>(check: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let wait = async {
-        while !check().await {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(PATIENCE, wait)
-        .await
-        .expect("the store reached the expected state");
-}
-
 /// The keeper's runtime on the test's exchange.
 async fn keeper(env: &TestEnv, keeper: &Keeper) -> Runtime {
     let mut builder = env.builder();

@@ -54,6 +54,23 @@ macro_rules! on_both_brokers {
 /// bounds a failure, it is not a timing assertion.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
+/// Check `check` every 50 ms until it holds (something that happens elsewhere: a store a
+/// keeper writes, a process); fails the test after [`PATIENCE`].
+pub async fn until<F, Fut>(check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let wait = async {
+        while !check().await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, wait)
+        .await
+        .expect("the expected state was reached in time");
+}
+
 /// The RabbitMQ URL.
 pub fn url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| rabbitry::DEFAULT_URL.to_owned())
