@@ -52,6 +52,15 @@ enum Command {
         /// A worker whose dead-letter queue (WORKER.dlq) to drain (repeat for several).
         #[arg(long = "dlq", value_name = "WORKER")]
         dlq: Vec<String>,
+        /// The queue the handling reports are read from. Keepers of one store share it; a
+        /// keeper of another store on the same broker needs a queue of its own.
+        #[arg(
+            long,
+            env = "RABBITRY_REPORTS_QUEUE",
+            value_name = "QUEUE",
+            default_value = "rabbitry.reports.keeper"
+        )]
+        reports_queue: String,
     },
     /// Publish one JSON event (confirmed) and print its message id.
     Publish {
@@ -280,7 +289,9 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), Failed> {
     match cli.command {
-        Command::Serve { dlq } => serve(&cli.url, &cli.store, &cli.exchange, dlq).await,
+        Command::Serve { dlq, reports_queue } => {
+            serve(&cli.url, &cli.store, &cli.exchange, dlq, reports_queue).await
+        }
         Command::Publish {
             routing_key,
             json,
@@ -458,9 +469,15 @@ fn replay_of(event: &rabbitry_store::StoredEvent) -> BasicProperties {
         .with_headers(table)
 }
 
-async fn serve(url: &str, store: &str, exchange: &str, dlq: Vec<String>) -> Result<(), Failed> {
+async fn serve(
+    url: &str,
+    store: &str,
+    exchange: &str,
+    dlq: Vec<String>,
+    reports_queue: String,
+) -> Result<(), Failed> {
     let store = Store::connect(store).await?;
-    let mut keeper = Keeper::new(store.clone(), exchange);
+    let mut keeper = Keeper::new(store.clone(), exchange).reports_queue(reports_queue);
     for worker in dlq {
         keeper = keeper.dead_letters_of(worker);
     }

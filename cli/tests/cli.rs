@@ -1,36 +1,39 @@
-//! The `rabbitry` binary against RabbitMQ and a SQLite store: publish (with its exit codes),
+//! The `rabbitry` binary against RabbitMQ and a store (SQLite and PostgreSQL): publish (with its exit codes),
 //! serve (the keeper), events and event, and the dead-letter round trip — list, show,
 //! redrive to the failing worker only with a fresh retry budget, purge.
 
 #[path = "../../tests/support/mod.rs"]
 #[allow(unused_macros)]
 mod support;
+#[path = "../../store/tests/db/mod.rs"]
+#[macro_use]
+mod db;
 
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use db::Db;
 use rabbitry::prelude::*;
 use rabbitry::{Registration, Topology};
 use rabbitry_store::{DeadLetterState, Store};
 use support::*;
 
-/// The binary with this test's broker, store and exchange.
+/// The binary with this test's broker, store, exchange and reports queue.
 struct Cli {
     store: String,
     exchange: String,
-    dir: std::path::PathBuf,
+    reports: String,
 }
 
 impl Cli {
-    fn new(env: &TestEnv) -> Cli {
-        let id = uuid::Uuid::now_v7().simple().to_string();
-        let dir = std::env::temp_dir().join(format!("cli-{}", &id[id.len() - 8..]));
-        std::fs::create_dir_all(&dir).unwrap();
+    fn new(env: &TestEnv, db: &Db) -> Cli {
+        let reports = env.queue("reports");
+        env.track_names([reports.as_str(), format!("{reports}.dlq").as_str()]);
         Cli {
-            store: format!("sqlite://{}/store.db", dir.display()),
+            store: db.url.clone(),
             exchange: env.exchange.clone(),
-            dir,
+            reports,
         }
     }
 
@@ -40,7 +43,8 @@ impl Cli {
             .args(args)
             .env("AMQP_URL", support::url())
             .env("RABBITRY_STORE", &self.store)
-            .env("RABBITRY_EXCHANGE", &self.exchange);
+            .env("RABBITRY_EXCHANGE", &self.exchange)
+            .env("RABBITRY_REPORTS_QUEUE", &self.reports);
         command
     }
 
@@ -84,12 +88,6 @@ impl Cli {
     }
 }
 
-impl Drop for Cli {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// A `rabbitry serve` process, stopped with SIGTERM when dropped.
 struct Served(Child);
 
@@ -105,7 +103,8 @@ impl Drop for Served {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_answers_with_exit_codes() {
     let env = TestEnv::rabbitmq("cli_publish");
-    let cli = Cli::new(&env);
+    let db = Db::sqlite("cli_publish").await;
+    let cli = Cli::new(&env, &db);
     Topology::new(&env.exchange, std::iter::empty::<&Subscription>())
         .declare(&support::url())
         .await
@@ -129,10 +128,9 @@ async fn publish_answers_with_exit_codes() {
     env.track_names([audit.as_str(), format!("{audit}.topology").as_str()]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_letters_are_listed_redriven_to_the_failing_worker_and_purged() {
+async fn dead_letters_are_listed_redriven_to_the_failing_worker_and_purged(db: Db) {
     let env = TestEnv::rabbitmq("cli_dlq");
-    let cli = Cli::new(&env);
+    let cli = Cli::new(&env, &db);
     let (inventory, email) = (env.queue("inventory"), env.queue("email"));
     let fixed = Arc::new(AtomicBool::new(false));
     let fix = fixed.clone();
@@ -159,7 +157,6 @@ async fn dead_letters_are_listed_redriven_to_the_failing_worker_and_purged() {
         format!("{audit}.topology").as_str(),
     ]);
     env.track_names([format!("{inventory}.dlq.dlq").as_str()]);
-    env.track_names(["rabbitry.reports.keeper", "rabbitry.reports.keeper.dlq"]);
     let _serve = cli.serve(&["--dlq", &inventory]);
 
     let mut ids = Vec::new();
@@ -244,10 +241,9 @@ async fn dead_letters_are_listed_redriven_to_the_failing_worker_and_purged() {
     workers.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replay_goes_to_one_worker_or_to_every_subscriber_and_is_not_audited_twice() {
+async fn replay_goes_to_one_worker_or_to_every_subscriber_and_is_not_audited_twice(db: Db) {
     let env = TestEnv::rabbitmq("cli_replay");
-    let cli = Cli::new(&env);
+    let cli = Cli::new(&env, &db);
     let (billing, shipping) = (env.queue("billing"), env.queue("shipping"));
     let (billing_probe, mut billing_seen) =
         env.probe(Subscription::new(&billing).bind("order.*"), |_| Ok(()));
@@ -266,7 +262,6 @@ async fn replay_goes_to_one_worker_or_to_every_subscriber_and_is_not_audited_twi
         format!("{audit}.dlq").as_str(),
         format!("{audit}.topology").as_str(),
     ]);
-    env.track_names(["rabbitry.reports.keeper", "rabbitry.reports.keeper.dlq"]);
     let _serve = cli.serve(&[]);
     let first = cli.ok(&["publish", "order.placed", r#"{"id":1}"#]);
     cli.ok(&["publish", "order.paid", r#"{"id":1}"#]);
@@ -330,7 +325,8 @@ async fn replay_goes_to_one_worker_or_to_every_subscriber_and_is_not_audited_twi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_store_dlq_counts_and_redrives_broker_side() {
     let env = TestEnv::rabbitmq("cli_broker_dlq");
-    let mut cli = Cli::new(&env);
+    let db = Db::sqlite("cli_broker_dlq").await;
+    let mut cli = Cli::new(&env, &db);
     // No store is opened on this path: an unreachable one proves it.
     cli.store = "postgres://nobody@127.0.0.1:1/none".into();
     let queue = env.queue("inventory");
@@ -377,3 +373,8 @@ async fn without_a_store_dlq_counts_and_redrives_broker_side() {
     );
     rt.shutdown().await;
 }
+
+on_both_databases!(
+    dead_letters_are_listed_redriven_to_the_failing_worker_and_purged,
+    replay_goes_to_one_worker_or_to_every_subscriber_and_is_not_audited_twice,
+);

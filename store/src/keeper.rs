@@ -53,6 +53,7 @@ pub struct Keeper {
     store: Store,
     exchange: String,
     workers: Vec<String>,
+    reports_queue: String,
     batch: usize,
     wait: Duration,
 }
@@ -64,6 +65,7 @@ impl Keeper {
             store,
             exchange: exchange.into(),
             workers: Vec::new(),
+            reports_queue: format!("{REPORTS_EXCHANGE}.keeper"),
             batch: DEFAULT_BATCH,
             wait: DEFAULT_WAIT,
         }
@@ -83,6 +85,15 @@ impl Keeper {
         self
     }
 
+    /// The queue [`handling_reports`](Keeper::handling_reports) consumes (default
+    /// `rabbitry.reports.keeper`). Keepers that share a queue share the reports between
+    /// them (for one store); a keeper of another store needs a queue of its own, which gets
+    /// a copy of every report.
+    pub fn reports_queue(mut self, queue: impl Into<String>) -> Keeper {
+        self.reports_queue = queue.into();
+        self
+    }
+
     /// The audit queue's name: `<exchange>.audit`.
     pub fn audit_queue(&self) -> String {
         format!("{}.audit", self.exchange)
@@ -90,8 +101,8 @@ impl Keeper {
 
     /// The worker that writes the runtimes' handling reports
     /// ([`HandlingReport`](rabbitry::report::HandlingReport)) to the store: register it on
-    /// a runtime whose exchange is [`REPORTS_EXCHANGE`] (its queue is
-    /// `rabbitry.reports.keeper`, bound to [`HANDLINGS_KEY`]). Each report is one
+    /// a runtime whose exchange is [`REPORTS_EXCHANGE`] (its queue, bound to
+    /// [`HANDLINGS_KEY`], is [`reports_queue`](Keeper::reports_queue)). Each report is one
     /// transaction, acknowledged after it; a report that is not one is dead-lettered
     /// (`undecodable`).
     pub fn handling_reports(&self) -> Registration {
@@ -134,8 +145,9 @@ impl Keeper {
                 Ok(Disposition::Ack)
             }
         });
-        let queue = format!("{REPORTS_EXCHANGE}.keeper");
-        let subscription = self.subscription(queue).bind(HANDLINGS_KEY);
+        let subscription = self
+            .subscription(self.reports_queue.clone())
+            .bind(HANDLINGS_KEY);
         Registration::service(subscription, service)
     }
 

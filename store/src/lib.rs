@@ -160,28 +160,27 @@ impl Store {
     /// left as it is. Returns how many were new.
     pub async fn record_events(&self, events: &[StoredEvent]) -> Result<u64> {
         let recorded_at = now_ms();
+        let insert = Insert {
+            head: "INSERT INTO rabbitry_events (message_id, event_type, exchange, routing_key, \
+                   correlation_id, source, properties, body, published_at, recorded_at)",
+            width: 10,
+            tail: "ON CONFLICT (message_id) DO NOTHING",
+        };
         let mut tx = self.write().begin().await?;
-        let mut new = 0;
-        for e in events {
-            new += sqlx::query(
-                "INSERT INTO rabbitry_events (message_id, event_type, exchange, routing_key, correlation_id, \
-                 source, properties, body, published_at, recorded_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (message_id) DO NOTHING",
-            )
-            .bind(&e.message_id)
-            .bind(&e.event_type)
-            .bind(&e.exchange)
-            .bind(&e.routing_key)
-            .bind(e.correlation_id())
-            .bind(e.source())
-            .bind(properties_json(&e.properties))
-            .bind(&e.body)
-            .bind(e.published_at())
-            .bind(recorded_at)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        }
+        let new = insert
+            .run(&mut tx, events, |q, e| {
+                q.bind(&e.message_id)
+                    .bind(&e.event_type)
+                    .bind(&e.exchange)
+                    .bind(&e.routing_key)
+                    .bind(e.correlation_id())
+                    .bind(e.source())
+                    .bind(properties_json(&e.properties))
+                    .bind(&e.body)
+                    .bind(e.published_at())
+                    .bind(recorded_at)
+            })
+            .await?;
         tx.commit().await?;
         Ok(new)
     }
@@ -221,27 +220,26 @@ impl Store {
     /// Record handling reports in one transaction (a report already stored is skipped).
     /// Returns how many were new.
     pub async fn record_handlings(&self, handlings: &[HandlingRecord]) -> Result<u64> {
+        let insert = Insert {
+            head: "INSERT INTO rabbitry_handlings (id, worker, message_id, attempt, outcome, \
+                   reason, duration_us, handled_at, host)",
+            width: 9,
+            tail: "ON CONFLICT (id) DO NOTHING",
+        };
         let mut tx = self.write().begin().await?;
-        let mut new = 0;
-        for h in handlings {
-            new += sqlx::query(
-                "INSERT INTO rabbitry_handlings (id, worker, message_id, attempt, outcome, reason, \
-                 duration_us, handled_at, host) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                 ON CONFLICT (id) DO NOTHING",
-            )
-            .bind(&h.id)
-            .bind(&h.worker)
-            .bind(&h.message_id)
-            .bind(i64::from(h.attempt))
-            .bind(&h.outcome)
-            .bind(h.reason.as_deref())
-            .bind(h.duration_us)
-            .bind(h.handled_at)
-            .bind(&h.host)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        }
+        let new = insert
+            .run(&mut tx, handlings, |q, h| {
+                q.bind(&h.id)
+                    .bind(&h.worker)
+                    .bind(&h.message_id)
+                    .bind(i64::from(h.attempt))
+                    .bind(&h.outcome)
+                    .bind(&h.reason)
+                    .bind(h.duration_us)
+                    .bind(h.handled_at)
+                    .bind(&h.host)
+            })
+            .await?;
         tx.commit().await?;
         Ok(new)
     }
@@ -276,30 +274,29 @@ impl Store {
     /// were new.
     pub async fn record_dead_letters(&self, letters: &[DeadLetter]) -> Result<u64> {
         let recorded_at = now_ms();
+        let insert = Insert {
+            head: "INSERT INTO rabbitry_dead_letters (worker, message_id, failed_at, event_type, \
+                   exchange, routing_key, kind, reason, properties, body, recorded_at, state)",
+            width: 12,
+            tail: "ON CONFLICT (worker, message_id, failed_at) DO NOTHING",
+        };
         let mut tx = self.write().begin().await?;
-        let mut new = 0;
-        for d in letters {
-            new += sqlx::query(
-                "INSERT INTO rabbitry_dead_letters (worker, message_id, failed_at, event_type, exchange, \
-                 routing_key, kind, reason, properties, body, recorded_at, state) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'waiting') \
-                 ON CONFLICT (worker, message_id, failed_at) DO NOTHING",
-            )
-            .bind(&d.worker)
-            .bind(&d.message_id)
-            .bind(&d.failed_at)
-            .bind(&d.event_type)
-            .bind(&d.exchange)
-            .bind(&d.routing_key)
-            .bind(d.kind.as_deref())
-            .bind(d.reason.as_deref())
-            .bind(properties_json(&d.properties))
-            .bind(&d.body)
-            .bind(recorded_at)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        }
+        let new = insert
+            .run(&mut tx, letters, |q, d| {
+                q.bind(&d.worker)
+                    .bind(&d.message_id)
+                    .bind(&d.failed_at)
+                    .bind(&d.event_type)
+                    .bind(&d.exchange)
+                    .bind(&d.routing_key)
+                    .bind(&d.kind)
+                    .bind(&d.reason)
+                    .bind(properties_json(&d.properties))
+                    .bind(&d.body)
+                    .bind(recorded_at)
+                    .bind(DeadLetterState::Waiting.as_str())
+            })
+            .await?;
         tx.commit().await?;
         Ok(new)
     }
@@ -358,6 +355,59 @@ impl Store {
         }
         tx.commit().await?;
         Ok(moved)
+    }
+}
+
+/// Rows one multi-row `INSERT` carries (12 columns × 100 rows stays far below SQLite's
+/// 32,766 and PostgreSQL's 65,535 bind parameters).
+const ROWS_PER_INSERT: usize = 100;
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
+
+/// A multi-row `INSERT`: `head VALUES ($1, …, $width), (…) … tail`, sent in chunks of
+/// [`ROWS_PER_INSERT`] rows — one round trip per hundred rows instead of one per row.
+struct Insert {
+    head: &'static str,
+    width: usize,
+    tail: &'static str,
+}
+
+impl Insert {
+    /// Insert `rows` in `tx`, `bind` adding one row's `width` values. Returns the rows
+    /// inserted (those the `tail`'s conflict clause skipped are not counted).
+    async fn run<T>(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        rows: &[T],
+        bind: impl for<'q> Fn(AnyQuery<'q>, &T) -> AnyQuery<'q>,
+    ) -> Result<u64> {
+        let mut inserted = 0;
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(self.sql(chunk.len())));
+            for row in chunk {
+                query = bind(query, row);
+            }
+            inserted += query.execute(&mut **tx).await?.rows_affected();
+        }
+        Ok(inserted)
+    }
+
+    fn sql(&self, rows: usize) -> String {
+        use std::fmt::Write;
+        let mut sql = String::with_capacity(self.head.len() + rows * self.width * 6 + 64);
+        sql.push_str(self.head);
+        sql.push_str(" VALUES ");
+        for row in 0..rows {
+            sql.push_str(if row == 0 { "(" } else { ", (" });
+            for column in 0..self.width {
+                let sep = if column == 0 { "" } else { ", " };
+                let _ = write!(sql, "{sep}${}", row * self.width + column + 1);
+            }
+            sql.push(')');
+        }
+        sql.push(' ');
+        sql.push_str(self.tail);
+        sql
     }
 }
 

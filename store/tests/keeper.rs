@@ -1,17 +1,21 @@
-//! The keeper on RabbitMQ and on the in-memory broker, into a SQLite store: every published
+//! The keeper on RabbitMQ and on the in-memory broker, into SQLite and PostgreSQL stores: every published
 //! event recorded once (replayed copies not again), dead letters moved out of the DLQ with
 //! their failure.
 
 #[path = "../../tests/support/mod.rs"]
 #[macro_use]
+#[allow(unused_macros)]
 mod support;
+#[macro_use]
+mod db;
 
 use std::time::Duration;
 
+use db::Db;
 use rabbitry::prelude::*;
 use rabbitry::report::REPORTS_EXCHANGE;
 use rabbitry::{Registration, RetryPolicy, Runtime};
-use rabbitry_store::{DeadLetterState, EventFilter, Keeper, REPLAYED_FROM, Store};
+use rabbitry_store::{DeadLetterState, EventFilter, Keeper, REPLAYED_FROM};
 use serde::{Deserialize, Serialize};
 use support::*;
 
@@ -33,29 +37,6 @@ impl Event for OrderPaid {
     const TYPE: &'static str = "order.paid";
 }
 
-/// A SQLite store in a directory of its own, removed at the end.
-struct TempStore {
-    store: Store,
-    dir: std::path::PathBuf,
-}
-
-impl TempStore {
-    async fn new(test: &str) -> TempStore {
-        let id = uuid::Uuid::now_v7().simple().to_string();
-        let dir = std::env::temp_dir().join(format!("keeper-{test}-{}", &id[id.len() - 8..]));
-        std::fs::create_dir_all(&dir).unwrap();
-        let url = format!("sqlite://{}/store.db", dir.display());
-        let store = Store::connect(&url).await.unwrap();
-        TempStore { store, dir }
-    }
-}
-
-impl Drop for TempStore {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// The keeper's runtime on the test's exchange.
 async fn keeper(env: &TestEnv, keeper: &Keeper) -> Runtime {
     let mut builder = env.builder();
@@ -66,9 +47,8 @@ async fn keeper(env: &TestEnv, keeper: &Keeper) -> Runtime {
     builder.start().await.expect("the keeper starts")
 }
 
-async fn the_audit_records_every_published_event_once(env: TestEnv) {
-    let temp = TempStore::new("audit").await;
-    let store = temp.store.clone();
+async fn the_audit_records_every_published_event_once(env: TestEnv, db: Db) {
+    let store = db.store().await;
     let keeper_rt = keeper(&env, &Keeper::new(store.clone(), &env.exchange)).await;
     let publisher = env.publisher().await;
     for id in 0..30 {
@@ -139,12 +119,11 @@ async fn the_audit_records_every_published_event_once(env: TestEnv) {
     );
     publisher.close().await;
     keeper_rt.shutdown().await;
-    store.close().await;
+    db.done(store).await;
 }
 
-async fn dead_letters_move_from_the_dlq_into_the_store(env: TestEnv) {
-    let temp = TempStore::new("dlq").await;
-    let store = temp.store.clone();
+async fn dead_letters_move_from_the_dlq_into_the_store(env: TestEnv, db: Db) {
+    let store = db.store().await;
     let queue = env.queue("inventory");
     let (probe, _seen) = env.probe(
         Subscription::new(&queue).bind("order.placed"),
@@ -196,17 +175,16 @@ async fn dead_letters_move_from_the_dlq_into_the_store(env: TestEnv) {
     publisher.close().await;
     keeper_rt.shutdown().await;
     worker_rt.shutdown().await;
-    store.close().await;
+    db.done(store).await;
 }
 
-async fn handling_reports_tell_the_store_what_happened_to_each_message(env: TestEnv) {
-    let temp = TempStore::new("reports").await;
-    let store = temp.store.clone();
-    let keeper = Keeper::new(store.clone(), &env.exchange);
+async fn handling_reports_tell_the_store_what_happened_to_each_message(env: TestEnv, db: Db) {
+    let store = db.store().await;
     // The keeper's reports worker runs on the reports exchange (shared by every system on
-    // the broker: the test's messages are told apart by their ids).
+    // the broker), with a queue of its own: it gets a copy of every report, and the test's
+    // are told apart by their message ids.
+    let keeper = Keeper::new(store.clone(), &env.exchange).reports_queue(env.queue("reports"));
     let reports_worker = keeper.handling_reports();
-    env.track_names([format!("{REPORTS_EXCHANGE}.keeper").as_str()]);
     env.track(reports_worker.subscription());
     let reports_rt = env
         .builder()
@@ -264,10 +242,10 @@ async fn handling_reports_tell_the_store_what_happened_to_each_message(env: Test
     workers_rt.shutdown().await;
     reports.close().await;
     reports_rt.shutdown().await;
-    store.close().await;
+    db.done(store).await;
 }
 
-on_both_brokers!(
+on_both_brokers_and_databases!(
     the_audit_records_every_published_event_once,
     dead_letters_move_from_the_dlq_into_the_store,
     handling_reports_tell_the_store_what_happened_to_each_message,

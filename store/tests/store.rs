@@ -10,97 +10,11 @@ use rabbitry::middleware::DedupStore;
 use rabbitry_store::{
     DeadLetter, DeadLetterState, EventFilter, HandlingRecord, Inbox, Store, StoreError, StoredEvent,
 };
-use sqlx::{AnyConnection, Connection, Executor};
 
-/// A database of the test's own, dropped at the end.
-struct Db {
-    url: String,
-    drop: Option<(String, String)>,
-    _dir: Option<TempDir>,
-}
+#[macro_use]
+mod db;
 
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn unique(test: &str) -> String {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    format!("t_{test}_{}", &id[id.len() - 10..])
-}
-
-fn admin_url() -> String {
-    std::env::var("RABBITRY_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-impl Db {
-    async fn sqlite(test: &str) -> Db {
-        let dir = std::env::temp_dir().join(unique(test));
-        std::fs::create_dir_all(&dir).unwrap();
-        Db {
-            url: format!("sqlite://{}/store.db", dir.display()),
-            drop: None,
-            _dir: Some(TempDir(dir)),
-        }
-    }
-
-    async fn postgres(test: &str) -> Db {
-        sqlx::any::install_default_drivers();
-        let name = unique(test);
-        let admin = admin_url();
-        let mut conn = AnyConnection::connect(&admin)
-            .await
-            .expect("PostgreSQL is reachable (scripts/ensure-postgres starts it)");
-        conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .await
-            .unwrap();
-        let base = admin.rsplit_once('/').unwrap().0;
-        Db {
-            url: format!("{base}/{name}"),
-            drop: Some((admin, name)),
-            _dir: None,
-        }
-    }
-
-    async fn store(&self) -> Store {
-        Store::connect(&self.url).await.expect("the store opens")
-    }
-
-    async fn done(mut self, store: Store) {
-        store.close().await;
-        if let Some((admin, name)) = self.drop.take() {
-            let mut conn = AnyConnection::connect(&admin).await.unwrap();
-            let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-            conn.execute(sqlx::AssertSqlSafe(drop)).await.unwrap();
-        }
-    }
-}
-
-/// Instantiate each `async fn name(db: Db)` on both databases.
-macro_rules! on_both_databases {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Db::sqlite(stringify!($name)).await).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Db::postgres(stringify!($name)).await).await
-                }
-            )*
-        }
-    };
-}
+use db::Db;
 
 fn headers() -> FieldTable {
     let mut death = FieldTable::default();
@@ -197,6 +111,21 @@ async fn events_are_recorded_once_and_listed_by_filter(db: Db) {
     assert_eq!(ids(latest), ["m3", "m4"], "the latest two, oldest first");
     let later = EventFilter::new().since(rabbitry_store::now_ms() + 60_000);
     assert!(store.events(&later).await.unwrap().is_empty());
+    // A batch larger than one INSERT statement carries, with a duplicate inside it and
+    // rows already stored: each new row once.
+    let many: Vec<StoredEvent> = (0..250)
+        .map(|i| event(&format!("bulk-{}", i % 240), "order.bulk", None))
+        .chain([event("bulk-239", "order.bulk", None)]) // twice in one statement
+        .chain(batch.iter().cloned())
+        .collect();
+    assert_eq!(store.record_events(&many).await.unwrap(), 240);
+    let bulk = store
+        .events(&EventFilter::new().event_type("order.bulk").limit(1_000))
+        .await
+        .unwrap();
+    assert_eq!(bulk.len(), 240);
+    assert!(bulk.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(bulk[0].message_id, "bulk-0", "stored in the batch's order");
     db.done(store).await;
 }
 
