@@ -124,6 +124,9 @@ async fn events_are_recorded_once_and_listed_by_filter(db: Db) {
         .await
         .unwrap();
     assert_eq!(bulk.len(), 240);
+    let bulk_filter = EventFilter::new().event_type("order.bulk").limit(1);
+    assert_eq!(store.count_events(&bulk_filter).await.unwrap(), 240, "the limit aside");
+    assert_eq!(store.count_events(&EventFilter::new()).await.unwrap(), 244);
     assert!(bulk.windows(2).all(|w| w[0].seq < w[1].seq));
     assert_eq!(bulk[0].message_id, "bulk-0", "stored in the batch's order");
     db.done(store).await;
@@ -245,10 +248,15 @@ async fn dead_letters_are_kept_once_and_change_state_once(db: Db) {
         .await
         .unwrap();
     assert_eq!(waiting.len(), 2);
+    let count = |worker, state| store.count_dead_letters(worker, state);
+    assert_eq!(count(Some("orders.inventory"), Some(DeadLetterState::Waiting)).await.unwrap(), 2);
+    assert_eq!(count(None, Some(DeadLetterState::Redriven)).await.unwrap(), 1);
+    let all = count(None, None).await.unwrap();
     assert_eq!(
         store.dead_letters(None, None, Some(2)).await.unwrap().len(),
         2
     );
+    assert!(all > 2, "the count is not limited");
     assert!(store.dead_letter(999_999).await.unwrap().is_none());
     db.done(store).await;
 }
