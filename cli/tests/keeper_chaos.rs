@@ -10,12 +10,12 @@
 //! false`). `.ci/run` runs it after the other suites:
 //! `cargo test -p rabbitry-cli --test keeper_chaos -- --test-threads=1 --nocapture`.
 
-#[path = "../../tests/support/mod.rs"]
-#[allow(unused_macros)]
-mod support;
 #[path = "../../store/tests/db/mod.rs"]
 #[allow(unused_macros)]
 mod db;
+#[path = "../../tests/support/mod.rs"]
+#[allow(unused_macros)]
+mod support;
 
 use std::collections::HashSet;
 use std::io::BufRead;
@@ -150,7 +150,10 @@ async fn everything_once(env: &TestEnv, store: &Store, worker: &str, n: u64) {
     let started = Instant::now();
     loop {
         let events = store.count_events(&all).await.unwrap_or(0);
-        let letters = store.count_dead_letters(Some(worker), None).await.unwrap_or(0);
+        let letters = store
+            .count_dead_letters(Some(worker), None)
+            .await
+            .unwrap_or(0);
         if events >= n && letters >= n / 10 {
             break;
         }
@@ -300,7 +303,10 @@ where
 {
     let started = Instant::now();
     while !check().await {
-        assert!(started.elapsed() < SETTLE, "the expected state was reached in time");
+        assert!(
+            started.elapsed() < SETTLE,
+            "the expected state was reached in time"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -28,15 +28,29 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// Where [`DedupLayer`] remembers what was handled. [`MemoryDedup`] keeps it in the process;
 /// a store shared by several processes (a database table with a unique key) implements
-/// the same two methods.
+/// the same methods.
 ///
 /// A key is *claimed* before the handler runs. When the handler succeeds (or a layer below
-/// skips the message) the claim stays; when it fails (retry, dead-letter, defer) it is
-/// *released*, so that the retry is not taken for a duplicate.
+/// skips the message) the claim is *completed* and stays; when it fails (retry,
+/// dead-letter, defer) it is *released*, so that the retry is not taken for a duplicate.
+///
+/// A shared store should tell a claim in progress from a completed one: a process that
+/// dies mid-handling leaves its claim behind, and the broker's redelivery of that message
+/// must not be skipped as a duplicate. Such a store answers a claim held by someone else
+/// with the error [`ClaimHeld`] (the message is deferred, not retried, and comes back to
+/// find the claim completed, released or expired).
 pub trait DedupStore: Send + Sync + 'static {
     /// Record `key` if it is new: `Ok(true)` when this caller claimed it, `Ok(false)` when
-    /// it was claimed before (a duplicate). An error retries the message.
+    /// it was claimed and completed before (a duplicate). [`ClaimHeld`] defers the
+    /// message; any other error retries it.
     fn claim<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, BoxError>>;
+
+    /// Mark this caller's claim of `key` done: its message was handled. `None` (the
+    /// default) when the store has nothing to do, as for a store whose claims are final.
+    fn complete<'a>(&'a self, key: &'a str) -> Option<BoxFuture<'a, Result<(), BoxError>>> {
+        let _ = key;
+        None
+    }
 
     /// Forget `key`: its message failed and will come back.
     fn release<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BoxError>>;
@@ -49,6 +63,27 @@ pub trait DedupStore: Send + Sync + 'static {
         None
     }
 }
+
+/// A claim another consumer holds and has not completed (it may be handling a copy right
+/// now, or may have died doing so): the message is deferred for `retry_after`, without
+/// counting an attempt, and tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimHeld {
+    /// When to try again: about when the holder's lease ends.
+    pub retry_after: Duration,
+}
+
+impl fmt::Display for ClaimHeld {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "another consumer holds this message's de-duplication claim and has not finished; trying again in {:?}",
+            self.retry_after
+        )
+    }
+}
+
+impl StdError for ClaimHeld {}
 
 /// The in-process [`DedupStore`]: the last `capacity` keys, each kept for `ttl`.
 ///
@@ -286,6 +321,14 @@ where
             match store.claim(&key).await {
                 Ok(true) => {}
                 Ok(false) => return Ok(Disposition::skip("duplicate: handled before")),
+                Err(e) if e.is::<ClaimHeld>() => {
+                    let after = e.downcast_ref::<ClaimHeld>().map(|h| h.retry_after);
+                    let after = after.unwrap_or(Duration::from_secs(1));
+                    return Ok(Disposition::defer(
+                        after,
+                        "a copy is being handled elsewhere",
+                    ));
+                }
                 Err(e) => {
                     let reason = format!("the de-duplication store failed: {e}");
                     return Ok(Disposition::retry(reason));
@@ -310,7 +353,12 @@ where
 {
     let disposition = handled.await?;
     if matches!(disposition, Disposition::Ack | Disposition::Skip { .. }) {
-        claim.key = None;
+        if let Some(key) = claim.key.take()
+            && let Some(completing) = claim.store.complete(&key)
+            && let Err(e) = completing.await
+        {
+            warn!(%key, error = %e, "could not complete a de-duplication claim; a copy arriving after its lease may be handled again");
+        }
     } else if let Some(key) = claim.key.take() {
         release(&*claim.store, &key).await;
     }
@@ -356,6 +404,66 @@ mod tests {
         let later = t0 + Duration::from_secs(61);
         assert!(seen.claim_at("c", later)); // expired
         assert!(seen.len() <= 2);
+    }
+
+    /// A shared store as seen by one consumer: `held` keys are claimed elsewhere and not
+    /// completed; completions are recorded.
+    #[derive(Default)]
+    struct Shared {
+        held: Vec<String>,
+        completed: Mutex<Vec<String>>,
+    }
+
+    impl DedupStore for Shared {
+        fn claim<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, BoxError>> {
+            Box::pin(async move {
+                match self.held.iter().any(|k| k == key) {
+                    true => Err(ClaimHeld {
+                        retry_after: Duration::from_secs(7),
+                    }
+                    .into()),
+                    false => Ok(true),
+                }
+            })
+        }
+
+        fn release<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), BoxError>> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn complete<'a>(&'a self, key: &'a str) -> Option<BoxFuture<'a, Result<(), BoxError>>> {
+            self.completed.lock().unwrap().push(key.to_owned());
+            Some(Box::pin(async { Ok(()) }))
+        }
+    }
+
+    fn message(id: &str) -> Message {
+        let props = lapin::BasicProperties::default().with_message_id(id.into());
+        let meta = crate::message::Metadata::new("q".into(), "e".into(), "r".into(), false, props);
+        Message::new(Arc::new(meta), bytes::Bytes::from_static(b"{}"))
+    }
+
+    #[tokio::test]
+    async fn a_held_claim_defers_and_a_handled_message_completes_its_claim() {
+        use tower::ServiceExt;
+        let store = Arc::new(Shared {
+            held: vec!["q/m1".into()],
+            ..Shared::default()
+        });
+        let handler =
+            tower::service_fn(|_: Message| async { Ok::<_, Infallible>(Disposition::Ack) });
+        let dedup = DedupLayer::with_store(store.clone()).layer(handler);
+        match dedup.clone().oneshot(message("m1")).await.unwrap() {
+            Disposition::Defer { after, .. } => assert_eq!(after, Duration::from_secs(7)),
+            other => panic!("deferred, not {other:?}"),
+        }
+        assert!(
+            store.completed.lock().unwrap().is_empty(),
+            "not handled here"
+        );
+        let handled = dedup.oneshot(message("m2")).await.unwrap();
+        assert!(matches!(handled, Disposition::Ack));
+        assert_eq!(*store.completed.lock().unwrap(), ["q/m2"]);
     }
 
     #[tokio::test]

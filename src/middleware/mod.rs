@@ -121,7 +121,7 @@ use std::convert::Infallible;
 
 pub use catch_panic::{CatchPanic, CatchPanicFuture, CatchPanicLayer};
 pub use check::{Check, Checked};
-pub use dedup::{Dedup, DedupLayer, DedupStore, IDEMPOTENCY_KEY, MemoryDedup};
+pub use dedup::{ClaimHeld, Dedup, DedupLayer, DedupStore, IDEMPOTENCY_KEY, MemoryDedup};
 pub(crate) use filter::payload_of;
 pub use filter::{Filter, FilterLayer};
 pub use from_fn::{FromFn, FromFnLayer, Next, from_fn};

@@ -203,7 +203,9 @@ async fn raw_consume(queue: &str, n: usize) -> f64 {
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    ch.basic_qos(1000, BasicQosOptions::default()).await.unwrap();
+    ch.basic_qos(1000, BasicQosOptions::default())
+        .await
+        .unwrap();
     let mut consumer = ch
         .basic_consume(
             queue.into(),
@@ -330,7 +332,10 @@ async fn s1(record: bool, n: usize) -> (f64, f64) {
     let reports_queue = format!("{exchange}.reports");
     let keeper = Keeper::new(store.clone(), &exchange).reports_queue(&reports_queue);
     let reports = rabbitry_observe::HandlingReports::start(&url).unwrap();
-    let mut workers = Runtime::builder().url(&url).exchange(&exchange).worker(worker);
+    let mut workers = Runtime::builder()
+        .url(&url)
+        .exchange(&exchange)
+        .worker(worker);
     let mut audit = Runtime::builder().url(&url).exchange(&exchange);
     let mut handlings = Runtime::builder().url(&url).exchange(REPORTS_EXCHANGE);
     if record {
@@ -451,12 +456,7 @@ async fn run(n: usize, rounds: usize) {
     println!("|---|---:|---:|---:|");
     for (i, name) in ["SQLite", "PostgreSQL"].into_iter().enumerate() {
         let col = |c: usize| median(ingest_results[i].iter().map(|r| r[c]).collect());
-        println!(
-            "| {name} | {:.0} | {:.0} | {:.0} |",
-            col(0),
-            col(1),
-            col(2)
-        );
+        println!("| {name} | {:.0} | {:.0} | {:.0} |", col(0), col(1), col(2));
     }
     println!();
     let (off, on, lag) = (median(off), median(on), median(lags));

@@ -120,7 +120,7 @@ pub(crate) async fn open(url: &str) -> Result<Pools, StoreError> {
 
 /// The migrations of `backend`, compiled into the binary.
 fn migrator(backend: Backend) -> Migrator {
-    let steps: [(&'static str, &'static str); 2] = match backend {
+    let steps: [(&'static str, &'static str); 3] = match backend {
         Backend::Sqlite => [
             (
                 "record",
@@ -129,6 +129,10 @@ fn migrator(backend: Backend) -> Migrator {
             (
                 "outbox",
                 include_str!("../migrations/sqlite/0002_outbox.sql"),
+            ),
+            (
+                "inbox lease",
+                include_str!("../migrations/sqlite/0003_inbox_lease.sql"),
             ),
         ],
         Backend::Postgres => [
@@ -139,6 +143,10 @@ fn migrator(backend: Backend) -> Migrator {
             (
                 "outbox",
                 include_str!("../migrations/postgres/0002_outbox.sql"),
+            ),
+            (
+                "inbox lease",
+                include_str!("../migrations/postgres/0003_inbox_lease.sql"),
             ),
         ],
     };

@@ -1,14 +1,24 @@
-//! The persistent de-duplication inbox: claims shared by every process on the store.
+//! The persistent de-duplication inbox: claims shared by every process on the store, each
+//! held under a lease until its handler finishes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use rabbitry::middleware::DedupStore;
+use rabbitry::middleware::{ClaimHeld, DedupStore};
 
 use crate::{Store, now_ms};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A [`DedupStore`] in the store: a key is claimed by inserting it, so of several processes
-/// handling copies of one message, one claims it. Give it to
+/// How long a claim is held by default before another consumer may take it over.
+const DEFAULT_LEASE: Duration = Duration::from_secs(120);
+/// Bounds of the pause before a message whose claim is held elsewhere is tried again.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// A [`DedupStore`] in the store, shared by every process on it. Give it to
 /// [`DedupLayer::with_store`](rabbitry::middleware::DedupLayer::with_store).
 ///
 /// ```no_run
@@ -21,16 +31,56 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// # let _ = dedup; Ok(()) }
 /// ```
 ///
-/// Claims are kept until [`prune`](Inbox::prune) removes old ones.
+/// A message's key is claimed by inserting it, under a lease (two minutes by default,
+/// [`lease`](Inbox::lease)); the claim is completed when its handler succeeds, and
+/// released when it fails (its retry must not look like a duplicate). A copy that arrives:
+///
+/// - after the claim was completed is a duplicate, and skipped;
+/// - while the claim is held (a copy is being handled elsewhere, or its handler's process
+///   died) is deferred — put back without counting an attempt — until about the end of
+///   the lease;
+/// - after the lease ran out takes the claim over: the holder is presumed dead, as when a
+///   process was killed mid-handling and the broker redelivered its message. The holder's
+///   late release or completion, if it was only slow, no longer touches the claim.
+///
+/// So a crash never turns a redelivery into a skipped "duplicate"; a handler that runs
+/// longer than the lease may, however, see a concurrent copy handled too: make the lease
+/// longer than the handler's timeout. Claims are kept until [`prune`](Inbox::prune)
+/// removes old ones.
 #[derive(Debug, Clone)]
 pub struct Inbox {
     store: Store,
+    lease: Duration,
+    /// This inbox's claims in progress: key → holder token, which fences its release and
+    /// completion.
+    holding: Arc<Mutex<HashMap<String, String>>>,
+}
+
+/// What the row of a key that could not be claimed says.
+enum Held {
+    /// Completed: a duplicate.
+    Done,
+    /// Held until this time (Unix ms).
+    Until(i64),
+    /// Gone (released meanwhile).
+    Free,
 }
 
 impl Inbox {
     /// The inbox of `store`.
     pub fn new(store: Store) -> Inbox {
-        Inbox { store }
+        Inbox {
+            store,
+            lease: DEFAULT_LEASE,
+            holding: Arc::default(),
+        }
+    }
+
+    /// Hold a claim for `lease` (default 2 minutes, at least 1 ms) before another consumer
+    /// may take it over. Longer than the handler's timeout.
+    pub fn lease(mut self, lease: Duration) -> Inbox {
+        self.lease = lease.max(Duration::from_millis(1));
+        self
     }
 
     /// Forget claims older than `max_age_ms` milliseconds; returns how many.
@@ -41,28 +91,120 @@ impl Inbox {
             .await?;
         Ok(done.rows_affected())
     }
+
+    fn lease_ms(&self) -> i64 {
+        i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX / 2)
+    }
+
+    /// Claim `key` with `token`: a new row, or the row of a holder whose lease ran out.
+    async fn try_claim(&self, key: &str, token: &str) -> crate::Result<bool> {
+        let now = now_ms();
+        let until = now.saturating_add(self.lease_ms());
+        let inserted = sqlx::query(
+            "INSERT INTO rabbitry_inbox (key, claimed_at, lease_until, holder) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(now)
+        .bind(until)
+        .bind(token)
+        .execute(self.store.write())
+        .await?;
+        if inserted.rows_affected() == 1 {
+            return Ok(true);
+        }
+        let taken = sqlx::query(
+            "UPDATE rabbitry_inbox SET claimed_at = $2, lease_until = $3, holder = $4 \
+             WHERE key = $1 AND lease_until IS NOT NULL AND lease_until < $2",
+        )
+        .bind(key)
+        .bind(now)
+        .bind(until)
+        .bind(token)
+        .execute(self.store.write())
+        .await?;
+        Ok(taken.rows_affected() == 1)
+    }
+
+    async fn held(&self, key: &str) -> crate::Result<Held> {
+        let row: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT lease_until FROM rabbitry_inbox WHERE key = $1")
+                .bind(key)
+                .fetch_optional(self.store.write())
+                .await?;
+        Ok(match row {
+            None => Held::Free,
+            Some(None) => Held::Done,
+            Some(Some(until)) => Held::Until(until),
+        })
+    }
+
+    fn token_of(&self, key: &str) -> Option<String> {
+        self.holding.lock().ok()?.get(key).cloned()
+    }
+
+    fn forget(&self, key: &str) {
+        if let Ok(mut holding) = self.holding.lock() {
+            holding.remove(key);
+        }
+    }
 }
 
 impl DedupStore for Inbox {
     fn claim<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, BoxError>> {
         Box::pin(async move {
-            let done = sqlx::query(
-                "INSERT INTO rabbitry_inbox (key, claimed_at) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+            let token = uuid::Uuid::now_v7().simple().to_string();
+            // A row released between our insert and our look is free again: claim anew.
+            for _ in 0..3 {
+                if self.try_claim(key, &token).await? {
+                    if let Ok(mut holding) = self.holding.lock() {
+                        holding.insert(key.to_owned(), token);
+                    }
+                    return Ok(true);
+                }
+                match self.held(key).await? {
+                    Held::Done => return Ok(false),
+                    Held::Until(until) => {
+                        let left = u64::try_from(until.saturating_sub(now_ms())).unwrap_or(0);
+                        let retry_after = Duration::from_millis(left).clamp(RETRY_MIN, RETRY_MAX);
+                        return Err(ClaimHeld { retry_after }.into());
+                    }
+                    Held::Free => continue,
+                }
+            }
+            Err(ClaimHeld {
+                retry_after: RETRY_MIN,
+            }
+            .into())
+        })
+    }
+
+    fn complete<'a>(&'a self, key: &'a str) -> Option<BoxFuture<'a, Result<(), BoxError>>> {
+        let token = self.token_of(key)?;
+        Some(Box::pin(async move {
+            sqlx::query(
+                "UPDATE rabbitry_inbox SET lease_until = NULL WHERE key = $1 AND holder = $2",
             )
             .bind(key)
-            .bind(now_ms())
+            .bind(&token)
             .execute(self.store.write())
             .await?;
-            Ok(done.rows_affected() == 1)
-        })
+            self.forget(key);
+            Ok(())
+        }))
     }
 
     fn release<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BoxError>> {
         Box::pin(async move {
-            sqlx::query("DELETE FROM rabbitry_inbox WHERE key = $1")
+            let Some(token) = self.token_of(key) else {
+                return Ok(());
+            };
+            sqlx::query("DELETE FROM rabbitry_inbox WHERE key = $1 AND holder = $2")
                 .bind(key)
+                .bind(&token)
                 .execute(self.store.write())
                 .await?;
+            self.forget(key);
             Ok(())
         })
     }

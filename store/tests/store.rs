@@ -3,10 +3,11 @@
 //! each test creates its own database and drops it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use rabbitry::lapin::BasicProperties;
 use rabbitry::lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
-use rabbitry::middleware::DedupStore;
+use rabbitry::middleware::{ClaimHeld, DedupStore};
 use rabbitry_store::{
     DeadLetter, DeadLetterState, EventFilter, HandlingRecord, Inbox, Store, StoreError, StoredEvent,
 };
@@ -125,7 +126,11 @@ async fn events_are_recorded_once_and_listed_by_filter(db: Db) {
         .unwrap();
     assert_eq!(bulk.len(), 240);
     let bulk_filter = EventFilter::new().event_type("order.bulk").limit(1);
-    assert_eq!(store.count_events(&bulk_filter).await.unwrap(), 240, "the limit aside");
+    assert_eq!(
+        store.count_events(&bulk_filter).await.unwrap(),
+        240,
+        "the limit aside"
+    );
     assert_eq!(store.count_events(&EventFilter::new()).await.unwrap(), 244);
     assert!(bulk.windows(2).all(|w| w[0].seq < w[1].seq));
     assert_eq!(bulk[0].message_id, "bulk-0", "stored in the batch's order");
@@ -249,8 +254,16 @@ async fn dead_letters_are_kept_once_and_change_state_once(db: Db) {
         .unwrap();
     assert_eq!(waiting.len(), 2);
     let count = |worker, state| store.count_dead_letters(worker, state);
-    assert_eq!(count(Some("orders.inventory"), Some(DeadLetterState::Waiting)).await.unwrap(), 2);
-    assert_eq!(count(None, Some(DeadLetterState::Redriven)).await.unwrap(), 1);
+    assert_eq!(
+        count(Some("orders.inventory"), Some(DeadLetterState::Waiting))
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        count(None, Some(DeadLetterState::Redriven)).await.unwrap(),
+        1
+    );
     let all = count(None, None).await.unwrap();
     assert_eq!(
         store.dead_letters(None, None, Some(2)).await.unwrap().len(),
@@ -265,22 +278,78 @@ async fn the_inbox_is_shared_by_processes(db: Db) {
     let store = db.store().await;
     let other = db.store().await; // another process on the same database
     let (a, b) = (Inbox::new(store.clone()), Inbox::new(other.clone()));
+    let held = |claimed: Result<bool, _>| -> Duration {
+        let e: Box<dyn std::error::Error + Send + Sync> = claimed.expect_err("held elsewhere");
+        e.downcast_ref::<ClaimHeld>()
+            .expect("ClaimHeld")
+            .retry_after
+    };
+    // While A handles m1, B's copy is held off (its message is deferred), not skipped.
     assert!(a.claim("q:m1").await.unwrap());
+    let after = held(b.claim("q:m1").await);
     assert!(
-        !b.claim("q:m1").await.unwrap(),
-        "claimed by the other process"
+        after >= Duration::from_secs(1) && after <= Duration::from_secs(30),
+        "{after:?}"
     );
-    b.release("q:m1").await.unwrap();
+    b.release("q:m1").await.unwrap(); // not B's claim: nothing happens
+    held(b.claim("q:m1").await);
+    // A's handler failed: released, and B's copy claims it.
+    a.release("q:m1").await.unwrap();
     assert!(b.claim("q:m1").await.unwrap(), "free again after a release");
-    assert_eq!(a.prune(-1).await.unwrap(), 1);
-    assert!(a.claim("q:m1").await.unwrap());
+    // B handled it: from now on a copy is a duplicate.
+    b.complete("q:m1").expect("B holds m1").await.unwrap();
+    assert!(
+        !a.claim("q:m1").await.unwrap(),
+        "a duplicate once completed"
+    );
+    assert!(a.complete("q:m1").is_none(), "A holds nothing to complete");
+
+    // A holder dies mid-handling: once its lease is over, the redelivered copy takes the
+    // claim over, and a late completion or release by the (only slow) old holder does not
+    // touch the new claim.
+    for (key, late) in [("q:m2", "complete"), ("q:m3", "release")] {
+        let dying = Inbox::new(store.clone()).lease(Duration::from_millis(1));
+        assert!(dying.claim(key).await.unwrap());
+        let taken_over = loop {
+            match b.claim(key).await {
+                Ok(claimed) => break claimed,
+                Err(_) => tokio::time::sleep(Duration::from_millis(2)).await, // the 1 ms lease
+            }
+        };
+        assert!(taken_over, "the redelivery is handled, not skipped");
+        match late {
+            "complete" => dying
+                .complete(key)
+                .expect("it thinks it holds the key")
+                .await
+                .unwrap(),
+            _ => dying.release(key).await.unwrap(),
+        }
+        held(a.claim(key).await);
+        b.complete(key).unwrap().await.unwrap();
+        assert!(!a.claim(key).await.unwrap());
+    }
+
+    assert_eq!(a.prune(-1).await.unwrap(), 3);
+    assert!(
+        a.claim("q:m1").await.unwrap(),
+        "pruned claims are forgotten"
+    );
 
     // Many claims of one key at once: exactly one wins.
     let inbox = Arc::new(a);
     let tasks: Vec<_> = (0..16)
         .map(|_| {
             let inbox = inbox.clone();
-            tokio::spawn(async move { inbox.claim("q:race").await.unwrap() })
+            tokio::spawn(async move {
+                match inbox.claim("q:race").await {
+                    Ok(claimed) => claimed,
+                    Err(e) => {
+                        assert!(e.is::<ClaimHeld>(), "held by the winner: {e}");
+                        false
+                    }
+                }
+            })
         })
         .collect();
     let mut won = 0;
