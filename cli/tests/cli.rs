@@ -29,7 +29,11 @@ struct Cli {
 impl Cli {
     fn new(env: &TestEnv, db: &Db) -> Cli {
         let reports = env.queue("reports");
-        env.track_names([reports.as_str(), format!("{reports}.dlq").as_str()]);
+        env.track_names([
+            reports.as_str(),
+            format!("{reports}.dlq").as_str(),
+            format!("{reports}.topology").as_str(),
+        ]);
         Cli {
             store: db.url.clone(),
             exchange: env.exchange.clone(),

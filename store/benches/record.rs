@@ -8,10 +8,11 @@
 //!   (the database).
 //! - **S1 end-to-end with the record on**: S1's worker (prefetch 300, concurrency 32, a
 //!   handler that does nothing) consuming while a confirmed pipeline publishes N events;
-//!   `off` is the worker alone, `on` adds the audit (a keeper into SQLite in the same
-//!   process) and handling reports from the worker's runtime to the keeper. The rate is N
-//!   over the time until the worker handled the last event; the keeper's lag (until the
-//!   last event and the last handling are in the store) is printed beside it.
+//!   `off` is the worker alone, `handling reports` adds the reports from the worker's
+//!   runtime to a keeper (into SQLite, in the same process), `audit` adds the keeper's
+//!   audit instead, `audit + handling reports` both. The rate is N over the time until the
+//!   worker handled the last event; beside it, the time until the store also held every
+//!   event and handling.
 //!
 //! ```text
 //! cargo bench -p rabbitry-store --bench record                 # 50 000 messages, 3 rounds
@@ -315,9 +316,42 @@ async fn ingest(db: Db, n: usize) -> [f64; 3] {
     [raw_rate, write_rate, keeper_rate]
 }
 
+/// What S1 runs with.
+#[derive(Clone, Copy, PartialEq)]
+enum Record {
+    Off,
+    /// Handling reports from the worker's runtime, written by the keeper.
+    Reports,
+    /// The audit: the keeper consuming `<exchange>.audit`.
+    Audit,
+    /// Both.
+    On,
+}
+
+impl Record {
+    const ALL: [Record; 4] = [Record::Off, Record::Reports, Record::Audit, Record::On];
+
+    fn name(self) -> &'static str {
+        match self {
+            Record::Off => "off",
+            Record::Reports => "handling reports",
+            Record::Audit => "audit",
+            Record::On => "audit + handling reports",
+        }
+    }
+
+    fn reports(self) -> bool {
+        matches!(self, Record::Reports | Record::On)
+    }
+
+    fn audit(self) -> bool {
+        matches!(self, Record::Audit | Record::On)
+    }
+}
+
 /// One S1 end-to-end measurement: (messages/s until the worker handled all, seconds from
-/// the start until the store had every event and handling — 0 when the record is off).
-async fn s1(record: bool, n: usize) -> (f64, f64) {
+/// the start until the store had every event and handling the configuration records).
+async fn s1(record: Record, n: usize) -> (f64, f64) {
     let url = amqp_url();
     let exchange = unique("bench.s1record.");
     let queue = format!("{exchange}.q");
@@ -338,20 +372,23 @@ async fn s1(record: bool, n: usize) -> (f64, f64) {
         .worker(worker);
     let mut audit = Runtime::builder().url(&url).exchange(&exchange);
     let mut handlings = Runtime::builder().url(&url).exchange(REPORTS_EXCHANGE);
-    if record {
+    if record.reports() {
         workers = workers.observer(reports.clone());
+        handlings = handlings.worker(keeper.handling_reports());
+    }
+    if record.audit() {
         for registration in keeper.registrations() {
             audit = audit.worker(registration);
         }
-        handlings = handlings.worker(keeper.handling_reports());
     }
     let workers = workers.start().await.unwrap();
-    let (audit, handlings) = match record {
-        true => (
-            Some(audit.start().await.unwrap()),
-            Some(handlings.start().await.unwrap()),
-        ),
-        false => (None, None),
+    let audit = match record.audit() {
+        true => Some(audit.start().await.unwrap()),
+        false => None,
+    };
+    let handlings = match record.reports() {
+        true => Some(handlings.start().await.unwrap()),
+        false => None,
     };
     let publisher = Publisher::builder(&url)
         .exchange(&exchange)
@@ -369,15 +406,14 @@ async fn s1(record: bool, n: usize) -> (f64, f64) {
     }
     let rate = n as f64 / started.elapsed().as_secs_f64();
     producing.await.unwrap();
-    let mut lag = 0.0;
-    if record {
-        reports.close().await;
+    reports.close().await;
+    if record.audit() {
         db.until_count("rabbitry_events", n).await;
-        db.until_count("rabbitry_handlings", n).await;
-        lag = started.elapsed().as_secs_f64();
-    } else {
-        reports.close().await;
     }
+    if record.reports() {
+        db.until_count("rabbitry_handlings", n).await;
+    }
+    let lag = started.elapsed().as_secs_f64();
     publisher.close().await;
     workers.shutdown().await;
     for runtime in [audit, handlings].into_iter().flatten() {
@@ -415,7 +451,7 @@ async fn run(n: usize, rounds: usize) {
     let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "sqlite,postgres,s1".into());
     let part = |p: &str| parts.split(',').any(|w| w == p);
     let mut ingest_results: [Vec<[f64; 3]>; 2] = Default::default();
-    let (mut off, mut on, mut lags) = (Vec::new(), Vec::new(), Vec::new());
+    let mut s1_results: [Vec<(f64, f64)>; 4] = Default::default();
     for round in 0..rounds {
         for (i, name) in ["SQLite", "PostgreSQL"].into_iter().enumerate() {
             let db = match i {
@@ -429,24 +465,16 @@ async fn run(n: usize, rounds: usize) {
             );
             ingest_results[i].push([raw, write, keeper]);
         }
-        for record in [false, true] {
+        for (i, record) in Record::ALL.into_iter().enumerate() {
             if !part("s1") {
                 continue;
             }
             let (rate, lag) = s1(record, n).await;
-            match record {
-                false => {
-                    println!("round {round} S1 record off: {rate:.0} msg/s");
-                    off.push(rate);
-                }
-                true => {
-                    println!(
-                        "round {round} S1 record on:  {rate:.0} msg/s, all in the store after {lag:.2} s"
-                    );
-                    on.push(rate);
-                    lags.push(lag);
-                }
-            }
+            println!(
+                "round {round} S1 record {}: {rate:.0} msg/s, done after {lag:.2} s",
+                record.name()
+            );
+            s1_results[i].push((rate, lag));
         }
     }
     println!();
@@ -459,15 +487,20 @@ async fn run(n: usize, rounds: usize) {
         println!("| {name} | {:.0} | {:.0} | {:.0} |", col(0), col(1), col(2));
     }
     println!();
-    let (off, on, lag) = (median(off), median(on), median(lags));
     println!(
-        "| median of {rounds} rounds, {n} events | record off | record on (audit + handling reports, SQLite) | on / off | in the store after |"
+        "| median of {rounds} rounds, {n} events, SQLite | S1 end-to-end, msgs/s | / off | everything in the store after |"
     );
-    println!("|---|---:|---:|---:|---:|");
-    println!(
-        "| S1 end-to-end, msgs/s | {off:.0} | {on:.0} | {:.2} | {lag:.2} s |",
-        on / off
-    );
+    println!("|---|---:|---:|---:|");
+    let off = median(s1_results[0].iter().map(|r| r.0).collect());
+    for (i, record) in Record::ALL.into_iter().enumerate() {
+        let rate = median(s1_results[i].iter().map(|r| r.0).collect());
+        let lag = median(s1_results[i].iter().map(|r| r.1).collect());
+        println!(
+            "| record {} | {rate:.0} | {:.2} | {lag:.2} s |",
+            record.name(),
+            rate / off
+        );
+    }
 }
 
 fn main() {

@@ -24,7 +24,26 @@
 //! process killed before it acknowledged its messages, say — is recorded once.
 //!
 //! [`Inbox`] is the persistent [`DedupStore`](rabbitry::middleware::DedupStore) for
-//! [`DedupLayer`](rabbitry::middleware::DedupLayer): processes on one queue share it.
+//! [`DedupLayer`](rabbitry::middleware::DedupLayer): processes on one queue share it, and
+//! a claim is held under a lease, so a process killed mid-handling does not turn the
+//! broker's redelivery into a skipped duplicate. [`Keeper`] fills the store from the
+//! broker (`rabbitry serve` runs it); [`Outbox`] and [`OutboxRelay`] publish what an
+//! application's own transaction wrote.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use rabbitry::middleware::DedupLayer;
+//! use rabbitry_store::{EventFilter, Inbox, Keeper, Store};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = Store::connect("sqlite://rabbitry.db").await?; // migrations run here
+//! let keeper = Keeper::new(store.clone(), "events").dead_letters_of("orders.inventory");
+//! let dedup = DedupLayer::with_store(Arc::new(Inbox::new(store.clone())));
+//! for event in store.events(&EventFilter::new().event_type("order.placed").limit(10)).await? {
+//!     println!("{} {}", event.message_id, event.routing_key);
+//! }
+//! # let _ = (keeper, dedup); Ok(()) }
+//! ```
 //!
 //! [rabbitry]: https://docs.rs/rabbitry
 
