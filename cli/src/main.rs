@@ -404,7 +404,14 @@ async fn run(cli: Cli) -> Result<(), Failed> {
             let selected = event_filter(&filter)?;
             let store = Store::connect(&cli.store).await?;
             let events = store.events(&selected).await?;
+            let matching = store.count_events(&selected).await?;
             store.close().await;
+            if matching > events.len() as u64 {
+                eprintln!(
+                    "note: {matching} events match; only the latest {} are replayed (raise --limit to replay more)",
+                    events.len()
+                );
+            }
             let target = |e: &rabbitry_store::StoredEvent| match &to_worker {
                 Some(worker) => (String::new(), worker.clone()),
                 None => (e.exchange.clone(), e.routing_key.clone()),

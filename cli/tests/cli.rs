@@ -12,10 +12,11 @@ mod db;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use db::Db;
 use rabbitry::prelude::*;
-use rabbitry::{Registration, Topology};
+use rabbitry::{Registration, RetryPolicy, Topology};
 use rabbitry_store::{DeadLetterState, Store};
 use support::*;
 
@@ -28,12 +29,15 @@ struct Cli {
 
 impl Cli {
     fn new(env: &TestEnv, db: &Db) -> Cli {
-        let reports = env.queue("reports");
-        env.track_names([
-            reports.as_str(),
-            format!("{reports}.dlq").as_str(),
-            format!("{reports}.topology").as_str(),
-        ]);
+        // The queues `serve` declares, and the audit queue `publish` may leave.
+        let (reports, audit) = (env.queue("reports"), format!("{}.audit", env.exchange));
+        for queue in [&reports, &audit] {
+            env.track_names([
+                queue.as_str(),
+                format!("{queue}.dlq").as_str(),
+                format!("{queue}.topology").as_str(),
+            ]);
+        }
         Cli {
             store: db.url.clone(),
             exchange: env.exchange.clone(),
@@ -128,8 +132,6 @@ async fn publish_answers_with_exit_codes() {
     assert_eq!(missing.status.code(), Some(6));
     let usage = cli.run(&["dlq", "redrive", "w"]);
     assert_eq!(usage.status.code(), Some(2), "--id or --all is required");
-    let audit = format!("{}.audit", env.exchange);
-    env.track_names([audit.as_str(), format!("{audit}.topology").as_str()]);
 }
 
 async fn dead_letters_are_listed_redriven_to_the_failing_worker_and_purged(db: Db) {
@@ -154,12 +156,6 @@ async fn dead_letters_are_listed_redriven_to_the_failing_worker_and_purged(db: D
         .start()
         .await
         .unwrap();
-    let audit = format!("{}.audit", env.exchange);
-    env.track_names([
-        audit.as_str(),
-        format!("{audit}.dlq").as_str(),
-        format!("{audit}.topology").as_str(),
-    ]);
     env.track_names([format!("{inventory}.dlq.dlq").as_str()]);
     let _serve = cli.serve(&["--dlq", &inventory]);
 
@@ -260,12 +256,6 @@ async fn replay_goes_to_one_worker_or_to_every_subscriber_and_is_not_audited_twi
         .start()
         .await
         .unwrap();
-    let audit = format!("{}.audit", env.exchange);
-    env.track_names([
-        audit.as_str(),
-        format!("{audit}.dlq").as_str(),
-        format!("{audit}.topology").as_str(),
-    ]);
     let _serve = cli.serve(&[]);
     let first = cli.ok(&["publish", "order.placed", r#"{"id":1}"#]);
     cli.ok(&["publish", "order.paid", r#"{"id":1}"#]);
@@ -284,6 +274,20 @@ async fn replay_goes_to_one_worker_or_to_every_subscriber_and_is_not_audited_twi
         "--dry-run",
     ]);
     assert!(dry.contains("1 event(s) would be replayed"), "{dry}");
+    let limited = cli.run(&[
+        "replay",
+        "--to-worker",
+        &billing,
+        "--limit",
+        "1",
+        "--dry-run",
+    ]);
+    assert!(limited.status.success());
+    let note = String::from_utf8_lossy(&limited.stderr);
+    assert!(
+        note.contains("2 events match; only the latest 1 are replayed"),
+        "a truncated replay says so: {note}"
+    );
     let out = cli.ok(&["replay", "--type", "order.placed", "--to-worker", &billing]);
     assert!(out.contains("1 event(s) replayed"), "{out}");
     let replayed = billing_seen.next().await;
@@ -378,7 +382,101 @@ async fn without_a_store_dlq_counts_and_redrives_broker_side() {
     rt.shutdown().await;
 }
 
+/// "What happened to order 42?": `rabbitry event` shows the event and every handling of it —
+/// a fan-out to three workers, one of which retried it once.
+async fn event_tells_what_every_worker_did_with_a_message(db: Db) {
+    let env = TestEnv::rabbitmq("cli_event");
+    let cli = Cli::new(&env, &db);
+    let (email, inventory, shipping) = (
+        env.queue("email"),
+        env.queue("inventory"),
+        env.queue("shipping"),
+    );
+    let (email_probe, _e) = env.probe(Subscription::new(&email).bind("order.placed"), |_| Ok(()));
+    let retry = RetryPolicy::exponential(Duration::from_millis(50)).max_attempts(3);
+    let inventory_sub = Subscription::new(&inventory)
+        .bind("order.placed")
+        .retry(retry);
+    let (inventory_probe, _i) = env.probe(inventory_sub, |seen| match seen.attempt {
+        1 => Err(Failure::retry("stock service away")),
+        _ => Ok(()),
+    });
+    let (shipping_probe, _s) =
+        env.probe(
+            Subscription::new(&shipping).bind("order.placed"),
+            |_| Ok(()),
+        );
+    let reports = rabbitry_observe::HandlingReports::start(&support::url()).unwrap();
+    let workers = env
+        .builder()
+        .observer(reports.clone())
+        .worker(email_probe)
+        .worker(inventory_probe)
+        .worker(shipping_probe)
+        .start()
+        .await
+        .unwrap();
+    let _serve = cli.serve(&[]);
+    let published = cli.ok(&[
+        "publish",
+        "order.placed",
+        r#"{"id":42}"#,
+        "--correlation-id",
+        "order-42",
+    ]);
+    let id = published.trim();
+
+    let told = || {
+        let out = cli.run(&["event", id, "--json"]);
+        match out.status.success() {
+            true => serde_json::from_slice::<serde_json::Value>(&out.stdout).ok(),
+            false => None,
+        }
+    };
+    until(|| async {
+        told().is_some_and(|t| t["handlings"].as_array().is_some_and(|h| h.len() >= 4))
+    })
+    .await;
+    let told = told().unwrap();
+    assert_eq!(told["event"]["message_id"], id);
+    let mut story: Vec<(String, u64, String)> = told["handlings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["worker"].as_str().unwrap().to_owned(),
+                h["attempt"].as_u64().unwrap(),
+                h["outcome"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    story.sort();
+    let step = |w: &str, a: u64, o: &str| (w.to_owned(), a, o.to_owned());
+    assert_eq!(
+        story,
+        [
+            step(&email, 1, "handled"),
+            step(&inventory, 1, "retried"),
+            step(&inventory, 2, "handled"),
+            step(&shipping, 1, "handled"),
+        ]
+    );
+    let text = cli.ok(&["event", id]);
+    assert!(
+        text.contains("order-42") && text.contains(r#"{"id":42}"#),
+        "{text}"
+    );
+    assert!(
+        text.contains("stock service away"),
+        "the retry's reason: {text}"
+    );
+    reports.close().await;
+    workers.shutdown().await;
+}
+
 on_both_databases!(
+    event_tells_what_every_worker_did_with_a_message,
     dead_letters_are_listed_redriven_to_the_failing_worker_and_purged,
     replay_goes_to_one_worker_or_to_every_subscriber_and_is_not_audited_twice,
 );

@@ -8,15 +8,25 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use rabbitry::middleware::{ClaimHeld, DedupStore};
 
-use crate::{Store, now_ms};
+use crate::{Store, indexed, now_ms};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long a claim is held by default before another consumer may take it over.
 const DEFAULT_LEASE: Duration = Duration::from_secs(120);
-/// Bounds of the pause before a message whose claim is held elsewhere is tried again.
-const RETRY_MIN: Duration = Duration::from_secs(1);
-const RETRY_MAX: Duration = Duration::from_secs(30);
+/// The pauses before a message whose claim is held elsewhere is tried again: the first
+/// one at least as long as what is left of the lease (30 s at most). A few fixed values,
+/// because each distinct delay is a delay queue on the broker.
+const RETRY_STEPS: [u64; 6] = [1, 2, 4, 8, 16, 30];
+
+fn retry_after(left_ms: i64) -> Duration {
+    let left = u64::try_from(left_ms).unwrap_or(0);
+    let secs = RETRY_STEPS
+        .into_iter()
+        .find(|s| s * 1000 >= left)
+        .unwrap_or(RETRY_STEPS[RETRY_STEPS.len() - 1]);
+    Duration::from_secs(secs)
+}
 
 /// A [`DedupStore`] in the store, shared by every process on it. Give it to
 /// [`DedupLayer::with_store`](rabbitry::middleware::DedupLayer::with_store).
@@ -41,12 +51,14 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 ///   the lease;
 /// - after the lease ran out takes the claim over: the holder is presumed dead, as when a
 ///   process was killed mid-handling and the broker redelivered its message. The holder's
-///   late release or completion, if it was only slow, no longer touches the claim.
+///   late release or completion, if it was only slow, no longer touches the claim. (Within
+///   one process a copy always waits for the process's own handler.)
 ///
 /// So a crash never turns a redelivery into a skipped "duplicate"; a handler that runs
 /// longer than the lease may, however, see a concurrent copy handled too: make the lease
-/// longer than the handler's timeout. Claims are kept until [`prune`](Inbox::prune)
-/// removes old ones.
+/// longer than the handler's timeout. Leases are measured by each process's clock: clocks
+/// that disagree by more than a small part of the lease shorten it. Claims are kept until
+/// [`prune`](Inbox::prune) removes old ones.
 #[derive(Debug, Clone)]
 pub struct Inbox {
     store: Store,
@@ -83,12 +95,18 @@ impl Inbox {
         self
     }
 
-    /// Forget claims older than `max_age_ms` milliseconds; returns how many.
+    /// Forget claims older than `max_age_ms` milliseconds (completed ones, and abandoned
+    /// ones whose lease is over; never one in progress); returns how many.
     pub async fn prune(&self, max_age_ms: i64) -> crate::Result<u64> {
-        let done = sqlx::query("DELETE FROM rabbitry_inbox WHERE claimed_at < $1")
-            .bind(now_ms() - max_age_ms)
-            .execute(self.store.write())
-            .await?;
+        let now = now_ms();
+        let done = sqlx::query(
+            "DELETE FROM rabbitry_inbox WHERE claimed_at < $1 \
+             AND (lease_until IS NULL OR lease_until < $2)",
+        )
+        .bind(now.saturating_sub(max_age_ms))
+        .bind(now)
+        .execute(self.store.write())
+        .await?;
         Ok(done.rows_affected())
     }
 
@@ -104,7 +122,7 @@ impl Inbox {
             "INSERT INTO rabbitry_inbox (key, claimed_at, lease_until, holder) \
              VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING",
         )
-        .bind(key)
+        .bind(&*indexed(key))
         .bind(now)
         .bind(until)
         .bind(token)
@@ -117,7 +135,7 @@ impl Inbox {
             "UPDATE rabbitry_inbox SET claimed_at = $2, lease_until = $3, holder = $4 \
              WHERE key = $1 AND lease_until IS NOT NULL AND lease_until < $2",
         )
-        .bind(key)
+        .bind(&*indexed(key))
         .bind(now)
         .bind(until)
         .bind(token)
@@ -129,7 +147,7 @@ impl Inbox {
     async fn held(&self, key: &str) -> crate::Result<Held> {
         let row: Option<Option<i64>> =
             sqlx::query_scalar("SELECT lease_until FROM rabbitry_inbox WHERE key = $1")
-                .bind(key)
+                .bind(&*indexed(key))
                 .fetch_optional(self.store.write())
                 .await?;
         Ok(match row {
@@ -139,14 +157,53 @@ impl Inbox {
         })
     }
 
-    fn token_of(&self, key: &str) -> Option<String> {
-        self.holding.lock().ok()?.get(key).cloned()
+    /// Note that this inbox is claiming `key` with `token`; `false` if it holds `key`
+    /// already (a copy is being handled in this process).
+    fn reserve(&self, key: &str, token: &str) -> bool {
+        let Ok(mut holding) = self.holding.lock() else {
+            return false;
+        };
+        if holding.contains_key(key) {
+            return false;
+        }
+        holding.insert(key.to_owned(), token.to_owned());
+        true
     }
 
-    fn forget(&self, key: &str) {
-        if let Ok(mut holding) = self.holding.lock() {
+    /// Forget the claim of `key` with `token` (a claim that did not happen).
+    fn unreserve(&self, key: &str, token: &str) {
+        if let Ok(mut holding) = self.holding.lock()
+            && holding.get(key).is_some_and(|t| t == token)
+        {
             holding.remove(key);
         }
+    }
+
+    /// Take this inbox's token for `key` (it no longer holds the claim in memory).
+    fn take(&self, key: &str) -> Option<String> {
+        self.holding.lock().ok()?.remove(key)
+    }
+
+    /// Claim `key` with `token` in the store (see [`DedupStore::claim`]).
+    async fn claim_in_store(&self, key: &str, token: &str) -> Result<bool, BoxError> {
+        // A row released between our insert and our look is free again: claim anew.
+        for _ in 0..3 {
+            if self.try_claim(key, token).await? {
+                return Ok(true);
+            }
+            match self.held(key).await? {
+                Held::Done => return Ok(false),
+                Held::Until(until) => {
+                    let retry_after = retry_after(until.saturating_sub(now_ms()));
+                    return Err(ClaimHeld { retry_after }.into());
+                }
+                Held::Free => continue,
+            }
+        }
+        Err(ClaimHeld {
+            retry_after: retry_after(0),
+        }
+        .into())
     }
 }
 
@@ -154,57 +211,47 @@ impl DedupStore for Inbox {
     fn claim<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, BoxError>> {
         Box::pin(async move {
             let token = uuid::Uuid::now_v7().simple().to_string();
-            // A row released between our insert and our look is free again: claim anew.
-            for _ in 0..3 {
-                if self.try_claim(key, &token).await? {
-                    if let Ok(mut holding) = self.holding.lock() {
-                        holding.insert(key.to_owned(), token);
-                    }
-                    return Ok(true);
+            // One claim per key per inbox: a copy of a message this process is handling
+            // waits for it (and never takes over its own process's claim).
+            if !self.reserve(key, &token) {
+                return Err(ClaimHeld {
+                    retry_after: retry_after(0),
                 }
-                match self.held(key).await? {
-                    Held::Done => return Ok(false),
-                    Held::Until(until) => {
-                        let left = u64::try_from(until.saturating_sub(now_ms())).unwrap_or(0);
-                        let retry_after = Duration::from_millis(left).clamp(RETRY_MIN, RETRY_MAX);
-                        return Err(ClaimHeld { retry_after }.into());
-                    }
-                    Held::Free => continue,
-                }
+                .into());
             }
-            Err(ClaimHeld {
-                retry_after: RETRY_MIN,
+            let claimed = self.claim_in_store(key, &token).await;
+            if !matches!(claimed, Ok(true)) {
+                self.unreserve(key, &token);
             }
-            .into())
+            claimed
         })
     }
 
     fn complete<'a>(&'a self, key: &'a str) -> Option<BoxFuture<'a, Result<(), BoxError>>> {
-        let token = self.token_of(key)?;
+        // Taken out first: whatever happens below, the claim ends (done, or with its lease).
+        let token = self.take(key)?;
         Some(Box::pin(async move {
             sqlx::query(
                 "UPDATE rabbitry_inbox SET lease_until = NULL WHERE key = $1 AND holder = $2",
             )
-            .bind(key)
+            .bind(&*indexed(key))
             .bind(&token)
             .execute(self.store.write())
             .await?;
-            self.forget(key);
             Ok(())
         }))
     }
 
     fn release<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), BoxError>> {
         Box::pin(async move {
-            let Some(token) = self.token_of(key) else {
+            let Some(token) = self.take(key) else {
                 return Ok(());
             };
             sqlx::query("DELETE FROM rabbitry_inbox WHERE key = $1 AND holder = $2")
-                .bind(key)
+                .bind(&*indexed(key))
                 .bind(&token)
                 .execute(self.store.write())
                 .await?;
-            self.forget(key);
             Ok(())
         })
     }

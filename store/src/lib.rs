@@ -57,6 +57,7 @@ mod records;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rabbitry::lapin::BasicProperties;
+use rabbitry::lapin::types::{AMQPValue, FieldTable};
 use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row};
 
@@ -188,12 +189,12 @@ impl Store {
         let mut tx = self.write().begin().await?;
         let new = insert
             .run(self.backend(), &mut tx, events, |q, e| {
-                q.bind(&e.message_id)
-                    .bind(&e.event_type)
-                    .bind(&e.exchange)
-                    .bind(&e.routing_key)
-                    .bind(e.correlation_id())
-                    .bind(e.source())
+                q.bind(&*indexed(&e.message_id))
+                    .bind(&*indexed(&e.event_type))
+                    .bind(&*text(&e.exchange))
+                    .bind(&*text(&e.routing_key))
+                    .bind(e.correlation_id().map(indexed).as_deref())
+                    .bind(e.source().map(text).as_deref())
                     .bind(properties_json(&e.properties))
                     .bind(&e.body)
                     .bind(e.published_at())
@@ -245,7 +246,7 @@ impl Store {
             event_columns!(),
             " FROM rabbitry_events WHERE message_id = $1"
         ))
-        .bind(message_id)
+        .bind(&*indexed(message_id))
         .fetch_optional(self.read())
         .await?;
         row.as_ref().map(event_of).transpose()
@@ -263,15 +264,15 @@ impl Store {
         let mut tx = self.write().begin().await?;
         let new = insert
             .run(self.backend(), &mut tx, handlings, |q, h| {
-                q.bind(&h.id)
-                    .bind(&h.worker)
-                    .bind(&h.message_id)
+                q.bind(&*indexed(&h.id))
+                    .bind(&*text(&h.worker))
+                    .bind(&*indexed(&h.message_id))
                     .bind(i64::from(h.attempt))
-                    .bind(&h.outcome)
-                    .bind(&h.reason)
+                    .bind(&*text(&h.outcome))
+                    .bind(h.reason.as_deref().map(text).as_deref())
                     .bind(h.duration_us)
                     .bind(h.handled_at)
-                    .bind(&h.host)
+                    .bind(&*text(&h.host))
             })
             .await?;
         tx.commit().await?;
@@ -284,7 +285,7 @@ impl Store {
             "SELECT id, worker, message_id, attempt, outcome, reason, duration_us, handled_at, host \
              FROM rabbitry_handlings WHERE message_id = $1 ORDER BY handled_at, worker, attempt",
         )
-        .bind(message_id)
+        .bind(&*indexed(message_id))
         .fetch_all(self.read())
         .await?;
         rows.iter()
@@ -317,14 +318,14 @@ impl Store {
         let mut tx = self.write().begin().await?;
         let new = insert
             .run(self.backend(), &mut tx, letters, |q, d| {
-                q.bind(&d.worker)
-                    .bind(&d.message_id)
-                    .bind(&d.failed_at)
-                    .bind(&d.event_type)
-                    .bind(&d.exchange)
-                    .bind(&d.routing_key)
-                    .bind(&d.kind)
-                    .bind(&d.reason)
+                q.bind(&*indexed(&d.worker))
+                    .bind(&*indexed(&d.message_id))
+                    .bind(&*indexed(&d.failed_at))
+                    .bind(&*text(&d.event_type))
+                    .bind(&*text(&d.exchange))
+                    .bind(&*text(&d.routing_key))
+                    .bind(d.kind.as_deref().map(text).as_deref())
+                    .bind(d.reason.as_deref().map(text).as_deref())
                     .bind(properties_json(&d.properties))
                     .bind(&d.body)
                     .bind(recorded_at)
@@ -415,8 +416,9 @@ const ROWS_PER_INSERT: usize = 100;
 
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
 
-/// A multi-row `INSERT`: `head VALUES ($1, …, $width), (…) … tail`, sent in chunks of
-/// [`ROWS_PER_INSERT`] rows — one round trip per hundred rows instead of one per row.
+/// A multi-row `INSERT`: `head VALUES ($1, …, $width), (…) … tail`, sent in statements
+/// of [`ROWS_PER_INSERT`] rows (the remainder in tens and ones) — one round trip per
+/// hundred rows instead of one per row.
 struct Insert {
     head: &'static str,
     width: usize,
@@ -434,7 +436,16 @@ impl Insert {
         bind: impl for<'q> Fn(AnyQuery<'q>, &T) -> AnyQuery<'q>,
     ) -> Result<u64> {
         let mut inserted = 0;
-        for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let mut rest = rows;
+        while !rest.is_empty() {
+            // Statements of 100, 10 or 1 rows only: three prepared statements per table
+            // in each connection's cache, whatever the batch sizes.
+            let size = [ROWS_PER_INSERT, 10, 1]
+                .into_iter()
+                .find(|n| *n <= rest.len())
+                .unwrap_or(1);
+            let (chunk, tail) = rest.split_at(size);
+            rest = tail;
             let mut query = sqlx::query(sqlx::AssertSqlSafe(self.sql(backend, chunk.len())));
             for row in chunk {
                 query = bind(query, row);
@@ -469,9 +480,84 @@ impl Insert {
     }
 }
 
-/// AMQP properties as stored: serde's JSON of them, exact (header types included).
+/// Text as the store keeps it: NUL, which PostgreSQL's `TEXT` refuses (a batch holding
+/// one would be refused whole, again and again), becomes U+FFFD.
+pub(crate) fn text(s: &str) -> std::borrow::Cow<'_, str> {
+    match s.contains('\0') {
+        true => s.replace('\0', "\u{fffd}").into(),
+        false => s.into(),
+    }
+}
+
+/// Longest indexed value, in bytes: a PostgreSQL index entry is limited to about 2.7 kB.
+const INDEXED_MAX: usize = 512;
+
+/// An indexed value as the store keeps it: as [`text`]; one longer than [`INDEXED_MAX`]
+/// bytes (never an AMQP id, which is at most 255) is kept as its first 256 bytes and a
+/// digest of the whole (a UUID v5), so two long values stay two.
+pub(crate) fn indexed(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.len() <= INDEXED_MAX {
+        return text(s);
+    }
+    let mut end = 256;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let digest = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, s.as_bytes());
+    format!("{}…#{}", text(&s[..end]), digest.simple()).into()
+}
+
+/// AMQP properties as stored: serde's JSON of them, exact (header types included) — but
+/// for a NaN or infinite float in a header, which JSON cannot hold (it would come back as
+/// `null` and make the row unreadable): it is kept as the text `NaN`, `inf` or `-inf`.
 fn properties_json(properties: &BasicProperties) -> String {
-    serde_json::to_string(properties).unwrap_or_else(|_| "{}".into())
+    let json = match properties.headers() {
+        Some(headers) if !finite_table(headers) => {
+            let clean = properties.clone().with_headers(finite_copy(headers));
+            serde_json::to_string(&clean)
+        }
+        _ => serde_json::to_string(properties),
+    };
+    json.unwrap_or_else(|_| "{}".into())
+}
+
+fn finite_value(value: &AMQPValue) -> bool {
+    match value {
+        AMQPValue::Float(f) => f.is_finite(),
+        AMQPValue::Double(d) => d.is_finite(),
+        AMQPValue::FieldArray(a) => a.as_slice().iter().all(finite_value),
+        AMQPValue::FieldTable(t) => finite_table(t),
+        _ => true,
+    }
+}
+
+fn finite_table(table: &FieldTable) -> bool {
+    table.inner().values().all(finite_value)
+}
+
+fn finite_copy(table: &FieldTable) -> FieldTable {
+    let mut copy = FieldTable::default();
+    for (key, value) in table.inner() {
+        copy.insert(key.clone(), finite_value_copy(value));
+    }
+    copy
+}
+
+fn finite_value_copy(value: &AMQPValue) -> AMQPValue {
+    let text = |x: f64| AMQPValue::LongString(format!("{x}").into());
+    match value {
+        AMQPValue::Float(f) if !f.is_finite() => text(f64::from(*f)),
+        AMQPValue::Double(d) if !d.is_finite() => text(*d),
+        AMQPValue::FieldArray(a) => AMQPValue::FieldArray(
+            a.as_slice()
+                .iter()
+                .map(finite_value_copy)
+                .collect::<Vec<_>>()
+                .into(),
+        ),
+        AMQPValue::FieldTable(t) => AMQPValue::FieldTable(finite_copy(t)),
+        other => other.clone(),
+    }
 }
 
 fn properties_of(text: &str) -> Result<BasicProperties> {

@@ -37,11 +37,6 @@ async fn a_claim_left_by_a_dead_process_defers_its_copy_until_the_lease_is_over(
 ) {
     let store = db.store().await;
     let queue = env.queue("ledger");
-    // A process claimed pay-1 (lease 1 s) and died before it finished: the broker
-    // redelivers the message to the worker below.
-    let dead = Inbox::new(store.clone()).lease(Duration::from_secs(1));
-    assert!(dead.claim(&format!("{queue}/pay-1")).await.unwrap());
-
     let journal = Arc::new(Journal::default());
     let (probe, mut seen) = env.probe(Subscription::new(&queue).bind("payment.made"), |_| Ok(()));
     let inbox = Arc::new(Inbox::new(store.clone()));
@@ -53,6 +48,10 @@ async fn a_claim_left_by_a_dead_process_defers_its_copy_until_the_lease_is_over(
         .await
         .unwrap();
     let publisher = env.publisher().await;
+    // A process claimed pay-1 (lease 3 s) and died before it finished: the broker
+    // redelivers the message to the worker above.
+    let dead = Inbox::new(store.clone()).lease(Duration::from_secs(3));
+    assert!(dead.claim(&format!("{queue}/pay-1")).await.unwrap());
     for (id, n) in [("pay-1", 1), ("pay-2", 2)] {
         let event = PaymentMade { n };
         publisher
