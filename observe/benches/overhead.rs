@@ -26,48 +26,15 @@ use std::time::{Duration, Instant};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use rabbitry::prelude::*;
 use rabbitry_observe::{Observability, RuntimeBuilderExt};
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-/// The S1 event of `benches/throughput.rs`: about 200 bytes of JSON.
-#[derive(Serialize, Deserialize)]
-struct Tick {
-    id: u64,
-    sent_at_ns: u64,
-    pad: String,
-}
+#[path = "../../benches/support/s1.rs"]
+mod s1;
 
-impl Event for Tick {
-    const TYPE: &'static str = "bench.tick";
-}
-
-struct Counter {
-    queue: String,
-    done: Arc<(AtomicUsize, Notify)>,
-    total: usize,
-}
-
-impl Worker for Counter {
-    type Event = Tick;
-
-    fn subscription(&self) -> Subscription {
-        // As S1's consumer in benches/throughput.rs.
-        Subscription::new(&self.queue)
-            .bind("bench.tick")
-            .prefetch(300)
-            .concurrency(32)
-    }
-
-    async fn handle(&self, _: Delivery<Tick>, _: &Context) -> Outcome {
-        if self.done.0.fetch_add(1, Ordering::Relaxed) + 1 == self.total {
-            self.done.1.notify_one();
-        }
-        Ok(())
-    }
-}
+use s1::{Counter, Tick};
 
 fn cpu_time() -> Duration {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
@@ -122,20 +89,10 @@ async fn child(config: &str, messages: usize) {
         publisher = publisher.observer(observability.clone());
     }
     let publisher = publisher.connect().await.unwrap();
-    let pad = "p".repeat(150);
     let before = cpu_time();
     let mut pipeline = publisher.pipeline();
     for id in 0..messages as u64 {
-        let sent_at_ns = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64;
-        let tick = Tick {
-            id,
-            sent_at_ns,
-            pad: pad.clone(),
-        };
-        pipeline.send(&tick).await.unwrap();
+        pipeline.send(&Tick::new(id)).await.unwrap();
     }
     pipeline.flush().await.unwrap();
     let publish = cpu_time() - before;

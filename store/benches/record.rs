@@ -35,50 +35,19 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use rabbitry::prelude::*;
 use rabbitry::report::REPORTS_EXCHANGE;
 use rabbitry::{Publisher, Runtime, RuntimeBuilder};
 use rabbitry_store::{Keeper, Store, StoredEvent};
-use serde::{Deserialize, Serialize};
-use sqlx::{AnyConnection, Connection, Executor};
+use sqlx::{AnyConnection, Connection};
 use tokio::sync::Notify;
 
-/// The S1 event of `benches/throughput.rs`: about 200 bytes of JSON.
-#[derive(Serialize, Deserialize)]
-struct Tick {
-    id: u64,
-    sent_at_ns: u64,
-    pad: String,
-}
+#[path = "../tests/db/mod.rs"]
+mod db;
+#[path = "../../benches/support/s1.rs"]
+mod s1;
 
-impl Event for Tick {
-    const TYPE: &'static str = "bench.tick";
-}
-
-/// S1's worker: counts what it handles and says when it has seen `total`.
-struct Counter {
-    queue: String,
-    done: Arc<(AtomicUsize, Notify)>,
-    total: usize,
-}
-
-impl Worker for Counter {
-    type Event = Tick;
-
-    fn subscription(&self) -> Subscription {
-        Subscription::new(&self.queue)
-            .bind("bench.tick")
-            .prefetch(300)
-            .concurrency(32)
-    }
-
-    async fn handle(&self, _: Delivery<Tick>, _: &Context) -> Outcome {
-        if self.done.0.fetch_add(1, Ordering::Relaxed) + 1 == self.total {
-            self.done.1.notify_one();
-        }
-        Ok(())
-    }
-}
+use db::Db;
+use s1::{Counter, Tick};
 
 fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| rabbitry::DEFAULT_URL.into())
@@ -89,86 +58,28 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}{}", &id[id.len() - 10..])
 }
 
-/// A database of the round's own, dropped by [`Db::drop_it`].
-struct Db {
-    url: String,
-    postgres: Option<(String, String)>,
-    dir: Option<std::path::PathBuf>,
+/// How many rows `table` of `db` holds.
+async fn count(db: &Db, table: &str) -> i64 {
+    let mut conn = AnyConnection::connect(&db.url).await.unwrap();
+    let sql = format!("SELECT COUNT(*) FROM {table}");
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
 }
 
-impl Db {
-    async fn sqlite() -> Db {
-        let dir = std::env::temp_dir().join(unique("bench_record_"));
-        std::fs::create_dir_all(&dir).unwrap();
-        Db {
-            url: format!("sqlite://{}/store.db", dir.display()),
-            postgres: None,
-            dir: Some(dir),
-        }
-    }
-
-    async fn postgres() -> Db {
-        sqlx::any::install_default_drivers();
-        let admin = std::env::var("RABBITRY_TEST_POSTGRES")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let name = unique("bench_record_");
-        let mut conn = AnyConnection::connect(&admin)
-            .await
-            .expect("PostgreSQL is reachable (scripts/ensure-postgres starts it)");
-        conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .await
-            .unwrap();
-        let base = admin.rsplit_once('/').unwrap().0;
-        Db {
-            url: format!("{base}/{name}"),
-            postgres: Some((admin, name)),
-            dir: None,
-        }
-    }
-
-    async fn count(&self, table: &str) -> i64 {
-        let mut conn = AnyConnection::connect(&self.url).await.unwrap();
-        let sql = format!("SELECT COUNT(*) FROM {table}");
-        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-            .fetch_one(&mut conn)
-            .await
-            .unwrap()
-    }
-
-    /// Poll until `table` holds `n` rows.
-    async fn until_count(&self, table: &str, n: usize) {
-        while self.count(table).await < n as i64 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn drop_it(self) {
-        if let Some(dir) = &self.dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-        if let Some((admin, name)) = &self.postgres {
-            let mut conn = AnyConnection::connect(admin).await.unwrap();
-            let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-            conn.execute(sqlx::AssertSqlSafe(sql)).await.unwrap();
-        }
+/// Poll until `table` of `db` holds `n` rows.
+async fn until_count(db: &Db, table: &str, n: usize) {
+    while count(db, table).await < n as i64 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// Publish `n` S1 events with confirms (1000 in flight).
 async fn publish(publisher: &Publisher, n: usize) {
-    let pad = "p".repeat(150);
     let mut pipeline = publisher.pipeline();
     for id in 0..n as u64 {
-        let sent_at_ns = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64;
-        let tick = Tick {
-            id,
-            sent_at_ns,
-            pad: pad.clone(),
-        };
-        pipeline.send(&tick).await.unwrap();
+        pipeline.send(&Tick::new(id)).await.unwrap();
     }
     pipeline.flush().await.unwrap();
 }
@@ -232,12 +143,7 @@ async fn raw_consume(queue: &str, n: usize) -> f64 {
 
 /// `Store::record_events` writing `n` S1-sized events in batches of 500; events/s.
 async fn store_write(store: &Store, n: usize) -> f64 {
-    let body = serde_json::to_vec(&Tick {
-        id: 0,
-        sent_at_ns: 0,
-        pad: "p".repeat(150),
-    })
-    .unwrap();
+    let body = serde_json::to_vec(&Tick::new(0)).unwrap();
     let events: Vec<StoredEvent> = (0..n)
         .map(|_| {
             let id = uuid::Uuid::now_v7().to_string();
@@ -306,13 +212,13 @@ async fn ingest(db: Db, n: usize) -> [f64; 3] {
     let raw_rate = raw_consume(&raw, n).await;
     let started = Instant::now();
     let runtime = builder().start().await.unwrap();
-    db.until_count("rabbitry_events", n).await;
+    until_count(&db, "rabbitry_events", n).await;
     let keeper_rate = n as f64 / started.elapsed().as_secs_f64();
     runtime.shutdown().await;
     let write_rate = store_write(&store, n).await;
     store.close().await;
     cleanup(&builder(), &exchange, &[raw]).await;
-    db.drop_it().await;
+    drop(db);
     [raw_rate, write_rate, keeper_rate]
 }
 
@@ -361,7 +267,7 @@ async fn s1(record: Record, n: usize) -> (f64, f64) {
         done: done.clone(),
         total: n,
     };
-    let db = Db::sqlite().await;
+    let db = Db::sqlite("bench_record").await;
     let store = Store::connect(&db.url).await.unwrap();
     let reports_queue = format!("{exchange}.reports");
     let keeper = Keeper::new(store.clone(), &exchange).reports_queue(&reports_queue);
@@ -408,10 +314,10 @@ async fn s1(record: Record, n: usize) -> (f64, f64) {
     producing.await.unwrap();
     reports.close().await;
     if record.audit() {
-        db.until_count("rabbitry_events", n).await;
+        until_count(&db, "rabbitry_events", n).await;
     }
     if record.reports() {
-        db.until_count("rabbitry_handlings", n).await;
+        until_count(&db, "rabbitry_handlings", n).await;
     }
     let lag = started.elapsed().as_secs_f64();
     publisher.close().await;
@@ -437,7 +343,7 @@ async fn s1(record: Record, n: usize) -> (f64, f64) {
         ])
         .collect();
     cleanup(&cleanup_builder, &exchange, &keeper_queues).await;
-    db.drop_it().await;
+    drop(db);
     (rate, lag)
 }
 
@@ -455,8 +361,8 @@ async fn run(n: usize, rounds: usize) {
     for round in 0..rounds {
         for (i, name) in ["SQLite", "PostgreSQL"].into_iter().enumerate() {
             let db = match i {
-                0 if part("sqlite") => Db::sqlite().await,
-                1 if part("postgres") => Db::postgres().await,
+                0 if part("sqlite") => Db::sqlite("bench_record").await,
+                1 if part("postgres") => Db::postgres("bench_record").await,
                 _ => continue,
             };
             let [raw, write, keeper] = ingest(db, n).await;
