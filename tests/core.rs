@@ -583,6 +583,35 @@ async fn a_broker_that_is_down_gives_a_clear_error_without_the_password() {
     assert!(!text.contains("hunter2"), "the password leaked: {text}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_to_a_broker_that_accepts_but_never_answers_fails_within_its_timeout() {
+    // A port that takes the TCP connection and says nothing (a broker still starting).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let publisher =
+        rabbitry::Publisher::builder(format!("amqp://guest:hunter2@127.0.0.1:{port}/%2f"))
+            .exchange("events")
+            .timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+    let published = tokio::time::timeout(
+        Duration::from_secs(30),
+        publisher.publish(&OrderConfirmed { order_id: 1 }),
+    )
+    .await
+    .expect("the publish ends: an error, not a hang");
+    let err = published.expect_err("nothing answers there");
+    assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+    silent.abort();
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_start_keeps_trying_until_the_startup_timeout_and_no_longer() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -399,6 +399,11 @@ impl Pool {
         })
     }
 
+    /// The broker's URL, without its password.
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
     /// A live connection: an idle pooled one, or a new one (dead ones are discarded by the
     /// pool's recycle check). It returns to the pool when its last clone is dropped.
     pub(crate) async fn get(&self) -> Result<Connection> {

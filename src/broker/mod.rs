@@ -352,6 +352,22 @@ impl Pool {
             p.close();
         }
     }
+
+    /// The error of a connection (and channel) that did not open within `after`.
+    pub(crate) fn timed_out(&self, after: std::time::Duration) -> crate::error::Error {
+        let url = match self {
+            Pool::Amqp(p) => p.url().to_owned(),
+            Pool::Memory(url) => url.clone(),
+        };
+        let e = std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no connection and channel within {after:?}"),
+        );
+        crate::error::Error::Connect {
+            url,
+            source: crate::error::BrokerError::from(lapin::Error::from(e)),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -557,13 +557,21 @@ impl Inner {
         }
         // Give a dead connection back; the pool's recycle check discards it.
         cell.set(None);
-        let connection = self.pool.get().await?;
-        let channel = connection.channel().await?;
-        channel.confirm_select().await?;
-        let slot = Arc::new(Slot {
-            connection,
-            channel,
-        });
+        // Within the publish timeout: a broker that accepts the TCP connection but does not
+        // answer (one still starting, say) must make a publish fail, never hang it.
+        let reopen = async {
+            let connection = self.pool.get().await?;
+            let channel = connection.channel().await?;
+            channel.confirm_select().await?;
+            Ok::<_, Error>(Slot {
+                connection,
+                channel,
+            })
+        };
+        let slot = match tokio::time::timeout(self.timeout, reopen).await {
+            Ok(slot) => Arc::new(slot?),
+            Err(_) => return Err(self.pool.timed_out(self.timeout)),
+        };
         cell.set(Some(slot.clone()));
         Ok(slot)
     }
