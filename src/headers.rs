@@ -27,6 +27,13 @@ pub const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
 pub const ORIGINAL_QUEUE: &str = "x-original-queue";
 /// The version of the event's schema, written by the publisher when it is not 1.
 pub const EVENT_VERSION: &str = "x-event-version";
+/// When a delayed message is due (RFC 3339, UTC, milliseconds): see
+/// [`Outgoing::delay`](crate::Outgoing::delay).
+pub const DELAYED_UNTIL: &str = "x-delayed-until";
+/// The [`Schedule`](crate::Schedule) whose tick published the event.
+pub const SCHEDULE: &str = "x-schedule";
+/// When the tick that published the event was due (RFC 3339, UTC, milliseconds).
+pub const SCHEDULED_AT: &str = "x-scheduled-at";
 /// Written by RabbitMQ itself when it dead-letters a message; rabbitry keeps it as is.
 pub const X_DEATH: &str = "x-death";
 

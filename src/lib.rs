@@ -246,6 +246,7 @@ pub mod report;
 mod retry;
 mod router;
 mod runtime;
+mod schedule;
 #[cfg(feature = "schema")]
 mod schema;
 pub mod testing;
@@ -275,9 +276,11 @@ pub use registration::Registration;
 pub use retry::RetryPolicy;
 pub use router::{EventHandler, Router};
 pub use runtime::{DEFAULT_URL, QueueDepth, Runtime, RuntimeBuilder, WeakRuntime, WorkerStatus};
+pub use schedule::{Schedule, Scheduler, Tick};
 #[cfg(feature = "schema")]
 pub use schema::{Schema, Schemas, Violations};
 pub use topology::Topology;
+pub use topology::delay::{DELAY_PRECISION, MAX_DELAY};
 pub use worker::{QueueType, Subscription, Worker};
 
 /// The types most workers need: `use rabbitry::prelude::*;`.

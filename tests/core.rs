@@ -778,7 +778,108 @@ async fn refused_credentials_fail_the_start_at_once() {
     );
 }
 
+/// A delayed message reaches its worker no earlier than asked, and at most the stated
+/// precision plus a tolerance for a loaded machine later (the bound only catches a delay
+/// that is grossly wrong; the lower bound is the guarantee).
+async fn delayed_messages_arrive_no_earlier_than_asked_with_their_own_routing_key(env: TestEnv) {
+    env.uses_delays();
+    let (probe, mut seen) = env.probe(
+        Subscription::new(env.queue("reminders")).bind("order.reminder.*"),
+        |_| Ok(()),
+    );
+    let rt = env.builder().worker(probe).start().await.unwrap();
+    let publisher = env.publisher().await;
+    let tolerance = rabbitry::DELAY_PRECISION + Duration::from_secs(2);
+
+    let sent = tokio::time::Instant::now();
+    let late = publisher
+        .message(&order(1))
+        .routing_key("order.reminder.late")
+        .delay(Duration::from_millis(2500))
+        .send()
+        .await
+        .unwrap();
+    // 2.4 s has bit 0 clear: it leaves the cascade through the zero-time queue.
+    let even = publisher
+        .message(&order(2))
+        .routing_key("order.reminder.even")
+        .delay(Duration::from_millis(2400))
+        .send()
+        .await
+        .unwrap();
+    let at = publisher
+        .message(&order(3))
+        .routing_key("order.reminder.at")
+        .at(std::time::SystemTime::now() + Duration::from_millis(1200))
+        .send()
+        .await
+        .unwrap();
+    publisher
+        .message(&order(4))
+        .routing_key("order.reminder.now")
+        .send()
+        .await
+        .unwrap();
+
+    let mut arrived = BTreeMap::new();
+    for _ in 0..4 {
+        let s = seen.next().await;
+        arrived.insert(s.order_id(), s);
+    }
+    assert_eq!(
+        arrived.values().map(|s| s.order_id()).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    for (id, asked, message_id) in [(1, 2500, &late), (2, 2400, &even), (3, 1200, &at)] {
+        let s = &arrived[&id];
+        let after = s.at - sent;
+        let asked = Duration::from_millis(asked);
+        assert!(
+            after >= asked,
+            "order {id} arrived after {after:?}, asked {asked:?}"
+        );
+        assert!(
+            after <= asked + tolerance,
+            "order {id} arrived after {after:?}"
+        );
+        assert_eq!(&s.message_id, message_id);
+        assert_eq!(
+            s.exchange, env.exchange,
+            "delivered from the events exchange"
+        );
+        assert_eq!(s.attempt, 1);
+    }
+    assert_eq!(arrived[&1].routing_key, "order.reminder.late");
+    assert_eq!(arrived[&2].routing_key, "order.reminder.even");
+    // The undelayed one overtook them all.
+    assert!(arrived[&4].at < arrived[&3].at);
+    // Nothing waits in the tiers any more.
+    for tier in rabbitry::Topology::delay_tiers(&env.exchange) {
+        assert_eq!(env.ready(&tier).await, 0, "{tier}");
+    }
+    rt.shutdown().await;
+}
+
+/// A delay beyond what the broker can hold is refused before anything is sent.
+async fn a_delay_longer_than_the_broker_holds_is_refused(env: TestEnv) {
+    let publisher = env.publisher().await;
+    let too_long = rabbitry::MAX_DELAY + Duration::from_secs(1);
+    let err = publisher
+        .message(&order(1))
+        .routing_key("order.reminder")
+        .delay(too_long)
+        .send()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Config(ref m) if m.contains("longer than the broker can hold")),
+        "{err}"
+    );
+}
+
 on_both_brokers!(
+    delayed_messages_arrive_no_earlier_than_asked_with_their_own_routing_key,
+    a_delay_longer_than_the_broker_holds_is_refused,
     events_fan_out_to_every_matching_binding,
     every_handled_message_is_acknowledged_exactly_once,
     retries_follow_the_exponential_policy_then_dead_letter_with_headers,

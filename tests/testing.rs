@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use rabbitry::observe::{Lifecycle, Observer};
 use rabbitry::prelude::*;
 use rabbitry::testing::{Handling, TestBroker};
-use rabbitry::{FailureKind, Topology, headers};
+use rabbitry::{FailureKind, Schedule, Topology, headers};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -440,4 +440,167 @@ async fn an_ordered_key_waits_for_its_retry_in_paused_time_while_others_go_on() 
             .all(|r| r.message_id == "charge-2" && r.attempt == 1)
     );
     rt.shutdown().await;
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Countdown {
+    left: u32,
+}
+impl Event for Countdown {
+    const TYPE: &'static str = "test.countdown";
+}
+
+/// Sends the next step of a countdown 2.5 s later, from its handler.
+struct Ticker;
+
+impl Worker for Ticker {
+    type Event = Countdown;
+    fn subscription(&self) -> Subscription {
+        Subscription::new("test.ticker").bind(Countdown::TYPE)
+    }
+    async fn handle(&self, c: Delivery<Countdown>, ctx: &Context) -> Outcome {
+        if c.left > 0 {
+            let next = Countdown { left: c.left - 1 };
+            ctx.message(&next)
+                .delay(Duration::from_millis(2500))
+                .send()
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn delays_from_publishers_and_handlers_run_instantly_and_exactly_in_paused_time() {
+    let broker = TestBroker::new();
+    let rt = broker.runtime().worker(Ticker).start().await.unwrap();
+    let publisher = broker.publisher().await.unwrap();
+    let start = Instant::now();
+    publisher
+        .message(&Countdown { left: 3 })
+        .delay(Duration::from_secs(90 * 60))
+        .send()
+        .await
+        .unwrap();
+    broker.idle().await;
+    let at: Vec<Duration> = broker
+        .handled("test.ticker")
+        .iter()
+        .map(|r| r.at - start)
+        .collect();
+    let expected = [5_400_000, 5_402_500, 5_405_000, 5_407_500].map(Duration::from_millis);
+    assert_eq!(at, expected);
+    rt.shutdown().await;
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Beat {
+    tick_ms: i64,
+}
+impl Event for Beat {
+    const TYPE: &'static str = "test.beat";
+}
+
+/// Every beat received: (tick, arrival, message id).
+type Beats = Arc<Mutex<Vec<(i64, Instant, String)>>>;
+
+struct BeatLog(Beats);
+
+impl Worker for BeatLog {
+    type Event = Beat;
+    fn subscription(&self) -> Subscription {
+        Subscription::new("test.beats").bind(Beat::TYPE)
+    }
+    async fn handle(&self, beat: Delivery<Beat>, _ctx: &Context) -> Outcome {
+        let at = Instant::now();
+        let id = beat.message_id().to_owned();
+        self.0.lock().unwrap().push((beat.tick_ms, at, id));
+        Ok(())
+    }
+}
+
+fn every_ten_seconds() -> Schedule {
+    Schedule::new("beat", "*/10 * * * * *", |tick| Beat {
+        tick_ms: tick.unix_ms(),
+    })
+    .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_schedule_ticks_exactly_in_paused_time_and_a_restart_neither_skips_nor_repeats() {
+    let broker = TestBroker::new();
+    let beats = Beats::default();
+    let start = |beats: &Beats| {
+        broker
+            .runtime()
+            .worker(BeatLog(beats.clone()))
+            .schedule(every_ten_seconds())
+    };
+    let first = start(&beats).start().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    first.shutdown().await;
+    let before_outage = beats.lock().unwrap().len();
+    // Nobody runs the schedule for 30 s: three ticks are missed.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let restarted_at = Instant::now();
+    let second = start(&beats).start().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    second.shutdown().await;
+
+    let beats = beats.lock().unwrap().clone();
+    let ticks: Vec<i64> = beats.iter().map(|b| b.0).collect();
+    assert!(before_outage >= 4, "{ticks:?}");
+    assert!(ticks.len() >= 10, "{ticks:?}");
+    // Every tick on the ten seconds, each once, none left out.
+    assert!(ticks.iter().all(|t| t % 10_000 == 0), "{ticks:?}");
+    assert!(ticks.windows(2).all(|w| w[1] - w[0] == 10_000), "{ticks:?}");
+    let ids: std::collections::HashSet<&String> = beats.iter().map(|b| &b.2).collect();
+    assert_eq!(ids.len(), beats.len());
+    // Live ticks arrive exactly ten seconds apart; the missed ones all at the restart.
+    let live = &beats[..before_outage];
+    assert!(
+        live.windows(2)
+            .all(|w| w[1].1 - w[0].1 == Duration::from_secs(10))
+    );
+    let missed: Vec<_> = beats[before_outage..]
+        .iter()
+        .filter(|b| b.1 == restarted_at)
+        .collect();
+    assert_eq!(missed.len(), 3, "{beats:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_runtimes_with_one_schedule_fire_each_tick_once_and_the_survivor_takes_over() {
+    let broker = TestBroker::new();
+    let beats = Beats::default();
+    let a = broker
+        .runtime()
+        .worker(BeatLog(beats.clone()))
+        .schedule(every_ten_seconds())
+        .start()
+        .await
+        .unwrap();
+    let b = broker
+        .runtime()
+        .schedule(every_ten_seconds())
+        .start()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let with_both = beats.lock().unwrap().len();
+    // The first runtime led (it started first); it stops, the second takes over.
+    a.shutdown().await;
+    let c = broker
+        .runtime()
+        .worker(BeatLog(beats.clone()))
+        .start()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    b.shutdown().await;
+    c.shutdown().await;
+    let ticks: Vec<i64> = beats.lock().unwrap().iter().map(|b| b.0).collect();
+    assert!((5..=7).contains(&with_both), "{ticks:?}");
+    assert!(ticks.len() >= with_both + 5, "{ticks:?}");
+    assert!(ticks.windows(2).all(|w| w[1] - w[0] == 10_000), "{ticks:?}");
 }

@@ -657,3 +657,249 @@ async fn scenario_6_broker_restart_mid_publish_and_consume() {
         &produced,
     );
 }
+
+/// A scheduler process of scenario 7 and the lines it printed.
+struct SchedulerProcess {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    leads: bool,
+}
+
+impl SchedulerProcess {
+    fn spawn(exchange: &str, schedule: &str) -> SchedulerProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chaos-scheduler"))
+            .env("AMQP_URL", url())
+            .env("RABBITRY_EXCHANGE", exchange)
+            .env("CHAOS_SCHEDULE", schedule)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chaos-scheduler starts");
+        let (tx, lines) = mpsc::unbounded_channel();
+        let stdout = child.stdout.take().unwrap();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        SchedulerProcess {
+            child,
+            lines,
+            leads: false,
+        }
+    }
+
+    /// Read what it printed so far; whether it said it leads.
+    fn poll(&mut self) -> bool {
+        while let Ok(line) = self.lines.try_recv() {
+            if line.contains("this process leads the schedule") {
+                self.leads = true;
+            }
+        }
+        self.leads
+    }
+}
+
+/// The one process leading now (waits until one says so; fails if two do).
+async fn leader(processes: &mut [SchedulerProcess]) -> usize {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let leading: Vec<usize> = (0..processes.len())
+            .filter(|i| processes[*i].poll())
+            .collect();
+        match leading[..] {
+            [one] => return one,
+            [] => assert!(Instant::now() < deadline, "no scheduler took the lead"),
+            _ => panic!("two scheduler processes lead at once: {leading:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_7_cron_leader_sigkilled_twice_over_three_processes() {
+    let sc = Scenario::new("cron");
+    let schedule = "chaos-tick";
+    let ticks_queue = format!("{}.ticks", sc.queue);
+    let token_queue = rabbitry::Scheduler::token_queue(&sc.exchange, schedule);
+    let _cleanup = cleanup::DeleteOnDrop {
+        url: url(),
+        queues: vec![ticks_queue.clone(), token_queue],
+        exchanges: vec![],
+    };
+    // Receive every tick: (tick, message id).
+    let conn = Connection::connect(&url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_declare(
+        sc.exchange.as_str().into(),
+        lapin::ExchangeKind::Topic,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        ticks_queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        ticks_queue.as_str().into(),
+        sc.exchange.as_str().into(),
+        "chaos.tick".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            ticks_queue.as_str().into(),
+            "ticks".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let (tick_tx, mut tick_rx) = mpsc::unbounded_channel::<(i64, String)>();
+    tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            let body: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+            let id = d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.to_string())
+                .unwrap_or_default();
+            let _ = tick_tx.send((body["tick_ms"].as_i64().unwrap(), id));
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
+        }
+    });
+    let mut ticks: Vec<(i64, String)> = Vec::new();
+    let mut wait_ticks = async |ticks: &mut Vec<(i64, String)>, n: usize| {
+        let target = ticks.len() + n;
+        while ticks.len() < target {
+            let tick = tokio::time::timeout(PATIENCE, tick_rx.recv())
+                .await
+                .expect("ticks keep coming")
+                .expect("the tick consumer runs");
+            ticks.push(tick);
+        }
+    };
+
+    let mut processes: Vec<SchedulerProcess> = (0..3)
+        .map(|_| SchedulerProcess::spawn(&sc.exchange, schedule))
+        .collect();
+    let mut killed = 0;
+    for _ in 0..2 {
+        let lead = leader(&mut processes).await;
+        wait_ticks(&mut ticks, 3).await;
+        let victim = processes.remove(lead);
+        let mut child = victim.child;
+        child.kill().await.expect("SIGKILL delivered");
+        killed += 1;
+        println!("[{}] leader SIGKILLed after {} ticks", sc.name, ticks.len());
+    }
+    leader(&mut processes).await;
+    wait_ticks(&mut ticks, 4).await;
+    for p in &mut processes {
+        let _ = p.child.kill().await;
+    }
+    let _ = conn.close(200, "OK".into()).await;
+
+    let mut seen: HashMap<i64, BTreeSet<String>> = HashMap::new();
+    for (tick, id) in &ticks {
+        seen.entry(*tick).or_default().insert(id.clone());
+    }
+    let distinct: BTreeSet<i64> = seen.keys().copied().collect();
+    let first = *distinct.first().unwrap();
+    let last = *distinct.last().unwrap();
+    let duplicates = ticks.len() - distinct.len();
+    println!(
+        "[{}] {} ticks received, {} distinct seconds from first to last, {} duplicates, {killed} leaders killed",
+        sc.name,
+        ticks.len(),
+        distinct.len(),
+        duplicates
+    );
+    assert!(
+        distinct.iter().all(|t| t % 1000 == 0),
+        "ticks on whole seconds"
+    );
+    assert_eq!(
+        distinct.len() as i64,
+        (last - first) / 1000 + 1,
+        "no tick skipped between the first and the last: {distinct:?}"
+    );
+    assert!(
+        seen.values().all(|ids| ids.len() == 1),
+        "a refired tick keeps its message id"
+    );
+    assert!(
+        duplicates <= killed,
+        "at most the last tick of a killed leader fires twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_8_delayed_messages_survive_a_worker_kill_and_a_broker_restart() {
+    let sc = Scenario::new("delays");
+    let tiers = Topology::delay_tiers(&sc.exchange);
+    let mut queues = tiers.clone();
+    queues.push(format!("{}.delay.due", sc.exchange));
+    let _cleanup = cleanup::DeleteOnDrop {
+        url: url(),
+        queues,
+        exchanges: tiers,
+    };
+    let mut worker = sc.spawn_worker(&[]);
+    worker.wait_for_line("ready").await;
+    let publisher = sc.publisher().await;
+    let mut produced = Produced::default();
+    // 300 messages held by the broker for 3 to 12 s.
+    for id in 0..300u64 {
+        let message = ChaosMessage::new(id);
+        let delay = Duration::from_millis(3_000 + (id % 10) * 1_000);
+        produced.attempted.insert(id);
+        match publisher.message(&message).delay(delay).send().await {
+            Ok(_) => {
+                produced.confirmed.insert(id);
+            }
+            Err(_) => produced.failures += 1,
+        }
+    }
+    let sent_at = Instant::now();
+    worker.sigkill().await;
+    let guard = BrokerRestart;
+    tokio::task::spawn_blocking(|| BrokerRestart::ctl("stop_app"))
+        .await
+        .unwrap();
+    tokio::task::spawn_blocking(|| BrokerRestart::ctl("start_app"))
+        .await
+        .unwrap();
+    drop(guard);
+    println!(
+        "[{}] 300 delayed messages published, worker killed, broker restarted {:?} after the last publish",
+        sc.name,
+        sent_at.elapsed()
+    );
+    let mut worker = sc.spawn_worker(&[]);
+    worker.wait_for_line("ready").await;
+    sc.wait_for_ledger("every delayed message", |l| {
+        produced.confirmed.iter().all(|id| l.contains_key(id))
+    })
+    .await;
+    worker.sigterm().await;
+    sc.report(
+        &verify(&produced.confirmed, &produced.attempted, &sc.ledger()),
+        &produced,
+    );
+}

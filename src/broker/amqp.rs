@@ -7,10 +7,10 @@ use std::sync::Arc;
 use futures_util::{Stream, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeBindOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, ConnectionProperties, ExchangeKind};
 
@@ -146,6 +146,7 @@ impl Channel {
             "topic" => ExchangeKind::Topic,
             "direct" => ExchangeKind::Direct,
             "fanout" => ExchangeKind::Fanout,
+            "headers" => ExchangeKind::Headers,
             other => ExchangeKind::Custom(other.to_owned()),
         };
         let options = ExchangeDeclareOptions {
@@ -221,6 +222,41 @@ impl Channel {
                 FieldTable::default(),
             )
             .await
+    }
+
+    pub(crate) async fn bind_headers(
+        &self,
+        destination: &str,
+        to_exchange: bool,
+        exchange: &str,
+        matching: &[(&str, &str)],
+    ) -> lapin::Result<()> {
+        let mut args = FieldTable::default();
+        args.insert("x-match".into(), AMQPValue::LongString("all".into()));
+        for (k, v) in matching {
+            args.insert((*k).into(), AMQPValue::LongString((*v).into()));
+        }
+        if to_exchange {
+            self.inner
+                .exchange_bind(
+                    destination.into(),
+                    exchange.into(),
+                    "".into(),
+                    ExchangeBindOptions::default(),
+                    args,
+                )
+                .await
+        } else {
+            self.inner
+                .queue_bind(
+                    destination.into(),
+                    exchange.into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    args,
+                )
+                .await
+        }
     }
 
     /// Per-consumer prefetch (never global: RabbitMQ 4.3 rejects global QoS).

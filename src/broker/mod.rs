@@ -37,6 +37,16 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Whether `url` names an in-memory broker.
+pub(crate) fn is_memory_url(url: &str) -> bool {
+    memory::is_memory_url(url)
+}
+
+/// The wall and tokio times at which the in-memory broker at `url` was made.
+pub(crate) fn memory_epoch(url: &str) -> (std::time::SystemTime, tokio::time::Instant) {
+    memory::epoch(url)
+}
+
 /// Turn a string into an AMQP short string, or say which field is too long.
 pub(crate) fn short(what: &str, s: &str) -> Result<ShortString> {
     ShortString::try_new(s).map_err(|_| {
@@ -216,6 +226,25 @@ impl Channel {
         match self {
             Channel::Amqp(c) => c.bind(queue, exchange, key).await,
             Channel::Memory(c) => c.bind(queue, exchange, key),
+        }
+    }
+
+    /// Bind `destination` — a queue, or an exchange when `to_exchange` — to the `headers`
+    /// exchange `exchange` for messages whose headers hold every `(key, value)` of
+    /// `matching` (string values, `x-match = all`).
+    pub(crate) async fn bind_headers(
+        &self,
+        destination: &str,
+        to_exchange: bool,
+        exchange: &str,
+        matching: &[(&str, &str)],
+    ) -> lapin::Result<()> {
+        match self {
+            Channel::Amqp(c) => {
+                c.bind_headers(destination, to_exchange, exchange, matching)
+                    .await
+            }
+            Channel::Memory(c) => c.bind_headers(destination, to_exchange, exchange, matching),
         }
     }
 

@@ -153,6 +153,7 @@ impl PublisherBuilder {
                 returns: Returns::default(),
                 observers: Observers::new(self.observers),
                 limiter: self.rate.map(Limiter::new),
+                delays: tokio::sync::OnceCell::new(),
                 #[cfg(feature = "schema")]
                 schemas: self.schemas.filter(|s| !s.is_empty()),
             }),

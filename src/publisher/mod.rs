@@ -74,6 +74,8 @@ struct Inner {
     returns: Returns,
     observers: Observers,
     limiter: Option<crate::rate::Limiter>,
+    /// Set once this publisher has declared the delay tiers of its exchange.
+    delays: tokio::sync::OnceCell<()>,
     #[cfg(feature = "schema")]
     schemas: Option<crate::schema::Schemas>,
 }
@@ -365,12 +367,32 @@ impl Publisher {
             .await
     }
 
+    /// For a delayed message, declare the delay tiers if this publisher has not yet.
+    async fn prepare_delays(&self, message: &Prepared) -> Result<()> {
+        if message.via.is_none() {
+            return Ok(());
+        }
+        self.inner
+            .delays
+            .get_or_try_init(|| async {
+                let conn = self.connection().await?;
+                conn.on_channel(async |ch| {
+                    crate::topology::delay::declare(ch, &self.inner.exchange).await
+                })
+                .await
+            })
+            .await?;
+        Ok(())
+    }
+
     /// Publish a prepared message to the publisher's exchange and wait for its confirm.
     async fn send_prepared(&self, mut message: Prepared) -> Result<String> {
         self.inner.pace().await;
         let span = self.inner.announce(&mut message);
+        self.prepare_delays(&message).await?;
+        let via = message.via.take();
         self.send(
-            &self.inner.exchange,
+            via.as_deref().unwrap_or(&self.inner.exchange),
             &message.routing_key,
             &message.body,
             message.properties,

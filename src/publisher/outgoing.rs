@@ -1,5 +1,7 @@
 //! An outgoing message with options, ready to publish.
 
+use std::time::{Duration, SystemTime};
+
 use lapin::BasicProperties;
 use lapin::types::{FieldTable, ShortString};
 
@@ -8,9 +10,12 @@ use crate::broker;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::headers;
+use crate::topology::delay;
 
 /// A serialized message with its routing key and properties, ready to send.
 pub(super) struct Prepared {
+    /// Where it goes first: a delay tier's exchange; `None` for the publisher's exchange.
+    pub(super) via: Option<String>,
     pub(super) routing_key: String,
     pub(super) body: Vec<u8>,
     pub(super) properties: BasicProperties,
@@ -28,6 +33,15 @@ pub(crate) struct MessageOptions {
     pub(crate) allow_unroutable: bool,
     /// A header key that AMQP cannot carry, reported by `send`.
     pub(crate) bad_header: Option<String>,
+    /// Held by the broker until then.
+    pub(crate) delay: Option<Delay>,
+}
+
+/// When a delayed message is due.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Delay {
+    For(Duration),
+    Until(SystemTime),
 }
 
 /// A message being prepared by [`Publisher::message`] or
@@ -101,6 +115,40 @@ impl<'a, E: Event> Outgoing<'a, E> {
         self
     }
 
+    /// Have the broker hold the message for `delay` before routing it: it reaches its
+    /// queues no earlier than `delay` after the publish, and at most
+    /// [`DELAY_PRECISION`](crate::DELAY_PRECISION) (100 ms, the rounding) plus the broker's
+    /// own latency later. The wait is in durable broker queues (a cascade of time-to-live
+    /// tiers, declared on first use), so it survives restarts of every process and of the
+    /// broker. Up to [`MAX_DELAY`](crate::MAX_DELAY) (≈ 77.7 days); longer is an
+    /// [`Error::Config`].
+    ///
+    /// A delayed message cannot be withdrawn, and its routing is checked when it comes
+    /// due, not at the publish: one no queue takes then is dropped by the broker.
+    ///
+    /// ```no_run
+    /// # use rabbitry::{Event, Publisher};
+    /// # use std::time::Duration;
+    /// # #[derive(serde::Serialize)] struct PaymentReminder { order_id: u64 }
+    /// # impl Event for PaymentReminder { const TYPE: &'static str = "payment.reminder"; }
+    /// # async fn run(publisher: Publisher) -> rabbitry::Result<()> {
+    /// let reminder = PaymentReminder { order_id: 1001 };
+    /// publisher.message(&reminder).delay(Duration::from_secs(15 * 60)).send().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.options.delay = Some(Delay::For(delay));
+        self
+    }
+
+    /// Have the broker hold the message until `time` (see [`delay`](Outgoing::delay)); a
+    /// time already past publishes at once. The delay is computed from this machine's
+    /// clock when the message is sent.
+    pub fn at(mut self, time: SystemTime) -> Self {
+        self.options.delay = Some(Delay::Until(time));
+        self
+    }
+
     /// Publish and wait for the broker's confirm; returns the message id.
     pub async fn send(self) -> Result<String> {
         let prepared = self.prepare()?;
@@ -118,8 +166,31 @@ impl<'a, E: Event> Outgoing<'a, E> {
         }
         let routing_key = self.options.routing_key.as_deref().unwrap_or(E::TYPE);
         broker::short("routing key", routing_key)?;
-        let (body, properties, id) = self.publisher.prepare(self.event, &self.options)?;
+        let (due, wait) = match self.options.delay {
+            None => (None, Duration::ZERO),
+            Some(Delay::For(d)) => (SystemTime::now().checked_add(d), d),
+            Some(Delay::Until(t)) => {
+                let wait = t.duration_since(SystemTime::now()).unwrap_or_default();
+                (Some(t), wait)
+            }
+        };
+        let route = delay::route(self.publisher.exchange(), wait)?;
+        let (body, properties, id) = match &route {
+            None => self.publisher.prepare(self.event, &self.options)?,
+            Some(route) => {
+                let mut options = self.options.clone();
+                for (key, bit) in &route.headers {
+                    headers::set(&mut options.headers, key, headers::string(bit));
+                }
+                if let Some(due) = due {
+                    let due = headers::string(&headers::timestamp(due));
+                    headers::set(&mut options.headers, headers::DELAYED_UNTIL, due);
+                }
+                self.publisher.prepare(self.event, &options)?
+            }
+        };
         Ok(Prepared {
+            via: route.map(|r| r.exchange),
             routing_key: routing_key.to_owned(),
             body,
             properties,

@@ -91,6 +91,7 @@ impl<'p> Pipeline<'p> {
         }
         let inner = self.publisher.inner.clone();
         inner.pace().await;
+        self.publisher.prepare_delays(&prepared).await?;
         let slot = match inner.slot(self.slot).await {
             Ok(slot) => slot,
             Err(e) => {
@@ -155,13 +156,14 @@ impl<'p> Pipeline<'p> {
 /// Publish one message on `slot` and wait for its confirm (within the publish timeout).
 async fn publish_one(inner: Arc<Inner>, slot: Arc<Slot>, message: Prepared) -> Result<()> {
     let Prepared {
+        via,
         routing_key,
         body,
         properties,
         id,
         mandatory,
     } = message;
-    let exchange = inner.exchange.as_str();
+    let exchange = via.as_deref().unwrap_or(&inner.exchange);
     let confirmed = async {
         let confirm = slot
             .channel

@@ -1,7 +1,7 @@
 //! The runtime: declares the topology, consumes for every worker, and keeps it all running.
 
 mod acks;
-mod connect;
+pub(crate) mod connect;
 mod consumer;
 mod settle;
 mod supervisor;
@@ -53,6 +53,7 @@ pub struct RuntimeBuilder {
     #[cfg(feature = "schema")]
     schemas: Option<crate::schema::Schemas>,
     on_start: Vec<StartHook>,
+    schedules: Vec<crate::Schedule>,
 }
 
 /// Work started with a runtime's handle once it runs (see [`RuntimeBuilder::on_start`]).
@@ -203,6 +204,26 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Publish an event at every tick of `schedule` while the runtime runs. Every process
+    /// whose runtime has the schedule competes for it and exactly one fires each tick,
+    /// failing over when that one dies; see [`Scheduler`](crate::Scheduler).
+    ///
+    /// ```no_run
+    /// use rabbitry::{Event, Runtime, Schedule};
+    /// # #[derive(serde::Serialize)] struct InvoicesDue;
+    /// # impl Event for InvoicesDue { const TYPE: &'static str = "invoices.due"; }
+    /// # async fn run() -> rabbitry::Result<()> {
+    /// Runtime::builder()
+    ///     .schedule(Schedule::new("invoices", "0 0 6 * * MON-FRI", |_| InvoicesDue)?)
+    ///     .run_until_signal()
+    ///     .await
+    /// # }
+    /// ```
+    pub fn schedule(mut self, schedule: crate::Schedule) -> Self {
+        self.schedules.push(schedule);
+        self
+    }
+
     /// Everything the runtime would declare, without touching the broker.
     pub fn plan(&self) -> Result<Topology> {
         self.check()?;
@@ -236,6 +257,7 @@ impl RuntimeBuilder {
                 "reconnect delays must satisfy 0 < min <= max".into(),
             ));
         }
+        self.scheduler().check()?;
         let mut names = HashSet::new();
         for worker in &self.workers {
             let queue = worker
@@ -248,6 +270,14 @@ impl RuntimeBuilder {
             }
         }
         Ok(())
+    }
+
+    fn scheduler(&self) -> crate::Scheduler {
+        self.schedules.iter().cloned().fold(
+            crate::Scheduler::new(self.url.clone(), self.exchange.clone())
+                .connection_name(format!("{}:scheduler", self.connection_name)),
+            crate::Scheduler::schedule,
+        )
     }
 
     fn settings(&self) -> Settings {
@@ -303,6 +333,7 @@ impl RuntimeBuilder {
             "starting runtime"
         );
         let settings = self.settings();
+        let scheduler = (!self.schedules.is_empty()).then(|| self.scheduler());
         let shared = Arc::new(Shared {
             exchange: self.exchange,
             publisher,
@@ -338,6 +369,20 @@ impl RuntimeBuilder {
             stopped,
             task: Arc::new(Mutex::new(Some(task))),
         };
+        if let Some(scheduler) = scheduler {
+            let (shutdown, stopped) = (runtime.shutdown.clone(), runtime.stopped.clone());
+            let stop = async move {
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = stopped.cancelled() => {}
+                }
+            };
+            tokio::spawn(async move {
+                if let Err(e) = scheduler.run_until(stop).await {
+                    tracing::error!(error = %e, "the runtime's scheduler stopped");
+                }
+            });
+        }
         for hook in self.on_start {
             if let Err(e) = hook(runtime.clone()).await {
                 runtime.shutdown().await;
@@ -478,6 +523,7 @@ impl Runtime {
             #[cfg(feature = "schema")]
             schemas: None,
             on_start: Vec::new(),
+            schedules: Vec::new(),
         }
     }
 

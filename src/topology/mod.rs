@@ -1,5 +1,6 @@
 //! What to declare on the broker for a set of workers, and the declaring of it.
 
+pub(crate) mod delay;
 mod record;
 
 use std::fmt;
@@ -210,6 +211,20 @@ impl Topology {
             });
         }
         self.bindings.extend(bindings);
+    }
+
+    /// The names of the delay tiers rabbitry declares for `exchange` on the first delayed
+    /// message (see [`Outgoing::delay`](crate::Outgoing::delay)): each is both a headers
+    /// exchange and a queue; the queue `<exchange>.delay.due` comes with them.
+    ///
+    /// ```
+    /// let tiers = rabbitry::Topology::delay_tiers("events");
+    /// assert_eq!(tiers.len(), 26);
+    /// assert_eq!(tiers[0], "events.delay.100");
+    /// assert_eq!(tiers[25], "events.delay.3355443200");
+    /// ```
+    pub fn delay_tiers(exchange: &str) -> Vec<String> {
+        delay::tier_names(exchange)
     }
 
     /// The names of every queue in the plan.

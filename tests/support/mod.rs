@@ -125,6 +125,8 @@ pub struct TestEnv {
     pub exchange: String,
     prefix: String,
     queues: Mutex<BTreeSet<String>>,
+    /// Whether the test published delayed messages (the delay tiers then need deleting).
+    delays: std::sync::atomic::AtomicBool,
     backend: Backend,
 }
 
@@ -136,6 +138,7 @@ impl TestEnv {
             exchange: format!("{prefix}.events"),
             prefix,
             queues: Mutex::new(BTreeSet::new()),
+            delays: std::sync::atomic::AtomicBool::new(false),
             backend,
         }
     }
@@ -219,6 +222,13 @@ impl TestEnv {
             Backend::RabbitMq { relay } => relay.lock().unwrap().clone(),
             Backend::Memory(_) => None,
         }
+    }
+
+    /// Delete the delay tiers of this test's exchange at the end (a test that publishes
+    /// delayed messages calls this).
+    pub fn uses_delays(&self) {
+        self.delays
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Remember every queue `subscription` makes, for cleanup.
@@ -422,8 +432,14 @@ impl Drop for TestEnv {
         if self.memory().is_some() {
             return; // the in-memory broker goes with the test
         }
-        let queues: Vec<String> = self.queues.lock().unwrap().iter().cloned().collect();
-        let exchanges = vec![self.exchange.clone(), format!("{}.dlx", self.exchange)];
+        let mut queues: Vec<String> = self.queues.lock().unwrap().iter().cloned().collect();
+        let mut exchanges = vec![self.exchange.clone(), format!("{}.dlx", self.exchange)];
+        if self.delays.load(std::sync::atomic::Ordering::Relaxed) {
+            let tiers = Topology::delay_tiers(&self.exchange);
+            queues.extend(tiers.iter().cloned());
+            queues.push(format!("{}.delay.due", self.exchange));
+            exchanges.extend(tiers);
+        }
         cleanup::delete(&url(), queues, exchanges);
     }
 }

@@ -33,6 +33,9 @@ static REGISTRY: LazyLock<Mutex<HashMap<String, Weak<Broker>>>> = LazyLock::new(
 
 pub(crate) struct Broker {
     name: String,
+    /// Wall time and tokio time when the broker was made: the clock its schedules read
+    /// (so that every process of a test shares one, paused or not).
+    epoch: (std::time::SystemTime, tokio::time::Instant),
     state: Mutex<State>,
     changed: Notify,
 }
@@ -47,6 +50,7 @@ impl Broker {
         registry.retain(|_, b| b.strong_count() > 0);
         let broker = Arc::new(Broker {
             name: name.to_owned(),
+            epoch: (std::time::SystemTime::now(), tokio::time::Instant::now()),
             state: Mutex::default(),
             changed: Notify::new(),
         });
@@ -100,6 +104,13 @@ impl Broker {
             }
         });
     }
+}
+
+/// The epoch of the in-memory broker at `url` (see [`Broker::epoch`]).
+pub(crate) fn epoch(url: &str) -> (std::time::SystemTime, tokio::time::Instant) {
+    let name = url.strip_prefix(SCHEME).unwrap_or(url);
+    let name = name.split(['?', '/']).next().unwrap_or_default();
+    Broker::named(name).epoch
 }
 
 /// A message as a queue holds it, for inspecting an in-memory broker.

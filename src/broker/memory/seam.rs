@@ -145,6 +145,16 @@ impl Channel {
         self.with(|s, id| s.bind(id, queue, exchange, key))
     }
 
+    pub(crate) fn bind_headers(
+        &self,
+        destination: &str,
+        to_exchange: bool,
+        exchange: &str,
+        matching: &[(&str, &str)],
+    ) -> lapin::Result<()> {
+        self.with(|s, id| s.bind_headers(id, destination, to_exchange, exchange, matching))
+    }
+
     pub(crate) fn qos(&self, prefetch: u16) -> lapin::Result<()> {
         self.with(|s, id| s.qos(id, prefetch))
     }

@@ -54,6 +54,9 @@ pub(super) struct State {
     exchanges: HashMap<String, String>,
     /// (exchange, queue, binding key).
     bindings: BTreeSet<(String, String, String)>,
+    /// Bindings that match on message headers (from a `headers` exchange, to a queue or
+    /// another exchange).
+    header_bindings: Vec<HeaderBinding>,
     queues: HashMap<String, Queue>,
     conns: HashMap<u64, Conn>,
     chans: HashMap<u64, Chan>,
@@ -63,6 +66,16 @@ pub(super) struct State {
     pub(super) needs_expiry: Vec<String>,
     /// Messages published by clients, when recording is on.
     pub(super) journal: Option<Vec<Message>>,
+}
+
+/// A binding of a `headers` exchange: a message whose headers hold every `(key, value)`
+/// pair (`x-match = all`) goes to the destination, a queue or another exchange.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct HeaderBinding {
+    pub(super) exchange: String,
+    pub(super) destination: String,
+    pub(super) to_exchange: bool,
+    pub(super) matching: Vec<(String, String)>,
 }
 
 fn soft(kind: AMQPSoftError, text: String) -> lapin::Error {
@@ -306,6 +319,41 @@ impl State {
         Ok(())
     }
 
+    /// Bind `destination` (a queue, or an exchange when `to_exchange`) to the headers
+    /// exchange `exchange` for messages whose headers hold every pair of `matching`.
+    pub(super) fn bind_headers(
+        &mut self,
+        chan: u64,
+        destination: &str,
+        to_exchange: bool,
+        exchange: &str,
+        matching: &[(&str, &str)],
+    ) -> lapin::Result<()> {
+        self.chan(chan, "exchange.bind")?;
+        for x in std::iter::once(exchange).chain(to_exchange.then_some(destination)) {
+            if !self.exchanges.contains_key(x) {
+                let text = format!("NOT_FOUND - no exchange '{x}' in vhost '/'");
+                return Err(self.fail(chan, soft(AMQPSoftError::NOTFOUND, text)));
+            }
+        }
+        if !to_exchange && !self.queues.contains_key(destination) {
+            return Err(self.fail(chan, no_queue(destination)));
+        }
+        let binding = HeaderBinding {
+            exchange: exchange.to_owned(),
+            destination: destination.to_owned(),
+            to_exchange,
+            matching: matching
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        };
+        if !self.header_bindings.contains(&binding) {
+            self.header_bindings.push(binding);
+        }
+        Ok(())
+    }
+
     /// The binding `exchange` → `queue` with `key`, once both ends are known to exist.
     fn binding(
         &mut self,
@@ -368,6 +416,8 @@ impl State {
     pub(super) fn remove_queue(&mut self, name: &str) -> Option<usize> {
         let queue = self.queues.remove(name)?;
         self.bindings.retain(|(_, q, _)| q != name);
+        self.header_bindings
+            .retain(|b| b.to_exchange || b.destination != name);
         // Its consumers are cancelled by the broker: their streams end.
         for (ch, tag) in queue.consumers.iter() {
             if let Some(c) = self.chans.get_mut(ch) {

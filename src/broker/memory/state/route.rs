@@ -2,6 +2,7 @@
 
 use lapin::BasicProperties;
 use lapin::protocol::AMQPSoftError;
+use lapin::types::{AMQPValue, FieldTable};
 use tokio::time::Instant;
 
 use super::super::queue::{Message, with_death};
@@ -10,7 +11,14 @@ use crate::broker::Confirm;
 use crate::topic;
 
 impl State {
-    pub(in crate::broker::memory) fn route(&self, exchange: &str, key: &str) -> Vec<String> {
+    /// The queues a message published to `exchange` with `key` and `headers` reaches,
+    /// following exchange-to-exchange bindings; each queue once.
+    pub(in crate::broker::memory) fn route(
+        &self,
+        exchange: &str,
+        key: &str,
+        headers: Option<&FieldTable>,
+    ) -> Vec<String> {
         if exchange.is_empty() {
             return self
                 .queues
@@ -19,21 +27,45 @@ impl State {
                 .into_iter()
                 .collect();
         }
-        let kind = self.exchanges.get(exchange).map(String::as_str);
-        let mut queues: Vec<String> = self
-            .bindings
-            .iter()
-            .filter(|(x, _, pattern)| {
-                x == exchange
-                    && match kind {
-                        Some("topic") => topic::matches(pattern, key),
-                        Some("fanout") => true,
-                        _ => pattern == key,
-                    }
-            })
-            .map(|(_, q, _)| q.clone())
-            .collect();
-        queues.dedup();
+        let mut queues: Vec<String> = Vec::new();
+        let mut visited: Vec<&str> = Vec::new();
+        let mut next: Vec<&str> = vec![exchange];
+        while let Some(x) = next.pop() {
+            if visited.contains(&x) {
+                continue;
+            }
+            visited.push(x);
+            let kind = self.exchanges.get(x).map(String::as_str);
+            let keyed = self
+                .bindings
+                .iter()
+                .filter(|(bx, _, pattern)| {
+                    bx == x
+                        && match kind {
+                            Some("topic") => topic::matches(pattern, key),
+                            Some("fanout") => true,
+                            Some("headers") => false,
+                            _ => pattern == key,
+                        }
+                })
+                .map(|(_, q, _)| q.as_str());
+            let matched = self
+                .header_bindings
+                .iter()
+                .filter(|b| b.exchange == x && headers_match(&b.matching, headers));
+            for q in keyed {
+                if !queues.iter().any(|known| known == q) {
+                    queues.push(q.to_owned());
+                }
+            }
+            for b in matched {
+                if b.to_exchange {
+                    next.push(&b.destination);
+                } else if !queues.contains(&b.destination) {
+                    queues.push(b.destination.clone());
+                }
+            }
+        }
         queues
     }
 
@@ -96,7 +128,7 @@ impl State {
             enqueued_at: Instant::now(),
             seq: 0,
         };
-        let queues = self.route(exchange, routing_key);
+        let queues = self.route(exchange, routing_key, message.properties.headers().as_ref());
         for queue in &queues {
             self.enqueue(queue, message.clone());
             self.dispatch(queue);
@@ -135,7 +167,7 @@ impl State {
             enqueued_at: Instant::now(),
             seq: 0,
         };
-        for target in self.route(&exchange, &routing_key) {
+        for target in self.route(&exchange, &routing_key, moved.properties.headers().as_ref()) {
             self.enqueue(&target, moved.clone());
             self.dispatch(&target);
         }
@@ -182,4 +214,19 @@ impl State {
             _ => false,
         }
     }
+}
+
+/// Whether `headers` hold every `(key, value)` of a binding (`x-match = all`; values
+/// compared as strings, as RabbitMQ compares a long string header with a string argument).
+fn headers_match(matching: &[(String, String)], headers: Option<&FieldTable>) -> bool {
+    let Some(headers) = headers else {
+        return matching.is_empty();
+    };
+    matching
+        .iter()
+        .all(|(k, v)| match headers.inner().get(k.as_str()) {
+            Some(AMQPValue::LongString(s)) => s.as_bytes() == v.as_bytes(),
+            Some(AMQPValue::ShortString(s)) => s.as_str() == v,
+            _ => false,
+        })
 }
