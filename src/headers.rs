@@ -34,6 +34,8 @@ pub const DELAYED_UNTIL: &str = "x-delayed-until";
 pub const SCHEDULE: &str = "x-schedule";
 /// When the tick that published the event was due (RFC 3339, UTC, milliseconds).
 pub const SCHEDULED_AT: &str = "x-scheduled-at";
+/// The [`Saga`](crate::Saga) whose step published the event.
+pub const SAGA: &str = "x-saga";
 /// Written by RabbitMQ itself when it dead-letters a message; rabbitry keeps it as is.
 pub const X_DEATH: &str = "x-death";
 

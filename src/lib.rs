@@ -246,6 +246,7 @@ pub mod report;
 mod retry;
 mod router;
 mod runtime;
+mod saga;
 mod schedule;
 #[cfg(feature = "schema")]
 mod schema;
@@ -276,6 +277,7 @@ pub use registration::Registration;
 pub use retry::RetryPolicy;
 pub use router::{EventHandler, Router};
 pub use runtime::{DEFAULT_URL, QueueDepth, Runtime, RuntimeBuilder, WeakRuntime, WorkerStatus};
+pub use saga::{MemorySagaRepository, PendingMessage, Saga, SagaRecord, SagaRepository, Step};
 pub use schedule::{Schedule, Scheduler, Tick};
 #[cfg(feature = "schema")]
 pub use schema::{Schema, Schemas, Violations};

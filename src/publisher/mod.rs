@@ -352,6 +352,33 @@ impl Publisher {
         result.map(|()| moved)
     }
 
+    /// Publish `body` with `properties` to the publisher's exchange under `routing_key`,
+    /// held by the broker until `due` when that is later than now (see
+    /// [`Outgoing::delay`]), and wait for the confirm. For messages made earlier and kept
+    /// (a saga's outgoing events).
+    pub(crate) async fn send_kept(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        mut properties: BasicProperties,
+        due: Option<SystemTime>,
+    ) -> Result<()> {
+        let wait = due
+            .and_then(|t| t.duration_since(SystemTime::now()).ok())
+            .unwrap_or_default();
+        let Some(route) = crate::topology::delay::route(&self.inner.exchange, wait)? else {
+            return self
+                .send_raw(&self.inner.exchange, routing_key, body, properties)
+                .await;
+        };
+        self.ensure_delays().await?;
+        let mut table = properties.headers().clone().unwrap_or_default();
+        route.mark(&mut table, due);
+        properties = properties.with_headers(table);
+        self.send_raw(&route.exchange, routing_key, body, properties)
+            .await
+    }
+
     /// Publish a copy of a received message and wait for its confirm (retries and
     /// dead-letters). The outgoing size limit does not apply: the broker already holds it.
     pub(crate) async fn send_raw(
@@ -369,9 +396,14 @@ impl Publisher {
 
     /// For a delayed message, declare the delay tiers if this publisher has not yet.
     async fn prepare_delays(&self, message: &Prepared) -> Result<()> {
-        if message.via.is_none() {
-            return Ok(());
+        match message.via {
+            Some(_) => self.ensure_delays().await,
+            None => Ok(()),
         }
+    }
+
+    /// Declare the delay tiers of the exchange, once per publisher.
+    async fn ensure_delays(&self) -> Result<()> {
         self.inner
             .delays
             .get_or_try_init(|| async {

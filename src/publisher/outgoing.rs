@@ -179,13 +179,7 @@ impl<'a, E: Event> Outgoing<'a, E> {
             None => self.publisher.prepare(self.event, &self.options)?,
             Some(route) => {
                 let mut options = self.options.clone();
-                for (key, bit) in &route.headers {
-                    headers::set(&mut options.headers, key, headers::string(bit));
-                }
-                if let Some(due) = due {
-                    let due = headers::string(&headers::timestamp(due));
-                    headers::set(&mut options.headers, headers::DELAYED_UNTIL, due);
-                }
+                route.mark(&mut options.headers, due);
                 self.publisher.prepare(self.event, &options)?
             }
         };

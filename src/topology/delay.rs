@@ -17,11 +17,14 @@
 //! RabbitMQ caps a queue's time-to-live at 2³² − 1 ms (≈ 49.7 days): 26 tiers (the largest
 //! ≈ 38.8 days) give delays up to (2²⁶ − 1) × 100 ms ≈ 77.7 days.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use lapin::types::FieldTable;
 
 use super::{Arg, classic, declare_error};
 use crate::broker::Channel;
 use crate::error::{Error, Result};
+use crate::headers;
 
 /// The resolution of broker-held delays: a delay is rounded up to a multiple of this.
 pub const DELAY_PRECISION: Duration = Duration::from_millis(UNIT_MS);
@@ -59,6 +62,19 @@ fn bit_header(level: u32) -> String {
 pub(crate) struct DelayRoute {
     pub(crate) exchange: String,
     pub(crate) headers: Vec<(String, &'static str)>,
+}
+
+impl DelayRoute {
+    /// Write the route's bits into `table`, and the time the message is due when known.
+    pub(crate) fn mark(&self, table: &mut FieldTable, due: Option<SystemTime>) {
+        for (key, bit) in &self.headers {
+            headers::set(table, key, headers::string(bit));
+        }
+        if let Some(due) = due {
+            let due = headers::string(&headers::timestamp(due));
+            headers::set(table, headers::DELAYED_UNTIL, due);
+        }
+    }
 }
 
 /// The route of a message for `exchange` delayed by `delay` (rounded up to the

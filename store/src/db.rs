@@ -120,7 +120,7 @@ pub(crate) async fn open(url: &str) -> Result<Pools, StoreError> {
 
 /// The migrations of `backend`, compiled into the binary.
 fn migrator(backend: Backend) -> Migrator {
-    let steps: [(&'static str, &'static str); 3] = match backend {
+    let steps: [(&'static str, &'static str); 4] = match backend {
         Backend::Sqlite => [
             (
                 "record",
@@ -133,6 +133,10 @@ fn migrator(backend: Backend) -> Migrator {
             (
                 "inbox lease",
                 include_str!("../migrations/sqlite/0003_inbox_lease.sql"),
+            ),
+            (
+                "time and state",
+                include_str!("../migrations/sqlite/0004_time_and_state.sql"),
             ),
         ],
         Backend::Postgres => [
@@ -147,6 +151,10 @@ fn migrator(backend: Backend) -> Migrator {
             (
                 "inbox lease",
                 include_str!("../migrations/postgres/0003_inbox_lease.sql"),
+            ),
+            (
+                "time and state",
+                include_str!("../migrations/postgres/0004_time_and_state.sql"),
             ),
         ],
     };

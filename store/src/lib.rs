@@ -53,6 +53,7 @@ mod inbox;
 mod keeper;
 mod outbox;
 mod records;
+mod sagas;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -66,6 +67,7 @@ pub use inbox::Inbox;
 pub use keeper::{Keeper, REPLAYED_FROM};
 pub use outbox::{Outbox, OutboxConnection, OutboxRelay};
 pub use records::{DeadLetter, DeadLetterState, EventFilter, HandlingRecord, StoredEvent};
+pub use sagas::{SagaFilter, SagaStore, StoredSaga, StoredSchedule};
 
 /// What can go wrong with a store. Each says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,10 @@ pub enum StoreError {
     /// call that returned it; try again later.
     #[error("store query failed: {0}")]
     Query(#[from] sqlx::Error),
+    /// What was to be stored is not valid (a schedule's pattern, say); the message says
+    /// what to fix.
+    #[error("{0}")]
+    Invalid(String),
     /// A stored row could not be read back (written by another version?).
     #[error("a stored row is unreadable: {0}")]
     Corrupt(String),

@@ -9,7 +9,8 @@ use rabbitry::lapin::BasicProperties;
 use rabbitry::lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use rabbitry::middleware::{ClaimHeld, DedupStore};
 use rabbitry_store::{
-    DeadLetter, DeadLetterState, EventFilter, HandlingRecord, Inbox, Store, StoreError, StoredEvent,
+    DeadLetter, DeadLetterState, EventFilter, HandlingRecord, Inbox, SagaFilter, SagaStore, Store,
+    StoreError, StoredEvent, StoredSchedule,
 };
 
 #[macro_use]
@@ -462,7 +463,111 @@ async fn hostile_values_are_kept_not_refused(db: Db) {
     db.done(store).await;
 }
 
+/// The saga repository: a new key inserts once, an update succeeds only over the version
+/// it read, and listings filter by saga and status.
+async fn saga_instances_are_saved_only_over_the_version_they_read(db: Db) {
+    use rabbitry::{SagaRecord, SagaRepository};
+    let store = db.store().await;
+    let repo = SagaStore::new(store.clone());
+    assert!(repo.load("orders", "42").await.unwrap().is_none());
+    let mut first = SagaRecord::new("42");
+    first.version = 1;
+    first.state = serde_json::json!({"stock": "pending"});
+    first.status = "reserving".into();
+    assert!(repo.save("orders", &first).await.unwrap());
+    // A second process creating the same instance loses.
+    assert!(!repo.save("orders", &first).await.unwrap());
+    let mut a = repo.load("orders", "42").await.unwrap().unwrap();
+    assert_eq!(a, first);
+    let mut b = a.clone();
+    a.version = 2;
+    a.state = serde_json::json!({"stock": "done"});
+    b.version = 2;
+    b.state = serde_json::json!({"payment": "done"});
+    assert!(repo.save("orders", &a).await.unwrap());
+    assert!(
+        !repo.save("orders", &b).await.unwrap(),
+        "b read version 1, now 2"
+    );
+    let now = repo.load("orders", "42").await.unwrap().unwrap();
+    assert_eq!(now.state, serde_json::json!({"stock": "done"}));
+
+    let mut other = SagaRecord::new("42");
+    other.version = 1;
+    other.status = "done".into();
+    other.completed = true;
+    assert!(
+        repo.save("refunds", &other).await.unwrap(),
+        "one key, two sagas"
+    );
+    let all = store.sagas(&SagaFilter::new()).await.unwrap();
+    assert_eq!(all.len(), 2);
+    let reserving = store
+        .sagas(&SagaFilter::new().status("reserving"))
+        .await
+        .unwrap();
+    assert_eq!(reserving.len(), 1);
+    assert_eq!(reserving[0].saga, "orders");
+    assert_eq!(store.saga_instances("42", None).await.unwrap().len(), 2);
+    let refunds = store.saga_instances("42", Some("refunds")).await.unwrap();
+    assert!(refunds[0].record.completed);
+    db.done(store).await;
+}
+
+/// Stored schedules: checked before they are kept, listed, removed.
+async fn schedules_are_checked_kept_and_removed(db: Db) {
+    let store = db.store().await;
+    let nightly = StoredSchedule::new(
+        "nightly",
+        "0 30 2 * * *",
+        "report.due",
+        r#"{"kind":"daily"}"#,
+    )
+    .time_zone("Europe/Paris");
+    assert!(store.add_schedule(&nightly).await.unwrap());
+    assert!(
+        !store.add_schedule(&nightly).await.unwrap(),
+        "names are unique"
+    );
+    for (bad, why) in [
+        (
+            StoredSchedule::new("x", "61 * * * *", "a.b", "{}"),
+            "invalid cron pattern",
+        ),
+        (
+            StoredSchedule::new("x", "* * * * *", "a.b", "{not json"),
+            "not JSON",
+        ),
+        (
+            StoredSchedule::new("x y", "* * * * *", "a.b", "{}"),
+            "schedule name",
+        ),
+        (
+            StoredSchedule::new("x", "* * * * *", "a.b", "{}").time_zone("Nowhere/Else"),
+            "unknown time zone",
+        ),
+    ] {
+        let err = store.add_schedule(&bad).await.unwrap_err();
+        assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+        assert!(err.to_string().contains(why), "{err}");
+    }
+    let kept = store.schedules().await.unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(
+        (kept[0].name.as_str(), kept[0].time_zone.as_str()),
+        ("nightly", "Europe/Paris")
+    );
+    assert!(kept[0].created_ms > 0);
+    assert_eq!(kept[0].to_schedule().unwrap().pattern(), "0 30 2 * * *");
+    assert!(store.remove_schedule("nightly").await.unwrap());
+    assert!(!store.remove_schedule("nightly").await.unwrap());
+    assert!(store.schedules().await.unwrap().is_empty());
+    db.done(store).await;
+}
+
 on_both_databases!(
+    saga_instances_are_saved_only_over_the_version_they_read,
+    schedules_are_checked_kept_and_removed,
     hostile_values_are_kept_not_refused,
     events_are_recorded_once_and_listed_by_filter,
     handlings_tell_what_happened_to_a_message,

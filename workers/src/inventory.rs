@@ -77,6 +77,21 @@ impl Stock {
             .clone()
     }
 
+    /// Give back the items reserved for `order_id` (nothing if it has no reservation).
+    pub fn release(&self, order_id: u64, items: &[Item]) {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(at) = reserved.iter().position(|id| *id == order_id) else {
+            return;
+        };
+        reserved.remove(at);
+        let mut levels = self.levels.lock().unwrap_or_else(|e| e.into_inner());
+        for item in items {
+            if let Some(level) = levels.get_mut(&item.sku) {
+                *level += item.qty;
+            }
+        }
+    }
+
     /// Reserve every item of an order, all or nothing.
     pub fn reserve(&self, order_id: u64, items: &[Item]) -> Result<(), StockError> {
         let outage = self

@@ -19,6 +19,7 @@
 
 pub mod analytics;
 pub mod email;
+pub mod fulfilment;
 pub mod inventory;
 pub mod orders;
 
@@ -79,7 +80,7 @@ pub fn binary_name() -> String {
 /// `ready` on stdout once consuming. Serves `/metrics`, `/health` and `/ready` on
 /// `RABBITRY_HTTP_ADDR` when set. Exits 0 after a graceful shutdown, 1 on a startup error
 /// (a bad setting included).
-pub async fn run_worker<W: Worker>(worker: W) -> ExitCode {
+pub async fn run_worker(worker: impl Into<rabbitry::Registration>) -> ExitCode {
     let _telemetry = match init_telemetry(&binary_name()) {
         Ok(telemetry) => telemetry,
         Err(e) => return fail(e),
