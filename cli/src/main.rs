@@ -1,6 +1,9 @@
 //! `rabbitry`: run the keeper, publish events, and browse, redrive and purge what the store
 //! recorded. See `rabbitry --help`.
 
+mod sagas;
+mod schedules;
+
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
@@ -47,7 +50,8 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the keeper until SIGINT or SIGTERM: audit every event into the store, move the
-    /// named workers' dead letters into it, write the runtimes' handling reports.
+    /// named workers' dead letters into it, write the runtimes' handling reports, and fire
+    /// the stored schedules (one `serve` leads each schedule).
     Serve {
         /// A worker whose dead-letter queue (WORKER.dlq) to drain (repeat for several).
         #[arg(long = "dlq", value_name = "WORKER")]
@@ -114,6 +118,16 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
+    },
+    /// Saga instances kept in the store.
+    Sagas {
+        #[command(subcommand)]
+        command: sagas::SagasCommand,
+    },
+    /// Cron schedules kept in the store, fired by `rabbitry serve`.
+    Schedules {
+        #[command(subcommand)]
+        command: schedules::SchedulesCommand,
     },
 }
 
@@ -451,6 +465,8 @@ async fn run(cli: Cli) -> Result<(), Failed> {
             Ok(())
         }
         Command::Dlq { command } => dlq(&cli.url, &cli.store, command).await,
+        Command::Sagas { command } => sagas::run(&cli.store, command).await,
+        Command::Schedules { command } => schedules::run(&cli.store, command).await,
     }
 }
 
@@ -504,8 +520,15 @@ async fn serve(
             return Err(e.into());
         }
     };
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let schedules = tokio::spawn(schedules::fire(
+        url.to_owned(),
+        exchange.to_owned(),
+        store.clone(),
+        stopping,
+    ));
     eprintln!(
-        "rabbitry serve: keeping {exchange} into the store ({:?})",
+        "rabbitry serve: keeping {exchange} into the store ({:?}) and firing its schedules",
         store.backend()
     );
     println!("ready");
@@ -513,8 +536,10 @@ async fn serve(
         () = events.shutdown_on_signal() => {}
         () = reports.stopped() => {}
     }
+    let _ = stop.send(true);
     events.shutdown().await;
     reports.shutdown().await;
+    let _ = schedules.await;
     store.close().await;
     Ok(())
 }

@@ -475,7 +475,141 @@ async fn event_tells_what_every_worker_did_with_a_message(db: Db) {
     workers.shutdown().await;
 }
 
+async fn schedules_are_kept_fired_by_serve_and_removed(db: Db) {
+    let env = TestEnv::rabbitmq("cli_schedules");
+    let cli = Cli::new(&env, &db);
+    let name = "clock";
+    env.track_names([rabbitry::Scheduler::token_queue(&env.exchange, name).as_str()]);
+    let added = cli.ok(&[
+        "schedules",
+        "add",
+        name,
+        "* * * * * *",
+        "clock.tick",
+        r#"{"from":"cli"}"#,
+    ]);
+    assert!(
+        added.contains("schedule clock added; next tick 20"),
+        "{added}"
+    );
+    for (args, code) in [
+        (
+            vec!["schedules", "add", name, "* * * * * *", "clock.tick", "{}"],
+            2,
+        ),
+        (
+            vec![
+                "schedules",
+                "add",
+                "other",
+                "61 * * * *",
+                "clock.tick",
+                "{}",
+            ],
+            2,
+        ),
+        (
+            vec![
+                "schedules",
+                "add",
+                "other",
+                "* * * * *",
+                "clock.tick",
+                "{oops",
+            ],
+            2,
+        ),
+        (
+            vec![
+                "schedules",
+                "add",
+                "other",
+                "* * * * *",
+                "clock.tick",
+                "{}",
+                "--time-zone",
+                "Moon/Base",
+            ],
+            2,
+        ),
+        (vec!["schedules", "remove", "nothing"], 6),
+    ] {
+        let out = cli.run(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let listed = cli.json(&["schedules", "list", "--json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["pattern"], "* * * * * *");
+    assert_eq!(listed[0]["body"]["from"], "cli");
+
+    let (probe, mut seen) = env.probe(
+        Subscription::new(env.queue("clock")).bind("clock.tick"),
+        |_| Ok(()),
+    );
+    let workers = env.builder().worker(probe).start().await.unwrap();
+    let served = cli.serve(&[]);
+    let ticks = seen.take(2).await;
+    assert!(
+        ticks
+            .iter()
+            .all(|t| t.body["from"] == "cli" && t.event_type == "clock.tick")
+    );
+    assert_ne!(ticks[0].message_id, ticks[1].message_id);
+    assert_eq!(
+        cli.ok(&["schedules", "remove", name]).trim(),
+        "schedule clock removed"
+    );
+    assert!(
+        cli.json(&["schedules", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    drop(served);
+    workers.shutdown().await;
+}
+
+async fn sagas_are_listed_by_state_and_shown(db: Db) {
+    use rabbitry::{SagaRecord, SagaRepository};
+    let env = TestEnv::rabbitmq("cli_sagas");
+    let cli = Cli::new(&env, &db);
+    let store = Store::connect(&cli.store).await.unwrap();
+    let repo = rabbitry_store::SagaStore::new(store.clone());
+    for (key, status, done) in [("1001", "confirmed", true), ("1002", "compensating", false)] {
+        let mut r = SagaRecord::new(key);
+        r.version = 1;
+        r.status = status.into();
+        r.completed = done;
+        r.state = serde_json::json!({"order_id": key.parse::<u64>().unwrap()});
+        assert!(repo.save("orders.fulfilment", &r).await.unwrap());
+    }
+    let all = cli.json(&["sagas", "list", "--json"]);
+    assert_eq!(all.as_array().unwrap().len(), 2);
+    let compensating = cli.json(&["sagas", "list", "--state", "compensating", "--json"]);
+    assert_eq!(compensating.as_array().unwrap().len(), 1);
+    assert_eq!(compensating[0]["key"], "1002");
+    let table = cli.ok(&["sagas", "list", "--saga", "orders.fulfilment"]);
+    assert!(
+        table.contains("1001") && table.contains("confirmed"),
+        "{table}"
+    );
+    let shown = cli.json(&["sagas", "show", "1001", "--json"]);
+    assert_eq!(shown[0]["state"]["order_id"], 1001);
+    assert_eq!(shown[0]["completed"], true);
+    let text = cli.ok(&["sagas", "show", "1002"]);
+    assert!(text.contains("status compensating; version 1"), "{text}");
+    assert_eq!(cli.run(&["sagas", "show", "9999"]).status.code(), Some(6));
+    store.close().await;
+}
+
 on_both_databases!(
+    schedules_are_kept_fired_by_serve_and_removed,
+    sagas_are_listed_by_state_and_shown,
     event_tells_what_every_worker_did_with_a_message,
     dead_letters_are_listed_redriven_to_the_failing_worker_and_purged,
     replay_goes_to_one_worker_or_to_every_subscriber_and_is_not_audited_twice,

@@ -78,10 +78,12 @@ impl std::fmt::Debug for Scheduler {
     }
 }
 
-/// A schedule's token: what its leader fired last.
+/// A schedule's token: what its leader fired last, for which version of the schedule.
 #[derive(Debug, Serialize, Deserialize)]
 struct Token {
     last_fired_ms: i64,
+    #[serde(default)]
+    schedule: String,
 }
 
 impl Scheduler {
@@ -222,7 +224,7 @@ impl Session<'_> {
                 // nothing of the past. Two processes seeding at once leave two tokens,
                 // which the leader merges.
                 let now = self.scheduler.clock.now();
-                publish_token(&ch, &queue, now).await?;
+                publish_token(&ch, &queue, schedule, now).await?;
             }
             let tag = format!("rabbitry-scheduler-{}", uuid::Uuid::now_v7().simple());
             let stream = ch.consume(&queue, &tag).await?;
@@ -285,7 +287,10 @@ impl Session<'_> {
     async fn take(&mut self, ch: &Channel, i: usize, delivery: Incoming) -> Result<()> {
         let slot = &mut self.slots[i];
         let name = self.scheduler.schedules[i].name();
+        let fingerprint = self.scheduler.schedules[i].fingerprint();
         let last = match serde_json::from_slice::<Token>(&delivery.body) {
+            // Another pattern, zone or revision: start afresh from now.
+            Ok(token) if token.schedule != fingerprint => None,
             Ok(token) => Timestamp::from_millisecond(token.last_fired_ms).ok(),
             Err(e) => {
                 warn!(schedule = name, error = %e, "an unreadable schedule token is replaced");
@@ -300,7 +305,7 @@ impl Session<'_> {
             info!(schedule = name, queue = %slot.queue, "this process leads the schedule");
         }
         slot.held.push(delivery);
-        if slot.held.len() > 1 || slot.last.is_none() {
+        if slot.held.len() > 1 || last.is_none() {
             let last = slot.last.unwrap_or_else(|| self.scheduler.clock.now());
             self.renew(ch, i, last).await?;
         } else if slot.renewed_at.is_none() {
@@ -414,7 +419,7 @@ impl Session<'_> {
     /// then acknowledge the old ones. The new one comes back to this consumer.
     async fn renew(&mut self, ch: &Channel, i: usize, last: Timestamp) -> Result<()> {
         let slot = &mut self.slots[i];
-        publish_token(ch, &slot.queue, last).await?;
+        publish_token(ch, &slot.queue, &self.scheduler.schedules[i], last).await?;
         for old in slot.held.drain(..) {
             ch.ack_one(old.tag).await?;
         }
@@ -441,9 +446,15 @@ async fn declare_token_queue(ch: &Channel, queue: &str) -> Result<()> {
         })
 }
 
-async fn publish_token(ch: &Channel, queue: &str, last: Timestamp) -> Result<()> {
+async fn publish_token(
+    ch: &Channel,
+    queue: &str,
+    schedule: &Schedule,
+    last: Timestamp,
+) -> Result<()> {
     let body = serde_json::to_vec(&Token {
         last_fired_ms: last.as_millisecond(),
+        schedule: schedule.fingerprint(),
     })
     .map_err(Error::Serialize)?;
     let properties = BasicProperties::default()

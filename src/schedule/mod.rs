@@ -80,6 +80,7 @@ pub struct Schedule {
     cron: Cron,
     zone: TimeZone,
     zone_name: String,
+    revision: String,
     message: MakeMessage,
 }
 
@@ -149,6 +150,7 @@ impl Schedule {
             cron,
             zone: TimeZone::UTC,
             zone_name: "UTC".into(),
+            revision: String::new(),
             message,
         })
     }
@@ -165,6 +167,22 @@ impl Schedule {
         })?;
         self.zone_name = zone.to_owned();
         Ok(self)
+    }
+
+    /// Mark this schedule as a new revision of its name: a schedule's leader keeps the
+    /// last tick it fired, and picks up missed ticks after a failover or a restart — but not
+    /// across a change of pattern, time zone or revision, where it starts afresh from now.
+    /// Stored schedules use their creation time, so one removed and added again does not
+    /// fire the ticks in between.
+    pub fn revision(mut self, revision: impl Into<String>) -> Schedule {
+        self.revision = revision.into();
+        self
+    }
+
+    /// What identifies this schedule's ticks beyond its name: its pattern, time zone and
+    /// revision.
+    pub(crate) fn fingerprint(&self) -> String {
+        format!("{}|{}|{}", self.pattern, self.zone_name, self.revision)
     }
 
     /// The schedule's name.

@@ -267,8 +267,10 @@ impl StoredSchedule {
                 self.name
             ))
         })?;
-        Schedule::json(&self.name, &self.pattern, &self.routing_key, &body)?
-            .time_zone(&self.time_zone)
+        let schedule = Schedule::json(&self.name, &self.pattern, &self.routing_key, &body)?;
+        Ok(schedule
+            .time_zone(&self.time_zone)?
+            .revision(self.created_ms.to_string()))
     }
 }
 
