@@ -4,17 +4,15 @@
 //! services did matches (only confirmed orders keep their stock and their charge).
 
 #[path = "../../tests/support/mod.rs"]
-#[allow(unused_macros, dead_code)]
+#[allow(unused_macros)]
 mod support;
 #[path = "../../store/tests/db/mod.rs"]
 #[macro_use]
-#[allow(dead_code)]
 mod db;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
 
 use db::Db;
 use rabbitry::Registration;
