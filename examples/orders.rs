@@ -1,6 +1,8 @@
 //! The order-domain demo: an order service publishes `order.placed` events, and the email,
 //! inventory and analytics workers handle them in this process. The run shows fan-out, a
-//! priority order overtaking, a retried failure and a dead-lettered invalid order, prints a
+//! priority order overtaking, a retried failure and a dead-lettered invalid order, then the
+//! order-fulfilment saga (with its stock and payment workers) confirming one order,
+//! compensating a declined one and timing out one the payment gateway lost; prints a
 //! summary, and exits 0.
 //!
 //! It uses its own exchange and queues (`demo.events`, `demo.orders.*`), so it never takes
@@ -14,10 +16,13 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use std::sync::Arc;
+
 use rabbitry::prelude::*;
-use rabbitry::{MemoryBroker, redact_url};
+use rabbitry::{MemoryBroker, MemorySagaRepository, redact_url};
 use rabbitry_workers::analytics::{AnalyticsWorker, Stats};
 use rabbitry_workers::email::{EmailWorker, Outbox};
+use rabbitry_workers::fulfilment::{Payments, payment_worker, saga, stock_worker};
 use rabbitry_workers::inventory::{InventoryWorker, Stock};
 use rabbitry_workers::orders::OrderPlaced;
 
@@ -25,6 +30,11 @@ const EXCHANGE: &str = "demo.events";
 const EMAIL: &str = "demo.orders.email";
 const INVENTORY: &str = "demo.orders.inventory";
 const ANALYTICS: &str = "demo.orders.analytics";
+const FULFILMENT: &str = "demo.orders.fulfilment";
+const STOCK: &str = "demo.orders.stock";
+const PAYMENT: &str = "demo.orders.payment";
+/// The saga's timeout in the demo (30 s in the real worker).
+const SAGA_TIMEOUT: Duration = Duration::from_secs(2);
 const PATIENCE: Duration = Duration::from_secs(30);
 
 #[tokio::main]
@@ -65,12 +75,21 @@ async fn demo() -> Result<(), Box<dyn std::error::Error>> {
     let inventory = InventoryWorker::new(INVENTORY, stock.clone())
         .retry(RetryPolicy::exponential(Duration::from_millis(500)).max_attempts(4));
     let rejections = inventory.rejections();
+    // The fulfilment saga keeps its instances here (rabbitry-store's SagaStore in the
+    // fulfilment-saga binary), with its own stock and payment services.
+    let sagas = Arc::new(MemorySagaRepository::new());
+    let saga_stock = Stock::default();
+    let payments = Payments::default();
+    payments.decline_over(1000.0);
     let runtime = Runtime::builder()
         .url(&url)
         .exchange(EXCHANGE)
         .worker(EmailWorker::new(EMAIL, outbox.clone()))
         .worker(inventory)
         .worker(AnalyticsWorker::new(ANALYTICS, stats.clone()))
+        .worker(saga(sagas.clone(), FULFILMENT, SAGA_TIMEOUT))
+        .worker(stock_worker(STOCK, saga_stock.clone()))
+        .worker(payment_worker(PAYMENT, payments.clone()))
         .start()
         .await?;
     let orders = runtime.publisher();
@@ -144,13 +163,42 @@ async fn demo() -> Result<(), Box<dyn std::error::Error>> {
         run + 8
     );
 
+    // 5. Saga: reserve stock and charge for each order; confirm, compensate or time out.
+    let (paid, declined, lost) = (run + 9, run + 10, run + 11);
+    let mut expensive = order(10);
+    expensive.total = 5000.0;
+    payments.lose(lost);
+    for placed in [order(9), expensive, order(11)] {
+        orders.publish(&placed).await?;
+    }
+    let status = |id: u64| {
+        sagas
+            .records(FULFILMENT)
+            .into_iter()
+            .find(|r| r.key == id.to_string() && r.completed)
+            .map(|r| r.status)
+    };
+    wait("the three sagas settled", || {
+        [paid, declined, lost].iter().all(|id| status(*id).is_some())
+    })
+    .await?;
+    let settled = [paid, declined, lost].map(|id| status(id).unwrap_or_default());
+    println!(
+        "5. saga        order {paid} {}: stock reserved, card charged; order {declined} {}: card declined, \
+         stock released (compensation); order {lost} {}: no payment answer within {SAGA_TIMEOUT:?}, stock released",
+        settled[0], settled[1], settled[2]
+    );
+    if settled != ["confirmed", "cancelled", "timed_out"] {
+        return Err(format!("unexpected saga outcomes: {settled:?}").into());
+    }
+
     wait("every email and count", || {
-        sent_among(&outbox, run + 1..=run + 8).len() == 8
+        sent_among(&outbox, run + 1..=run + 11).len() == 11
             && stats
                 .totals()
                 .events
                 .get("order.placed")
-                .is_some_and(|n| *n >= 8)
+                .is_some_and(|n| *n >= 11)
     })
     .await?;
     runtime.shutdown().await;
@@ -176,6 +224,14 @@ async fn demo() -> Result<(), Box<dyn std::error::Error>> {
         println!("  analytics        {event_type} x{n}");
     }
     println!("  revenue          {:.2}", totals.revenue);
+    println!(
+        "  sagas            {:?}",
+        sagas
+            .records(FULFILMENT)
+            .iter()
+            .map(|r| (r.key.as_str(), r.status.as_str()))
+            .collect::<Vec<_>>()
+    );
     Ok(())
 }
 

@@ -333,6 +333,12 @@ pub fn stock_worker(queue: &str, stock: Stock) -> Router {
     .on(move |r: Delivery<ReserveStock>, ctx: Context| {
         let stock = stock.clone();
         async move {
+            if let Some(bad) = r.items.iter().find(|i| i.qty <= 0) {
+                let reason = format!("item {} has quantity {}", bad.sku, bad.qty);
+                let refused = StockReservationRefused { order_id: r.order_id, reason };
+                ctx.message(&refused).allow_unroutable().send().await?;
+                return Ok(());
+            }
             match stock.reserve(r.order_id, &r.items) {
                 Ok(()) => {
                     info!(order_id = r.order_id, "stock reserved");
