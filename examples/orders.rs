@@ -179,7 +179,9 @@ async fn demo() -> Result<(), Box<dyn std::error::Error>> {
             .map(|r| r.status)
     };
     wait("the three sagas settled", || {
-        [paid, declined, lost].iter().all(|id| status(*id).is_some())
+        [paid, declined, lost]
+            .iter()
+            .all(|id| status(*id).is_some())
     })
     .await?;
     let settled = [paid, declined, lost].map(|id| status(id).unwrap_or_default());

@@ -335,7 +335,10 @@ pub fn stock_worker(queue: &str, stock: Stock) -> Router {
         async move {
             if let Some(bad) = r.items.iter().find(|i| i.qty <= 0) {
                 let reason = format!("item {} has quantity {}", bad.sku, bad.qty);
-                let refused = StockReservationRefused { order_id: r.order_id, reason };
+                let refused = StockReservationRefused {
+                    order_id: r.order_id,
+                    reason,
+                };
                 ctx.message(&refused).allow_unroutable().send().await?;
                 return Ok(());
             }
