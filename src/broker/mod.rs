@@ -37,6 +37,10 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// The queue argument of a queue whose one message is a lease its consumer holds
+/// unacknowledged on purpose; the in-memory broker does not count it as work in progress.
+pub(crate) use memory::LEASE_ARG;
+
 /// Whether `url` names an in-memory broker.
 pub(crate) fn is_memory_url(url: &str) -> bool {
     memory::is_memory_url(url)

@@ -102,7 +102,15 @@ impl<S> Step<S> {
     /// this step is saved. It waits in the broker (see
     /// [`Outgoing::delay`](crate::Outgoing::delay)) and cannot be withdrawn: its handler
     /// decides from the state whether it still matters.
+    ///
+    /// A delay over [`MAX_DELAY`](crate::MAX_DELAY) is an [`Error::Config`].
     pub fn schedule<E: Event>(&mut self, delay: Duration, event: &E) -> Result<()> {
+        if delay > crate::MAX_DELAY {
+            return Err(Error::Config(format!(
+                "a saga timeout of {delay:?} is longer than the broker can hold ({:?})",
+                crate::MAX_DELAY
+            )));
+        }
         let due = SystemTime::now() + delay;
         let due_ms = due
             .duration_since(UNIX_EPOCH)
@@ -555,5 +563,62 @@ impl<S> Shared<S> {
             locks.retain(|_, l| Arc::strong_count(l) > 1);
         }
         locks.entry(key.to_owned()).or_default().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Serialize)]
+    struct Ping;
+    impl Event for Ping {
+        const TYPE: &'static str = "ping";
+    }
+
+    fn step(trigger: &str) -> Step<()> {
+        Step {
+            state: (),
+            key: "k".into(),
+            status: "started".into(),
+            completed: false,
+            new: true,
+            trigger: trigger.into(),
+            saga: "s".into(),
+            outgoing: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn outgoing_ids_are_the_same_on_every_run_of_a_step() {
+        let (mut a, mut b, mut c) = (step("m1"), step("m1"), step("m2"));
+        for s in [&mut a, &mut b, &mut c] {
+            s.publish(&Ping).unwrap();
+            s.schedule(Duration::from_secs(1), &Ping).unwrap();
+        }
+        let ids = |s: &Step<()>| {
+            s.outgoing
+                .iter()
+                .map(|m| m.message_id.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&a), ids(&b));
+        assert_ne!(ids(&a), ids(&c));
+        assert_ne!(ids(&a)[0], ids(&a)[1]);
+        assert!(a.outgoing[0].due_ms.is_none() && a.outgoing[1].due_ms.is_some());
+    }
+
+    #[test]
+    fn a_timeout_longer_than_the_broker_holds_is_refused_to_the_handler() {
+        let mut s = step("m");
+        let e = s
+            .schedule(crate::MAX_DELAY + Duration::from_secs(1), &Ping)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("longer than the broker can hold"),
+            "{e}"
+        );
+        assert!(s.schedule(Duration::MAX, &Ping).is_err());
+        assert!(s.outgoing.is_empty());
     }
 }

@@ -436,6 +436,7 @@ async fn declare_token_queue(ch: &Channel, queue: &str) -> Result<()> {
         AMQPValue::LongString("classic".into()),
     );
     args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    args.insert(broker::LEASE_ARG.into(), AMQPValue::Boolean(true));
     ch.declare_queue(queue, args)
         .await
         .map(drop)

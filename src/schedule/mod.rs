@@ -49,6 +49,9 @@ pub(crate) struct TickMessage {
     pub(crate) body: Vec<u8>,
 }
 
+/// The largest body a [`Schedule::json`] may publish (the publisher's default limit).
+const MAX_BODY: usize = 16 * 1024 * 1024;
+
 type MakeMessage = Arc<dyn Fn(&Tick) -> Result<TickMessage> + Send + Sync>;
 
 /// A named cron schedule that publishes an event at every tick.
@@ -129,6 +132,12 @@ impl Schedule {
             return Err(Error::Config("a schedule's routing key is empty".into()));
         }
         let body = serde_json::to_vec(body).map_err(Error::Serialize)?;
+        if body.len() > MAX_BODY {
+            return Err(Error::BodyTooLarge {
+                size: body.len(),
+                limit: MAX_BODY,
+            });
+        }
         let routing_key = routing_key.to_owned();
         let message = move |_: &Tick| {
             Ok(TickMessage {

@@ -18,6 +18,7 @@ use lapin::BasicProperties;
 use tokio::sync::Notify;
 
 pub(crate) use self::seam::{Channel, Connection};
+pub(crate) use self::state::LEASE_ARG;
 use self::state::{Message, State};
 use crate::error::{Error, Result};
 

@@ -28,6 +28,9 @@ pub(super) struct Queue {
     pub(super) quorum: bool,
     /// Single active consumer: only the first consumer (the oldest) is delivered to.
     pub(super) single_active: bool,
+    /// Holds a lease its consumer keeps unacknowledged on purpose (a schedule's token): an
+    /// unacknowledged delivery from it is not work in progress.
+    pub(super) lease: bool,
     pub(super) max_priority: Option<u8>,
     pub(super) ttl: Option<Duration>,
     pub(super) dead_letter_exchange: Option<String>,

@@ -78,6 +78,10 @@ pub(super) struct HeaderBinding {
     pub(super) matching: Vec<(String, String)>,
 }
 
+/// The queue argument marking a queue whose message is a lease held unacknowledged (see
+/// [`Queue::lease`]); RabbitMQ keeps it as an ordinary argument.
+pub(crate) const LEASE_ARG: &str = "x-rabbitry-lease";
+
 fn soft(kind: AMQPSoftError, text: String) -> lapin::Error {
     // AMQP reply texts are short strings: keep them under 256 bytes.
     let mut end = text.len().min(255);
@@ -290,9 +294,11 @@ impl State {
             args.inner().get("x-single-active-consumer"),
             Some(AMQPValue::Boolean(true))
         );
+        let lease = matches!(args.inner().get(LEASE_ARG), Some(AMQPValue::Boolean(true)));
         let queue = Queue {
             quorum,
             single_active,
+            lease,
             max_priority,
             ttl,
             dead_letter_exchange: arg_text(&args, "x-dead-letter-exchange"),
@@ -464,7 +470,8 @@ impl State {
     /// Nothing left to do: no delivery awaits an acknowledgement, no queue with a consumer
     /// holds a ready message, and no message waits out a time-to-live (a pending retry).
     pub(super) fn idle(&self) -> bool {
-        self.chans.values().all(|c| c.unacked.is_empty())
+        let leased = |u: &Unacked| self.queues.get(&u.queue).is_some_and(|q| q.lease);
+        self.chans.values().all(|c| c.unacked.values().all(leased))
             && self
                 .queues
                 .values()
