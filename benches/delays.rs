@@ -49,12 +49,16 @@ fn delay_of(n: usize) -> Duration {
     Duration::from_millis(100 + (n as u64 * 37 % 50) * 100)
 }
 
-/// Consume `count` messages from `queue`; each one's arrival, by its `n`.
-async fn arrivals(conn: &Connection, queue: &str, count: usize) -> HashMap<usize, Instant> {
+/// Consume `count` messages from `queue` on a connection of its own; each one's arrival,
+/// by its `n`.
+async fn arrivals(queue: String, count: usize) -> HashMap<usize, Instant> {
+    let conn = Connection::connect(&url(), ConnectionProperties::default())
+        .await
+        .unwrap();
     let ch = conn.create_channel().await.unwrap();
     let mut consumer = ch
         .basic_consume(
-            queue.into(),
+            queue.as_str().into(),
             "bench".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -73,6 +77,7 @@ async fn arrivals(conn: &Connection, queue: &str, count: usize) -> HashMap<usize
         seen.insert(m.n, at);
         d.acker.ack(BasicAckOptions::default()).await.unwrap();
     }
+    let _ = conn.close(200, "OK".into()).await;
     seen
 }
 
@@ -199,13 +204,7 @@ async fn main() {
         .send()
         .await
         .unwrap();
-    let consuming = tokio::spawn({
-        let conn = Connection::connect(&url(), ConnectionProperties::default())
-            .await
-            .unwrap();
-        let target = target.clone();
-        async move { arrivals(&conn, &target, count).await }
-    });
+    let consuming = tokio::spawn(arrivals(target.clone(), count));
     let mut sent = Vec::with_capacity(count);
     for n in 0..count {
         sent.push(Instant::now());
@@ -224,13 +223,7 @@ async fn main() {
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
-    let consuming = tokio::spawn({
-        let conn = Connection::connect(&url(), ConnectionProperties::default())
-            .await
-            .unwrap();
-        let naive_target = naive_target.clone();
-        async move { arrivals(&conn, &naive_target, count).await }
-    });
+    let consuming = tokio::spawn(arrivals(naive_target.clone(), count));
     let mut sent = Vec::with_capacity(count);
     for n in 0..count {
         sent.push(Instant::now());
