@@ -116,15 +116,9 @@ async fn main() {
         format!("{exchange}.naive.wait"),
         format!("{exchange}.naive.target"),
     );
-    let tiers = Topology::delay_tiers(&exchange);
-    let mut queues = tiers.clone();
-    queues.extend([
-        format!("{exchange}.delay.due"),
-        target.clone(),
-        naive_wait.clone(),
-        naive_target.clone(),
-    ]);
-    let mut exchanges = tiers;
+    let mut queues = Topology::delay_queues(&exchange);
+    queues.extend([target.clone(), naive_wait.clone(), naive_target.clone()]);
+    let mut exchanges = Topology::delay_tiers(&exchange);
     exchanges.push(exchange.clone());
     let _cleanup = cleanup::DeleteOnDrop {
         url: url(),

@@ -791,7 +791,9 @@ async fn delayed_messages_arrive_no_earlier_than_asked_with_their_own_routing_ke
     let publisher = env.publisher().await;
     let tolerance = rabbitry::DELAY_PRECISION + Duration::from_secs(2);
 
-    let sent = tokio::time::Instant::now();
+    // Each message's lower bound counts from the start of its own send.
+    let mut sent = BTreeMap::new();
+    sent.insert(1, tokio::time::Instant::now());
     let late = publisher
         .message(&order(1))
         .routing_key("order.reminder.late")
@@ -800,6 +802,7 @@ async fn delayed_messages_arrive_no_earlier_than_asked_with_their_own_routing_ke
         .await
         .unwrap();
     // 2.4 s has bit 0 clear: it leaves the cascade through the zero-time queue.
+    sent.insert(2, tokio::time::Instant::now());
     let even = publisher
         .message(&order(2))
         .routing_key("order.reminder.even")
@@ -807,6 +810,7 @@ async fn delayed_messages_arrive_no_earlier_than_asked_with_their_own_routing_ke
         .send()
         .await
         .unwrap();
+    sent.insert(3, tokio::time::Instant::now());
     let at = publisher
         .message(&order(3))
         .routing_key("order.reminder.at")
@@ -832,7 +836,7 @@ async fn delayed_messages_arrive_no_earlier_than_asked_with_their_own_routing_ke
     );
     for (id, asked, message_id) in [(1, 2500, &late), (2, 2400, &even), (3, 1200, &at)] {
         let s = &arrived[&id];
-        let after = s.at - sent;
+        let after = s.at - sent[&id];
         let asked = Duration::from_millis(asked);
         assert!(
             after >= asked,

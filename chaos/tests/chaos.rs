@@ -852,13 +852,10 @@ async fn scenario_7_cron_leader_sigkilled_twice_over_three_processes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scenario_8_delayed_messages_survive_a_worker_kill_and_a_broker_restart() {
     let sc = Scenario::new("delays");
-    let tiers = Topology::delay_tiers(&sc.exchange);
-    let mut queues = tiers.clone();
-    queues.push(format!("{}.delay.due", sc.exchange));
     let _cleanup = cleanup::DeleteOnDrop {
         url: url(),
-        queues,
-        exchanges: tiers,
+        queues: Topology::delay_queues(&sc.exchange),
+        exchanges: Topology::delay_tiers(&sc.exchange),
     };
     let mut worker = sc.spawn_worker(&[]);
     worker.wait_for_line("ready").await;

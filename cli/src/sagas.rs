@@ -52,76 +52,80 @@ fn json_of(s: &StoredSaga) -> serde_json::Value {
 
 pub(crate) async fn run(store: &str, command: SagasCommand) -> Result<(), Failed> {
     let store = Store::connect(store).await?;
-    let result = match command {
-        SagasCommand::List {
-            saga,
-            state,
-            limit,
-            json,
-        } => {
-            let mut filter = SagaFilter::new().limit(limit);
-            if let Some(saga) = saga {
-                filter = filter.saga(saga);
+    // In a block of its own, so that every way out closes the store.
+    let result = async {
+        match command {
+            SagasCommand::List {
+                saga,
+                state,
+                limit,
+                json,
+            } => {
+                let mut filter = SagaFilter::new().limit(limit);
+                if let Some(saga) = saga {
+                    filter = filter.saga(saga);
+                }
+                if let Some(state) = state {
+                    filter = filter.status(state);
+                }
+                let found = store.sagas(&filter).await?;
+                if json {
+                    print_json(&found.iter().map(json_of).collect::<Vec<_>>());
+                } else {
+                    println!(
+                        "{:<24}  {:<24}  {:<20}  {:<5}  {:>7}  {:>7}  updated",
+                        "saga", "key", "status", "done", "version", "pending"
+                    );
+                    for s in &found {
+                        let r = &s.record;
+                        println!(
+                            "{:<24}  {:<24}  {:<20}  {:<5}  {:>7}  {:>7}  {}",
+                            s.saga,
+                            r.key,
+                            r.status,
+                            if r.completed { "yes" } else { "no" },
+                            r.version,
+                            r.pending.len(),
+                            time(r.updated_ms)
+                        );
+                    }
+                }
+                Ok(())
             }
-            if let Some(state) = state {
-                filter = filter.status(state);
-            }
-            let found = store.sagas(&filter).await?;
-            if json {
-                print_json(&found.iter().map(json_of).collect::<Vec<_>>());
-            } else {
-                println!(
-                    "{:<24}  {:<24}  {:<20}  {:<5}  {:>7}  {:>7}  updated",
-                    "saga", "key", "status", "done", "version", "pending"
-                );
+            SagasCommand::Show { key, saga, json } => {
+                let found = store.saga_instances(&key, saga.as_deref()).await?;
+                if found.is_empty() {
+                    return Err(Failed::not_found(format!(
+                        "no saga instance with key {key:?} in the store"
+                    )));
+                }
+                if json {
+                    print_json(&found.iter().map(json_of).collect::<Vec<_>>());
+                    return Ok(());
+                }
                 for s in &found {
                     let r = &s.record;
+                    println!("saga {} key {}", s.saga, r.key);
                     println!(
-                        "{:<24}  {:<24}  {:<20}  {:<5}  {:>7}  {:>7}  {}",
-                        s.saga,
-                        r.key,
+                        "status {}{}; version {}; started {}; changed {}",
                         r.status,
-                        if r.completed { "yes" } else { "no" },
+                        if r.completed { " (complete)" } else { "" },
                         r.version,
-                        r.pending.len(),
+                        time(r.created_ms),
                         time(r.updated_ms)
                     );
+                    let state = serde_json::to_string_pretty(&r.state).unwrap_or_default();
+                    println!("state {state}");
+                    for p in &r.pending {
+                        println!("pending {} {} {}", p.routing_key, p.message_id, p.body);
+                    }
+                    println!();
                 }
+                Ok(())
             }
-            Ok(())
         }
-        SagasCommand::Show { key, saga, json } => {
-            let found = store.saga_instances(&key, saga.as_deref()).await?;
-            if found.is_empty() {
-                return Err(Failed::not_found(format!(
-                    "no saga instance with key {key:?} in the store"
-                )));
-            }
-            if json {
-                print_json(&found.iter().map(json_of).collect::<Vec<_>>());
-                return Ok(());
-            }
-            for s in &found {
-                let r = &s.record;
-                println!("saga {} key {}", s.saga, r.key);
-                println!(
-                    "status {}{}; version {}; started {}; changed {}",
-                    r.status,
-                    if r.completed { " (complete)" } else { "" },
-                    r.version,
-                    time(r.created_ms),
-                    time(r.updated_ms)
-                );
-                let state = serde_json::to_string_pretty(&r.state).unwrap_or_default();
-                println!("state {state}");
-                for p in &r.pending {
-                    println!("pending {} {} {}", p.routing_key, p.message_id, p.body);
-                }
-                println!();
-            }
-            Ok(())
-        }
-    };
+    }
+    .await;
     store.close().await;
     result
 }

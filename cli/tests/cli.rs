@@ -570,6 +570,15 @@ async fn schedules_are_kept_fired_by_serve_and_removed(db: Db) {
             .unwrap()
             .is_empty()
     );
+    // serve notices (it reloads every 5 s) and stops competing for the schedule: nobody
+    // can fire it any more.
+    let publisher = env.publisher().await;
+    let token = rabbitry::Scheduler::token_queue(&env.exchange, name);
+    until(|| async {
+        let depth = publisher.queue_depth(&token).await.unwrap();
+        depth.is_some_and(|d| d.consumers == 0)
+    })
+    .await;
     drop(served);
     workers.shutdown().await;
 }

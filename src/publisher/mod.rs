@@ -251,22 +251,8 @@ impl Publisher {
             Some(id) => id.clone(),
             None => uuid::Uuid::now_v7().to_string(),
         };
-        let mut props = BasicProperties::default()
-            .with_message_id(broker::short("message id", &id)?)
-            .with_type(broker::short("event type", E::TYPE)?)
-            .with_timestamp(unix_seconds())
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2);
-        // Version 1 is what a missing header means: most messages need no header table,
-        // which every consumer would otherwise have to parse.
-        if E::VERSION != 1 || !options.headers.inner().is_empty() {
-            let mut headers = options.headers.clone();
-            if E::VERSION != 1 {
-                let version = AMQPValue::LongLongInt(E::VERSION.into());
-                headers::set(&mut headers, headers::EVENT_VERSION, version);
-            }
-            props = props.with_headers(headers);
-        }
+        let headers = options.headers.clone();
+        let mut props = event_properties(&id, E::TYPE, E::VERSION, headers, unix_seconds())?;
         if let Some(c) = &options.correlation_id {
             props = props.with_correlation_id(broker::short("correlation id", c)?);
         }
@@ -363,20 +349,41 @@ impl Publisher {
         mut properties: BasicProperties,
         due: Option<SystemTime>,
     ) -> Result<()> {
-        let wait = due
-            .and_then(|t| t.duration_since(SystemTime::now()).ok())
-            .unwrap_or_default();
+        let via = self.delay_tier(&mut properties, due).await?;
+        let exchange = via.as_deref().unwrap_or(&self.inner.exchange);
+        self.send_raw(exchange, routing_key, body, properties).await
+    }
+
+    /// The delay tier a message due at `due` enters now (its bits written into
+    /// `properties`), the tiers declared first if this publisher has not yet; `None` when
+    /// it is not delayed or already due. A wait beyond what the broker holds (a kept
+    /// message from a clock far behind) is held for the longest it can.
+    async fn delay_tier(
+        &self,
+        properties: &mut BasicProperties,
+        due: Option<SystemTime>,
+    ) -> Result<Option<String>> {
+        let Some(due) = due else {
+            return Ok(None);
+        };
+        let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
+        let wait = wait.min(crate::MAX_DELAY);
         let Some(route) = crate::topology::delay::route(&self.inner.exchange, wait)? else {
-            return self
-                .send_raw(&self.inner.exchange, routing_key, body, properties)
-                .await;
+            return Ok(None);
         };
         self.ensure_delays().await?;
         let mut table = properties.headers().clone().unwrap_or_default();
-        route.mark(&mut table, due);
-        properties = properties.with_headers(table);
-        self.send_raw(&route.exchange, routing_key, body, properties)
-            .await
+        route.mark(&mut table, Some(due));
+        *properties = std::mem::take(properties).with_headers(table);
+        Ok(Some(route.exchange))
+    }
+
+    /// Route a prepared delayed message into its tier, as late as possible.
+    async fn route_delayed(&self, message: &mut Prepared) -> Result<()> {
+        message.via = self
+            .delay_tier(&mut message.properties, message.due)
+            .await?;
+        Ok(())
     }
 
     /// Publish a copy of a received message and wait for its confirm (retries and
@@ -392,14 +399,6 @@ impl Publisher {
         self.send(exchange, routing_key, body, properties, true)
             .instrument(span)
             .await
-    }
-
-    /// For a delayed message, declare the delay tiers if this publisher has not yet.
-    async fn prepare_delays(&self, message: &Prepared) -> Result<()> {
-        match message.via {
-            Some(_) => self.ensure_delays().await,
-            None => Ok(()),
-        }
     }
 
     /// Declare the delay tiers of the exchange, once per publisher.
@@ -421,7 +420,7 @@ impl Publisher {
     async fn send_prepared(&self, mut message: Prepared) -> Result<String> {
         self.inner.pace().await;
         let span = self.inner.announce(&mut message);
-        self.prepare_delays(&message).await?;
+        self.route_delayed(&mut message).await?;
         let via = message.via.take();
         self.send(
             via.as_deref().unwrap_or(&self.inner.exchange),
@@ -481,6 +480,33 @@ impl Publisher {
         }
         self.inner.pool.close();
     }
+}
+
+/// The properties every event rabbitry publishes carries: its message id and type, a
+/// timestamp (Unix seconds), JSON, persistent, and `headers` with the event version when it
+/// is not 1 (version 1 is what a missing header means: most messages need no header table,
+/// which every consumer would otherwise have to parse).
+pub(crate) fn event_properties(
+    id: &str,
+    event_type: &str,
+    version: u32,
+    mut headers: lapin::types::FieldTable,
+    timestamp: u64,
+) -> Result<BasicProperties> {
+    let mut props = BasicProperties::default()
+        .with_message_id(broker::short("message id", id)?)
+        .with_type(broker::short("event type", event_type)?)
+        .with_timestamp(timestamp)
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    if version != 1 {
+        let version = AMQPValue::LongLongInt(version.into());
+        headers::set(&mut headers, headers::EVENT_VERSION, version);
+    }
+    if !headers.inner().is_empty() {
+        props = props.with_headers(headers);
+    }
+    Ok(props)
 }
 
 /// The span of one publish, with the OpenTelemetry messaging attributes for RabbitMQ.

@@ -14,7 +14,11 @@ use crate::topology::delay;
 
 /// A serialized message with its routing key and properties, ready to send.
 pub(super) struct Prepared {
-    /// Where it goes first: a delay tier's exchange; `None` for the publisher's exchange.
+    /// When a delayed message is due; the tier it enters is chosen just before it is
+    /// sent, so that waiting for a connection or the rate limit does not lengthen the delay.
+    pub(super) due: Option<SystemTime>,
+    /// Where it goes first: a delay tier's exchange (set when it is sent); `None` for the
+    /// publisher's exchange.
     pub(super) via: Option<String>,
     pub(super) routing_key: String,
     pub(super) body: Vec<u8>,
@@ -166,25 +170,18 @@ impl<'a, E: Event> Outgoing<'a, E> {
         }
         let routing_key = self.options.routing_key.as_deref().unwrap_or(E::TYPE);
         broker::short("routing key", routing_key)?;
+        let now = SystemTime::now();
         let (due, wait) = match self.options.delay {
             None => (None, Duration::ZERO),
-            Some(Delay::For(d)) => (SystemTime::now().checked_add(d), d),
-            Some(Delay::Until(t)) => {
-                let wait = t.duration_since(SystemTime::now()).unwrap_or_default();
-                (Some(t), wait)
-            }
+            Some(Delay::For(d)) => (now.checked_add(d), d),
+            Some(Delay::Until(t)) => (Some(t), t.duration_since(now).unwrap_or_default()),
         };
-        let route = delay::route(self.publisher.exchange(), wait)?;
-        let (body, properties, id) = match &route {
-            None => self.publisher.prepare(self.event, &self.options)?,
-            Some(route) => {
-                let mut options = self.options.clone();
-                route.mark(&mut options.headers, due);
-                self.publisher.prepare(self.event, &options)?
-            }
-        };
+        // Refused now if the broker cannot hold it; routed when sent.
+        let delayed = delay::route(self.publisher.exchange(), wait)?.is_some();
+        let (body, properties, id) = self.publisher.prepare(self.event, &self.options)?;
         Ok(Prepared {
-            via: route.map(|r| r.exchange),
+            due: due.filter(|_| delayed),
+            via: None,
             routing_key: routing_key.to_owned(),
             body,
             properties,

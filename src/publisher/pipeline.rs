@@ -91,7 +91,7 @@ impl<'p> Pipeline<'p> {
         }
         let inner = self.publisher.inner.clone();
         inner.pace().await;
-        self.publisher.prepare_delays(&prepared).await?;
+        self.publisher.route_delayed(&mut prepared).await?;
         let slot = match inner.slot(self.slot).await {
             Ok(slot) => slot,
             Err(e) => {
@@ -156,6 +156,7 @@ impl<'p> Pipeline<'p> {
 /// Publish one message on `slot` and wait for its confirm (within the publish timeout).
 async fn publish_one(inner: Arc<Inner>, slot: Arc<Slot>, message: Prepared) -> Result<()> {
     let Prepared {
+        due: _,
         via,
         routing_key,
         body,

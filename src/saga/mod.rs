@@ -12,8 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use lapin::BasicProperties;
-use lapin::types::AMQPValue;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tower_service::Service;
@@ -26,14 +24,12 @@ use crate::headers;
 use crate::message::Message;
 use crate::middleware::supported_version;
 use crate::outcome::{FailureKind, Outcome};
-use crate::publisher::Publisher;
+use crate::publisher::{Publisher, event_properties};
 use crate::registration::{Registration, decode};
 use crate::worker::Subscription;
 
-use repository::now_ms;
+use repository::{BoxError, now_ms};
 pub use repository::{MemorySagaRepository, PendingMessage, SagaRecord, SagaRepository};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How many applied message ids an instance remembers.
 const APPLIED_KEPT: usize = 64;
@@ -158,7 +154,10 @@ type Route<S> =
 /// then cleared; a crash in between publishes them on the next message for the instance
 /// (or the redelivery of this one), with the same message ids. A redelivered message
 /// already applied is not applied again. Messages for one instance are handled one at a
-/// time in a process; instances in parallel, up to the subscription's concurrency.
+/// time in a process; instances in parallel, up to the subscription's concurrency. (A
+/// message that came without a message id — from a client that sets none — gets a new id
+/// at each delivery, so its redelivery cannot be recognised: publish with ids, as
+/// rabbitry's publisher always does.)
 ///
 /// ```
 /// use std::time::Duration;
@@ -276,6 +275,12 @@ where
             }
             let delivery = decode::<E>(message, E::TYPE)?;
             let key = key(&delivery);
+            if key.contains('\0') {
+                return Err(Disposition::dead_letter(
+                    FailureKind::Invalid,
+                    format!("a {} gives a saga key with a NUL character", E::TYPE),
+                ));
+            }
             if key.is_empty() || key.len() > 200 {
                 return Err(Disposition::dead_letter(
                     FailureKind::Invalid,
@@ -419,14 +424,15 @@ where
                         Err(e) => Disposition::retry(e),
                     };
                 }
+                // What the last step decided goes out first (a crash may have left it).
+                if let Err(e) = self.flush(&mut record).await {
+                    return Disposition::retry(e);
+                }
                 if record.completed {
                     return Disposition::skip(format!(
                         "saga '{saga}' '{key}' is complete ({}); {event_type} changes nothing",
                         record.status
                     ));
-                }
-                if let Err(e) = self.flush(&mut record).await {
-                    return Disposition::retry(e);
                 }
                 record
             }
@@ -504,17 +510,9 @@ where
         for m in &record.pending {
             let mut table = lapin::types::FieldTable::default();
             headers::set(&mut table, headers::SAGA, headers::string(saga));
-            if m.version != 1 {
-                let version = AMQPValue::LongLongInt(m.version.into());
-                headers::set(&mut table, headers::EVENT_VERSION, version);
-            }
-            let mut properties = BasicProperties::default()
-                .with_message_id(broker::short("message id", &m.message_id)?)
-                .with_type(broker::short("event type", &m.routing_key)?)
-                .with_timestamp(now_ms().max(0) as u64 / 1000)
-                .with_content_type("application/json".into())
-                .with_delivery_mode(2)
-                .with_headers(table);
+            let seconds = now_ms().max(0) as u64 / 1000;
+            let mut properties =
+                event_properties(&m.message_id, &m.routing_key, m.version, table, seconds)?;
             if let Ok(key) = broker::short("correlation id", &record.key) {
                 properties = properties.with_correlation_id(key);
             }
@@ -541,8 +539,9 @@ where
         record.pending.clear();
         record.version += 1;
         record.updated_ms = now_ms();
-        // A conflict means another consumer saved after us: it read these pending
-        // messages and sends them (again, with the same ids). Nothing is lost either way.
+        // A conflict means another consumer saved this very flush first: version v+1 can
+        // only ever be the flush of version v (same content whoever writes it), so nothing
+        // is lost or overwritten either way.
         match self.shared.repository.save(saga, record).await {
             Ok(_) => Ok(()),
             Err(e) => Err(format!(

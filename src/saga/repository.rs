@@ -8,7 +8,7 @@ use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 /// An error from a repository (a database's, typically).
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One saga instance as a [`SagaRepository`] keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -24,7 +24,7 @@ use futures_util::StreamExt;
 use futures_util::stream::SelectAll;
 use jiff::Timestamp;
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -33,6 +33,7 @@ use super::{Clock, Schedule, Tick};
 use crate::broker::{self, Channel, Confirm, Connection, Incoming};
 use crate::error::{Error, Result};
 use crate::headers;
+use crate::publisher::event_properties;
 use crate::runtime::connect::{self, Settings};
 
 /// How often a leader renews its token when no tick is due (a held delivery must be
@@ -65,7 +66,6 @@ pub struct Scheduler {
     schedules: Vec<Schedule>,
     max_catch_up: usize,
     connection_name: String,
-    clock: Clock,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -91,7 +91,6 @@ impl Scheduler {
     pub fn new(url: impl Into<String>, exchange: impl Into<String>) -> Scheduler {
         let url = url.into();
         Scheduler {
-            clock: Clock::for_url(&url),
             url,
             exchange: exchange.into(),
             schedules: Vec::new(),
@@ -106,9 +105,10 @@ impl Scheduler {
         self
     }
 
-    /// How many missed ticks of one schedule a new leader fires (the latest; default 100).
+    /// How many missed ticks of one schedule a new leader fires (the latest; default 100,
+    /// at least 1).
     pub fn max_catch_up(mut self, ticks: usize) -> Scheduler {
-        self.max_catch_up = ticks;
+        self.max_catch_up = ticks.max(1);
         self
     }
 
@@ -168,23 +168,35 @@ impl Scheduler {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(10),
         };
+        let mut pause = settings.reconnect_min;
         loop {
             let Some(conn) = connect::connect(&settings, stop, None).await? else {
                 return Ok(());
             };
+            // Read once connected: an in-memory broker exists by now, and its clock is the
+            // one every runtime on it shares.
             let mut session = Session {
                 scheduler: self,
+                clock: Clock::for_url(&self.url),
                 slots: Vec::new(),
             };
+            let started = tokio::time::Instant::now();
             let ended = session.run(&conn, stop).await;
             conn.close().await;
             match ended {
                 Ok(()) => return Ok(()),
+                // A token queue declared otherwise by someone else: waiting will not help.
+                Err(e @ Error::TopologyConflict { .. }) => return Err(e),
                 Err(e) => {
-                    warn!(error = %e, "scheduler lost its broker connection; competing again after reconnecting");
+                    // Back off when sessions keep failing at once; start over after a long one.
+                    pause = match started.elapsed() > RENEW_EVERY {
+                        true => settings.reconnect_min,
+                        false => (pause * 2).min(settings.reconnect_max),
+                    };
+                    warn!(error = %e, retry_in = ?pause, "the scheduler's session ended; competing again");
                     tokio::select! {
                         () = stop.cancelled() => return Ok(()),
-                        () = tokio::time::sleep(settings.reconnect_min) => {}
+                        () = tokio::time::sleep(pause) => {}
                     }
                 }
             }
@@ -206,6 +218,7 @@ struct Slot {
 /// One connection's worth of competing.
 struct Session<'a> {
     scheduler: &'a Scheduler,
+    clock: Clock,
     slots: Vec<Slot>,
 }
 
@@ -217,13 +230,13 @@ impl Session<'_> {
         let mut tokens = SelectAll::new();
         for (i, schedule) in self.scheduler.schedules.iter().enumerate() {
             let queue = Scheduler::token_queue(&self.scheduler.exchange, schedule.name());
-            declare_token_queue(&ch, &queue).await?;
+            crate::topology::declare_lease_queue(&ch, &queue).await?;
             let (ready, consumers) = ch.queue_counts(&queue).await?;
             if ready == 0 && consumers == 0 {
                 // A new schedule (or one whose token was purged): start from now, firing
                 // nothing of the past. Two processes seeding at once leave two tokens,
                 // which the leader merges.
-                let now = self.scheduler.clock.now();
+                let now = self.clock.now();
                 publish_token(&ch, &queue, schedule, now).await?;
             }
             let tag = format!("rabbitry-scheduler-{}", uuid::Uuid::now_v7().simple());
@@ -260,7 +273,7 @@ impl Session<'_> {
 
     /// How long until some held schedule has a tick due or a token to renew.
     fn next_wake(&self) -> Duration {
-        let clock = &self.scheduler.clock;
+        let clock = &self.clock;
         let mut wake = RENEW_EVERY;
         for (slot, schedule) in self.slots.iter().zip(&self.scheduler.schedules) {
             let (Some(last), Some(renewed)) = (slot.last, slot.renewed_at) else {
@@ -306,7 +319,7 @@ impl Session<'_> {
         }
         slot.held.push(delivery);
         if slot.held.len() > 1 || last.is_none() {
-            let last = slot.last.unwrap_or_else(|| self.scheduler.clock.now());
+            let last = slot.last.unwrap_or_else(|| self.clock.now());
             self.renew(ch, i, last).await?;
         } else if slot.renewed_at.is_none() {
             slot.renewed_at = Some(tokio::time::Instant::now());
@@ -316,7 +329,7 @@ impl Session<'_> {
 
     /// Fire every due tick of the schedules this process leads, then renew their tokens.
     async fn fire_due(&mut self, ch: &Channel) -> Result<()> {
-        let now = self.scheduler.clock.now();
+        let now = self.clock.now();
         for i in 0..self.slots.len() {
             let slot = &self.slots[i];
             let (Some(last), false) = (slot.last, slot.held.is_empty()) else {
@@ -330,14 +343,13 @@ impl Session<'_> {
                     skipped, "missed ticks beyond the catch-up limit are not fired"
                 );
             }
-            let mut fired = last;
-            for at in due {
+            // One tick per token: a leader killed now fires this tick again, no more.
+            // The next due tick fires as soon as the renewed token is back.
+            if let Some(&at) = due.first() {
                 self.fire(ch, schedule, at).await?;
-                fired = at;
-            }
-            let stale = slot.renewed_at.is_none_or(|t| t.elapsed() >= RENEW_EVERY);
-            if fired != last || stale {
-                self.renew(ch, i, fired).await?;
+                self.renew(ch, i, at).await?;
+            } else if slot.renewed_at.is_none_or(|t| t.elapsed() >= RENEW_EVERY) {
+                self.renew(ch, i, last).await?;
             }
         }
         Ok(())
@@ -375,28 +387,17 @@ impl Session<'_> {
         );
         let due = headers::timestamp(at.into());
         headers::set(&mut table, headers::SCHEDULED_AT, headers::string(&due));
-        if message.version != 1 {
-            let version = AMQPValue::LongLongInt(message.version.into());
-            headers::set(&mut table, headers::EVENT_VERSION, version);
-        }
-        let properties = BasicProperties::default()
-            .with_message_id(id.as_str().into())
-            .with_type(broker::short("event type", &message.event_type)?)
-            .with_timestamp(at.as_second().max(0) as u64)
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_headers(table);
-        let confirm = ch
-            .publish(
-                exchange,
-                &message.routing_key,
-                &message.body,
-                properties,
-                true,
-            )
-            .await?
-            .await?;
-        match confirm {
+        let seconds = at.as_second().max(0) as u64;
+        let properties =
+            event_properties(&id, &message.event_type, message.version, table, seconds)?;
+        let confirm = confirmed(
+            ch,
+            exchange,
+            &message.routing_key,
+            &message.body,
+            properties,
+        );
+        match confirm.await? {
             Confirm::Ack { returned: None } => {
                 info!(schedule = schedule.name(), tick = %due, message_id = %id, "tick fired");
             }
@@ -429,24 +430,6 @@ impl Session<'_> {
     }
 }
 
-async fn declare_token_queue(ch: &Channel, queue: &str) -> Result<()> {
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("classic".into()),
-    );
-    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-    args.insert(broker::LEASE_ARG.into(), AMQPValue::Boolean(true));
-    ch.declare_queue(queue, args)
-        .await
-        .map(drop)
-        .map_err(|e| Error::Declare {
-            kind: "queue",
-            name: queue.to_owned(),
-            source: e.into(),
-        })
-}
-
 async fn publish_token(
     ch: &Channel,
     queue: &str,
@@ -461,15 +444,38 @@ async fn publish_token(
     let properties = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2);
-    match ch
-        .publish("", queue, &body, properties, true)
-        .await?
-        .await?
-    {
+    match confirmed(ch, "", queue, &body, properties).await? {
         Confirm::Ack { returned: None } => Ok(()),
         Confirm::Ack { returned: Some(_) } | Confirm::Nack => Err(Error::Nacked {
             exchange: String::new(),
             routing_key: queue.to_owned(),
+        }),
+    }
+}
+
+/// How long a scheduler waits for a confirm before it gives its session up (a blocked
+/// connection — a broker alarm — must not hold the token and the shutdown forever).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Publish on `ch` and wait for the broker's confirm, at most [`CONFIRM_TIMEOUT`].
+async fn confirmed(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<Confirm> {
+    let publish = async {
+        ch.publish(exchange, routing_key, body, properties, true)
+            .await?
+            .await
+    };
+    match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
+        Ok(confirm) => Ok(confirm?),
+        Err(_) => Err(Error::PublishTimeout {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            timeout: CONFIRM_TIMEOUT,
         }),
     }
 }

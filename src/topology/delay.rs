@@ -41,7 +41,7 @@ fn tier_name(exchange: &str, level: u32) -> String {
 }
 
 /// The queue that hands a message whose tier-0 bit is 0 on to `exchange`.
-fn due_name(exchange: &str) -> String {
+pub(crate) fn due_name(exchange: &str) -> String {
     format!("{exchange}.delay.due")
 }
 

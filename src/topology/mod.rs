@@ -227,6 +227,14 @@ impl Topology {
         delay::tier_names(exchange)
     }
 
+    /// Every queue of the delay tiers of `exchange`: the [`delay_tiers`](Topology::delay_tiers)
+    /// and `<exchange>.delay.due` (to delete them, say).
+    pub fn delay_queues(exchange: &str) -> Vec<String> {
+        let mut queues = delay::tier_names(exchange);
+        queues.push(delay::due_name(exchange));
+        queues
+    }
+
     /// The names of every queue in the plan.
     pub fn queues(&self) -> impl Iterator<Item = &str> {
         self.queues.iter().map(|q| q.name.as_str())
@@ -335,6 +343,22 @@ fn retry_tier(queue: &str, delay_ms: u64) -> QueueSpec {
             ("x-dead-letter-routing-key", Arg::Str(queue.to_owned())),
         ],
     )
+}
+
+/// Declare a durable classic single-active-consumer queue whose one message is a lease its
+/// consumer holds (a schedule's token).
+pub(crate) async fn declare_lease_queue(ch: &Channel, name: &str) -> Result<()> {
+    let spec = classic(
+        name.to_owned(),
+        vec![
+            ("x-single-active-consumer", Arg::Bool(true)),
+            (broker::LEASE_ARG, Arg::Bool(true)),
+        ],
+    );
+    ch.declare_queue(name, spec.field_table())
+        .await
+        .map(drop)
+        .map_err(|e| declare_error("queue", name, e))
 }
 
 /// Declare one retry tier on demand (for a `retry_after` delay no policy tier covers).

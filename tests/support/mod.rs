@@ -435,10 +435,8 @@ impl Drop for TestEnv {
         let mut queues: Vec<String> = self.queues.lock().unwrap().iter().cloned().collect();
         let mut exchanges = vec![self.exchange.clone(), format!("{}.dlx", self.exchange)];
         if self.delays.load(std::sync::atomic::Ordering::Relaxed) {
-            let tiers = Topology::delay_tiers(&self.exchange);
-            queues.extend(tiers.iter().cloned());
-            queues.push(format!("{}.delay.due", self.exchange));
-            exchanges.extend(tiers);
+            queues.extend(Topology::delay_queues(&self.exchange));
+            exchanges.extend(Topology::delay_tiers(&self.exchange));
         }
         cleanup::delete(&url(), queues, exchanges);
     }

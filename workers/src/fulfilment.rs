@@ -220,28 +220,37 @@ pub fn saga(
         .on(
             move |e: &StockReservationMade| key(e.order_id),
             |step: &mut Step<Fulfilment>, _: &Delivery<StockReservationMade>| {
-                step.state.stock = Part::Done;
+                // Unless a release is already on its way.
+                if step.state.stock == Part::Pending {
+                    step.state.stock = Part::Done;
+                }
                 decide(step)
             },
         )
         .on(
             move |e: &StockReservationRefused| key(e.order_id),
             |step: &mut Step<Fulfilment>, e: &Delivery<StockReservationRefused>| {
-                step.state.stock = Part::Failed(e.reason.clone());
+                if step.state.stock == Part::Pending {
+                    step.state.stock = Part::Failed(e.reason.clone());
+                }
                 decide(step)
             },
         )
         .on(
             move |e: &PaymentCharged| key(e.order_id),
             |step: &mut Step<Fulfilment>, _: &Delivery<PaymentCharged>| {
-                step.state.payment = Part::Done;
+                if step.state.payment == Part::Pending {
+                    step.state.payment = Part::Done;
+                }
                 decide(step)
             },
         )
         .on(
             move |e: &PaymentDeclined| key(e.order_id),
             |step: &mut Step<Fulfilment>, e: &Delivery<PaymentDeclined>| {
-                step.state.payment = Part::Failed(e.reason.clone());
+                if step.state.payment == Part::Pending {
+                    step.state.payment = Part::Failed(e.reason.clone());
+                }
                 decide(step)
             },
         )
@@ -281,8 +290,12 @@ fn decide(step: &mut Step<Fulfilment>) -> Outcome {
             _ => return Ok(()),
         }
     }
-    // Cancelling: undo what was done, then cancel once nothing is left to undo or wait for.
-    if step.state.payment == Part::Done {
+    // Cancelling: undo what was done — after a timeout, also what may still be done: the
+    // services refuse a reservation or a charge for an order they were told to undo, so a
+    // late answer can leave nothing behind. Cancel once nothing is left to wait for.
+    let timed_out = step.state.timed_out;
+    let payment = &step.state.payment;
+    if *payment == Part::Done || (*payment == Part::Pending && timed_out) {
         let refund = RefundPayment {
             order_id,
             amount: step.state.amount,
@@ -290,22 +303,24 @@ fn decide(step: &mut Step<Fulfilment>) -> Outcome {
         step.publish(&refund)?;
         step.state.payment = Part::Undone;
     }
-    match step.state.stock {
-        Part::Done => {
-            let release = ReleaseStock {
-                order_id,
-                items: step.state.items.clone(),
-            };
-            step.publish(&release)?;
-            step.state.stock = Part::Releasing;
-            step.set_status("compensating");
-            return Ok(());
-        }
-        Part::Releasing => return Ok(()),
-        _ => {}
+    let release = match step.state.stock {
+        Part::Done => true,
+        Part::Pending => timed_out,
+        _ => false,
+    };
+    if release {
+        let release = ReleaseStock {
+            order_id,
+            items: step.state.items.clone(),
+        };
+        step.publish(&release)?;
+        step.state.stock = Part::Releasing;
+        step.set_status("compensating");
     }
-    let pending = step.state.stock == Part::Pending || step.state.payment == Part::Pending;
-    if pending && !step.state.timed_out {
+    if step.state.stock == Part::Releasing {
+        return Ok(()); // until the stock worker says it is released
+    }
+    if step.state.stock == Part::Pending || step.state.payment == Part::Pending {
         // The other part may still succeed and then need undoing: wait for its answer
         // (or the timeout).
         step.set_status("cancelling");
@@ -313,11 +328,7 @@ fn decide(step: &mut Step<Fulfilment>) -> Outcome {
     }
     let reason = step.state.cancelling.clone().unwrap_or_default();
     step.publish(&OrderCancelled { order_id, reason })?;
-    let status = if step.state.timed_out {
-        "timed_out"
-    } else {
-        "cancelled"
-    };
+    let status = if timed_out { "timed_out" } else { "cancelled" };
     step.complete(status);
     Ok(())
 }
@@ -391,6 +402,8 @@ pub struct Payments {
 struct PaymentsState {
     limit: Option<f64>,
     lost: HashSet<u64>,
+    /// Orders refunded before they were charged: a later charge is declined.
+    voided: HashSet<u64>,
     charged: Vec<u64>,
     refunded: Vec<u64>,
 }
@@ -435,6 +448,9 @@ pub fn payment_worker(queue: &str, payments: Payments) -> Router {
                         return Ok(());
                     }
                     match state.limit {
+                        _ if state.voided.contains(&c.order_id) => {
+                            Some("the order was cancelled".to_owned())
+                        }
                         Some(limit) if c.amount > limit => Some(format!(
                             "{:.2} is over the card's limit of {limit:.2}",
                             c.amount
@@ -470,7 +486,14 @@ pub fn payment_worker(queue: &str, payments: Payments) -> Router {
         .on(move |r: Delivery<RefundPayment>, _ctx: Context| {
             let payments = refunds.clone();
             async move {
-                payments.state().refunded.push(r.order_id);
+                let mut state = payments.state();
+                match state.charged.contains(&r.order_id) {
+                    true => state.refunded.push(r.order_id),
+                    // Nothing to pay back; a charge arriving later is declined.
+                    false => {
+                        state.voided.insert(r.order_id);
+                    }
+                }
                 Ok(())
             }
         })
@@ -557,6 +580,40 @@ mod tests {
                 Part::Failed("5000.00 is over the card's limit of 1000.00".into())
             )
         );
+        rt.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_charge_that_answers_after_the_timeout_is_paid_back() {
+        let broker = TestBroker::new();
+        let repository = Arc::new(MemorySagaRepository::new());
+        let stock = Stock::default();
+        let payments = Payments::default();
+        let rt = broker
+            .runtime()
+            .worker(saga(repository.clone(), SAGA_QUEUE, TIMEOUT))
+            .worker(stock_worker(STOCK_QUEUE, stock.clone()))
+            .worker(payment_worker(PAYMENT_QUEUE, payments.clone()))
+            .start()
+            .await
+            .unwrap();
+        // The payment service is stuck until the order has timed out.
+        rt.pause(PAYMENT_QUEUE).await.unwrap();
+        broker.publish(&OrderPlaced::sample(4)).await.unwrap();
+        tokio::time::sleep(TIMEOUT + Duration::from_secs(1)).await;
+        rt.resume(PAYMENT_QUEUE).await.unwrap();
+        broker.idle().await;
+        // The late charge went through and was paid back; the stock was released.
+        assert_eq!(payments.charged(), [4]);
+        assert_eq!(payments.refunded(), [4]);
+        assert!(stock.reserved().is_empty());
+        let record = &repository.records(SAGA_QUEUE)[0];
+        assert_eq!(
+            (record.status.as_str(), record.completed),
+            ("timed_out", true)
+        );
+        let cancelled: Vec<OrderCancelled> = broker.published("order.cancelled");
+        assert_eq!(cancelled.len(), 1);
         rt.shutdown().await;
     }
 }

@@ -24,6 +24,8 @@ pub enum StockError {
         /// The item that ran out.
         sku: String,
     },
+    /// The order's reservation was released (cancelled) before it was made.
+    Cancelled,
 }
 
 impl fmt::Display for StockError {
@@ -31,6 +33,7 @@ impl fmt::Display for StockError {
         match self {
             StockError::Unavailable => f.write_str("stock service unavailable"),
             StockError::OutOfStock { sku } => write!(f, "out of stock: {sku}"),
+            StockError::Cancelled => f.write_str("the order was cancelled"),
         }
     }
 }
@@ -43,6 +46,8 @@ impl std::error::Error for StockError {}
 pub struct Stock {
     levels: Arc<Mutex<HashMap<String, i64>>>,
     reserved: Arc<Mutex<Vec<u64>>>,
+    /// Orders released: a reservation that arrives later is refused.
+    cancelled: Arc<Mutex<std::collections::HashSet<u64>>>,
     unavailable: Arc<Mutex<Vec<u64>>>,
     outage: Arc<AtomicU32>,
 }
@@ -77,8 +82,13 @@ impl Stock {
             .clone()
     }
 
-    /// Give back the items reserved for `order_id` (nothing if it has no reservation).
+    /// Give back the items reserved for `order_id` (nothing if it has no reservation), and
+    /// refuse any reservation for it from now on.
     pub fn release(&self, order_id: u64, items: &[Item]) {
+        self.cancelled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(order_id);
         let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
         let Some(at) = reserved.iter().position(|id| *id == order_id) else {
             return;
@@ -103,6 +113,14 @@ impl Stock {
                 .unwrap_or_else(|e| e.into_inner())
                 .push(order_id);
             return Err(StockError::Unavailable);
+        }
+        if self
+            .cancelled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&order_id)
+        {
+            return Err(StockError::Cancelled);
         }
         let mut levels = self.levels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(item) = items
@@ -197,7 +215,7 @@ impl Worker for InventoryWorker {
         }
         match self.stock.reserve(order.order_id, &order.items) {
             Ok(()) => {}
-            Err(e @ StockError::OutOfStock { .. }) => {
+            Err(e @ (StockError::OutOfStock { .. } | StockError::Cancelled)) => {
                 return self.reject(order.order_id, e.to_string());
             }
             Err(e @ StockError::Unavailable) => return Err(e.into()), // transient: retried

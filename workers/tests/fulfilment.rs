@@ -36,7 +36,7 @@ async fn spawn_saga(env: &TestEnv, prefix: &str, store: &str) -> Child {
         .env("RABBITRY_EXCHANGE", &env.exchange)
         .env("RABBITRY_QUEUE_PREFIX", prefix)
         .env("RABBITRY_STORE", store)
-        .env("RABBITRY_SAGA_TIMEOUT_MS", "3000")
+        .env("RABBITRY_SAGA_TIMEOUT_MS", "6000")
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
