@@ -3,6 +3,7 @@
 
 mod sagas;
 mod schedules;
+mod tokens;
 
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
@@ -65,6 +66,9 @@ enum Command {
             default_value = "rabbitry.reports.keeper"
         )]
         reports_queue: String,
+        /// Also serve the HTTP API on this address (e.g. 127.0.0.1:8080).
+        #[arg(long, env = "RABBITRY_HTTP", value_name = "ADDR")]
+        http: Option<std::net::SocketAddr>,
     },
     /// Publish one JSON event (confirmed) and print its message id.
     Publish {
@@ -128,6 +132,11 @@ enum Command {
     Schedules {
         #[command(subcommand)]
         command: schedules::SchedulesCommand,
+    },
+    /// Tokens for the HTTP API (`serve --http`).
+    Tokens {
+        #[command(subcommand)]
+        command: tokens::TokensCommand,
     },
 }
 
@@ -303,8 +312,20 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), Failed> {
     match cli.command {
-        Command::Serve { dlq, reports_queue } => {
-            serve(&cli.url, &cli.store, &cli.exchange, dlq, reports_queue).await
+        Command::Serve {
+            dlq,
+            reports_queue,
+            http,
+        } => {
+            serve(
+                &cli.url,
+                &cli.store,
+                &cli.exchange,
+                dlq,
+                reports_queue,
+                http,
+            )
+            .await
         }
         Command::Publish {
             routing_key,
@@ -467,6 +488,7 @@ async fn run(cli: Cli) -> Result<(), Failed> {
         Command::Dlq { command } => dlq(&cli.url, &cli.store, command).await,
         Command::Sagas { command } => sagas::run(&cli.store, command).await,
         Command::Schedules { command } => schedules::run(&cli.store, command).await,
+        Command::Tokens { command } => tokens::run(&cli.store, command).await,
     }
 }
 
@@ -498,8 +520,18 @@ async fn serve(
     exchange: &str,
     dlq: Vec<String>,
     reports_queue: String,
+    http: Option<std::net::SocketAddr>,
 ) -> Result<(), Failed> {
     let store = Store::connect(store).await?;
+    // Bound first: a busy port is an error before anything else starts.
+    let listener = match http {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Failed::usage(format!("cannot serve HTTP on {addr}: {e}")))?,
+        ),
+        None => None,
+    };
     let mut keeper = Keeper::new(store.clone(), exchange).reports_queue(reports_queue);
     for worker in dlq {
         keeper = keeper.dead_letters_of(worker);
@@ -527,6 +559,23 @@ async fn serve(
         store.clone(),
         stopping,
     ));
+    let api = match listener {
+        Some(listener) => {
+            let publisher = Publisher::builder(url).exchange(exchange).build()?;
+            let addr = listener.local_addr().ok();
+            let mut stopping = stop.subscribe();
+            let api = rabbitry_server::Api::new(store.clone(), publisher);
+            let shutdown = async move {
+                let _ = stopping.wait_for(|stopped| *stopped).await;
+            };
+            eprintln!(
+                "rabbitry serve: HTTP API on http://{}",
+                addr.map_or("?".into(), |a| a.to_string())
+            );
+            Some(tokio::spawn(api.serve(listener, shutdown)))
+        }
+        None => None,
+    };
     eprintln!(
         "rabbitry serve: keeping {exchange} into the store ({:?}) and firing its schedules",
         store.backend()
@@ -540,6 +589,9 @@ async fn serve(
     events.shutdown().await;
     reports.shutdown().await;
     let _ = schedules.await;
+    if let Some(api) = api {
+        let _ = api.await;
+    }
     store.close().await;
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! `rabbitry sagas`: the saga instances kept in the store.
 
 use clap::Subcommand;
-use rabbitry_store::{SagaFilter, Store, StoredSaga};
+use rabbitry_store::{SagaFilter, Store};
 
 use crate::{Failed, print_json, time};
 
@@ -35,21 +35,6 @@ pub(crate) enum SagasCommand {
     },
 }
 
-fn json_of(s: &StoredSaga) -> serde_json::Value {
-    let r = &s.record;
-    serde_json::json!({
-        "saga": s.saga,
-        "key": r.key,
-        "status": r.status,
-        "completed": r.completed,
-        "version": r.version,
-        "state": r.state,
-        "pending": r.pending,
-        "created_at": time(r.created_ms),
-        "updated_at": time(r.updated_ms),
-    })
-}
-
 pub(crate) async fn run(store: &str, command: SagasCommand) -> Result<(), Failed> {
     let store = Store::connect(store).await?;
     // In a block of its own, so that every way out closes the store.
@@ -70,7 +55,7 @@ pub(crate) async fn run(store: &str, command: SagasCommand) -> Result<(), Failed
                 }
                 let found = store.sagas(&filter).await?;
                 if json {
-                    print_json(&found.iter().map(json_of).collect::<Vec<_>>());
+                    print_json(&found);
                 } else {
                     println!(
                         "{:<24}  {:<24}  {:<20}  {:<5}  {:>7}  {:>7}  updated",
@@ -100,7 +85,7 @@ pub(crate) async fn run(store: &str, command: SagasCommand) -> Result<(), Failed
                     )));
                 }
                 if json {
-                    print_json(&found.iter().map(json_of).collect::<Vec<_>>());
+                    print_json(&found);
                     return Ok(());
                 }
                 for s in &found {

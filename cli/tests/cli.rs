@@ -616,7 +616,94 @@ async fn sagas_are_listed_by_state_and_shown(db: Db) {
     store.close().await;
 }
 
+async fn tokens_are_made_used_over_http_and_revoked(db: Db) {
+    let env = TestEnv::rabbitmq("cli_tokens");
+    let cli = Cli::new(&env, &db);
+    let orders = Subscription::new(env.queue("orders")).bind("order.*");
+    env.track(&orders);
+    Topology::new(&env.exchange, [&orders])
+        .declare(&support::url())
+        .await
+        .unwrap();
+    for (args, code) in [
+        (vec!["tokens", "create", "--scope", "root"], 2),
+        (
+            vec!["tokens", "create", "--scope", "read", "--rate", "0/s"],
+            2,
+        ),
+        (
+            vec!["tokens", "create", "--scope", "read", "--expires", "soon"],
+            2,
+        ),
+        (vec!["tokens", "revoke", "nope"], 6),
+    ] {
+        let out = cli.run(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let secret = cli.ok(&[
+        "tokens",
+        "create",
+        "--scope",
+        "publish:order.*",
+        "--rate",
+        "100/s",
+        "--expires",
+        "1h",
+        "--name",
+        "shop",
+    ]);
+    let secret = secret.trim().to_owned();
+    assert!(secret.starts_with("rbt_"), "{secret}");
+    let listed = cli.json(&["tokens", "list", "--json"]);
+    assert_eq!(listed[0]["name"], "shop");
+    assert_eq!(listed[0]["scopes"][0], "publish:order.*");
+    assert_eq!(listed[0]["rate_per_second"], 100);
+    assert!(
+        !listed.to_string().contains(&secret),
+        "the secret is never listed"
+    );
+    let id = listed[0]["id"].as_str().unwrap().to_owned();
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = busy.local_addr().unwrap().to_string();
+    assert_eq!(
+        cli.run(&["serve", "--http", &taken]).status.code(),
+        Some(2),
+        "a busy port"
+    );
+    let _served = cli.serve(&["--http", &addr]);
+    let publish = |token: &str| {
+        let body = r#"{"order_id":5}"#;
+        format!(
+            "POST /api/v1/events/order.placed HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Authorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let (status, body) = support::http::request(addr.as_str(), &publish(&secret));
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(env.take(&env.queue("orders"), 1).await.len(), 1);
+    assert_eq!(
+        cli.ok(&["tokens", "revoke", &id]).trim(),
+        format!("token {id} revoked")
+    );
+    let (status, _) = support::http::request(addr.as_str(), &publish(&secret));
+    assert_eq!(status, 401, "revoked at once");
+}
+
 on_both_databases!(
+    tokens_are_made_used_over_http_and_revoked,
     schedules_are_kept_fired_by_serve_and_removed,
     sagas_are_listed_by_state_and_shown,
     event_tells_what_every_worker_did_with_a_message,

@@ -120,7 +120,7 @@ pub(crate) async fn open(url: &str) -> Result<Pools, StoreError> {
 
 /// The migrations of `backend`, compiled into the binary.
 fn migrator(backend: Backend) -> Migrator {
-    let steps: [(&'static str, &'static str); 4] = match backend {
+    let steps: [(&'static str, &'static str); 5] = match backend {
         Backend::Sqlite => [
             (
                 "record",
@@ -137,6 +137,10 @@ fn migrator(backend: Backend) -> Migrator {
             (
                 "time and state",
                 include_str!("../migrations/sqlite/0004_time_and_state.sql"),
+            ),
+            (
+                "tokens",
+                include_str!("../migrations/sqlite/0005_tokens.sql"),
             ),
         ],
         Backend::Postgres => [
@@ -155,6 +159,10 @@ fn migrator(backend: Backend) -> Migrator {
             (
                 "time and state",
                 include_str!("../migrations/postgres/0004_time_and_state.sql"),
+            ),
+            (
+                "tokens",
+                include_str!("../migrations/postgres/0005_tokens.sql"),
             ),
         ],
     };

@@ -54,6 +54,7 @@ mod keeper;
 mod outbox;
 mod records;
 mod sagas;
+mod tokens;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -68,6 +69,7 @@ pub use keeper::{Keeper, REPLAYED_FROM};
 pub use outbox::{Outbox, OutboxConnection, OutboxRelay};
 pub use records::{DeadLetter, DeadLetterState, EventFilter, HandlingRecord, StoredEvent};
 pub use sagas::{SagaFilter, SagaStore, StoredSaga, StoredSchedule};
+pub use tokens::{ApiToken, NewToken, Scope};
 
 /// What can go wrong with a store. Each says what to do about it.
 #[derive(Debug, thiserror::Error)]

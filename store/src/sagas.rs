@@ -12,13 +12,15 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const SAGA_COLUMNS: &str = "saga, saga_key, state, status, completed, version, pending, applied, \
                             created_at, updated_at";
 
-/// A saga instance as stored, with the saga it belongs to.
-#[derive(Debug, Clone, PartialEq)]
+/// A saga instance as stored, with the saga it belongs to. As JSON: `saga` and the
+/// record's fields.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[non_exhaustive]
 pub struct StoredSaga {
     /// The saga (its queue's name).
     pub saga: String,
     /// The instance.
+    #[serde(flatten)]
     pub record: SagaRecord,
 }
 
@@ -223,7 +225,7 @@ impl Store {
 
 /// A cron schedule kept in the store: a JSON body published with a routing key at every
 /// tick (see [`Schedule::json`]).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[non_exhaustive]
 pub struct StoredSchedule {
     /// Its name (letters, digits, `.`, `_`, `-`).

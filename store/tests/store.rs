@@ -565,7 +565,67 @@ async fn schedules_are_checked_kept_and_removed(db: Db) {
     db.done(store).await;
 }
 
+/// Tokens: the secret authenticates until it is revoked or expires; only its hash is kept.
+async fn tokens_authenticate_until_revoked_or_expired(db: Db) {
+    use rabbitry_store::{NewToken, Scope};
+    let store = db.store().await;
+    let (made, secret) = store
+        .create_token(&NewToken::new(
+            "ci",
+            vec![Scope::parse("publish:order.*").unwrap(), Scope::Read],
+        ))
+        .await
+        .unwrap();
+    let found = store
+        .authenticate(&secret)
+        .await
+        .unwrap()
+        .expect("a live token");
+    assert_eq!(found, made);
+    assert!(found.may_publish("order.placed") && !found.may_publish("payment.made"));
+    assert!(found.may_read() && !found.is_admin());
+    assert!(store.authenticate("rbt_nope").await.unwrap().is_none());
+    assert!(
+        store
+            .authenticate(&"x".repeat(10_000))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let mut old = NewToken::new("old", vec![Scope::Admin]);
+    old.expires_ms = Some(1);
+    let (_, expired) = store.create_token(&old).await.unwrap();
+    assert!(
+        store.authenticate(&expired).await.unwrap().is_none(),
+        "expired"
+    );
+    assert!(store.revoke_token(&made.id).await.unwrap());
+    assert!(!store.revoke_token(&made.id).await.unwrap(), "once");
+    assert!(
+        store.authenticate(&secret).await.unwrap().is_none(),
+        "revoked"
+    );
+    let listed = store.tokens().await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(
+        listed
+            .iter()
+            .any(|t| t.id == made.id && t.revoked_ms.is_some())
+    );
+    for bad in [
+        NewToken::new("x", vec![]),
+        NewToken::new("", vec![Scope::Read]),
+    ] {
+        assert!(matches!(
+            store.create_token(&bad).await,
+            Err(StoreError::Invalid(_))
+        ));
+    }
+    db.done(store).await;
+}
+
 on_both_databases!(
+    tokens_authenticate_until_revoked_or_expired,
     saga_instances_are_saved_only_over_the_version_they_read,
     schedules_are_checked_kept_and_removed,
     hostile_values_are_kept_not_refused,

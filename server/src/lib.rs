@@ -1,0 +1,173 @@
+//! rabbitry's HTTP API: publish events, read the record, and manage who may, behind scoped
+//! bearer tokens. `rabbitry serve --http 127.0.0.1:8080` runs it beside the keeper.
+//!
+//! ```text
+//! POST   /api/v1/events/{routing_key}     publish the JSON body (scope publish:<pattern>)
+//! GET    /api/v1/events                   recorded events (read): ?type= &correlation_id= &since= &limit=
+//! GET    /api/v1/events/{message_id}      one event and how every worker handled it (read)
+//! GET    /api/v1/dead-letters             ?worker= &state=waiting|redriven|purged|all &limit= (read)
+//! GET    /api/v1/dead-letters/{seq}       one dead letter (read)
+//! GET    /api/v1/schedules                stored cron schedules (read)
+//! GET    /api/v1/sagas                    saga instances: ?saga= &state= &limit= (read)
+//! GET    /api/v1/sagas/{key}              the instances with one key (read)
+//! GET    /api/v1/tokens                   every token (admin)
+//! POST   /api/v1/tokens                   make one: {"name", "scopes", "rate_per_second"?, "expires_at"?} (admin)
+//! DELETE /api/v1/tokens/{id}              revoke one (admin)
+//! GET    /health, /ready                  probes, without a token
+//! ```
+//!
+//! **Tokens.** `Authorization: Bearer <token>`; a token is made by `rabbitry tokens create`
+//! (or the API) and shown once — the store keeps its SHA-256 only, looked up by hash and
+//! compared in constant time. Scopes: `publish:<pattern>` (the routing keys it may publish,
+//! a topic pattern), `read`, `admin` (everything). No token, a bad one, an expired or revoked
+//! one: 401, and nothing is done. A scope it lacks: 403. A token with a rate
+//! (`--rate 100/s`) publishing faster: 429 with `Retry-After`.
+//!
+//! **Publishing.** The body is published as it came (exactly those bytes), confirmed by the
+//! broker, mandatory: 202 `{"message_id"}`; 400 for a body that is not JSON or a bad routing
+//! key; 413 over the size limit (1 MiB by default, [`Api::max_body`]); 422 when no queue is
+//! bound for the routing key; 503 when the broker or the store is away. `Idempotency-Key`
+//! becomes the message id (so a de-duplicating consumer drops a retried request), and
+//! `X-Correlation-Id` the correlation id. Errors are JSON: `{"error", "message"}`.
+//!
+//! ```no_run
+//! use rabbitry::Publisher;
+//! use rabbitry_server::Api;
+//! use rabbitry_store::Store;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = Store::connect("sqlite://rabbitry.db").await?;
+//! let publisher = Publisher::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! Api::new(store, publisher)
+//!     .serve(listener, async { tokio::signal::ctrl_c().await.ok(); })
+//!     .await?;
+//! # Ok(()) }
+//! ```
+
+mod auth;
+mod error;
+mod limits;
+mod publish;
+mod records;
+mod tokens;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get};
+use rabbitry::Publisher;
+use rabbitry_store::Store;
+
+pub use auth::Caller;
+pub use error::ApiError;
+
+/// The default limit on a request body.
+const DEFAULT_MAX_BODY: usize = 1024 * 1024;
+
+/// What every handler reaches.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    store: Store,
+    publisher: Publisher,
+    limits: Arc<limits::Limits>,
+    max_body: usize,
+}
+
+/// The HTTP API over a store and a publisher.
+#[must_use = "the API does nothing until .serve(…) or .router()"]
+pub struct Api {
+    state: AppState,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api")
+            .field("store", &self.state.store)
+            .field("publisher", &self.state.publisher)
+            .field("max_body", &self.state.max_body)
+            .finish()
+    }
+}
+
+impl Api {
+    /// The API over `store` (tokens, the record) publishing with `publisher` (to its
+    /// exchange).
+    pub fn new(store: Store, publisher: Publisher) -> Api {
+        Api {
+            state: AppState {
+                store,
+                publisher,
+                limits: Arc::default(),
+                max_body: DEFAULT_MAX_BODY,
+            },
+        }
+    }
+
+    /// Refuse request bodies over `bytes` with 413 (default 1 MiB).
+    pub fn max_body(mut self, bytes: usize) -> Api {
+        self.state.max_body = bytes;
+        self
+    }
+
+    /// The API as an axum router, to serve or to nest in an application's.
+    pub fn router(self) -> axum::Router {
+        let max_body = self.state.max_body;
+        axum::Router::new()
+            .route("/health", get(health))
+            .route("/ready", get(ready))
+            .route("/api/v1/events", get(records::events))
+            .route(
+                "/api/v1/events/{key}",
+                get(records::event).post(publish::publish),
+            )
+            .route("/api/v1/dead-letters", get(records::dead_letters))
+            .route("/api/v1/dead-letters/{seq}", get(records::dead_letter))
+            .route("/api/v1/schedules", get(records::schedules))
+            .route("/api/v1/sagas", get(records::sagas))
+            .route("/api/v1/sagas/{key}", get(records::saga))
+            .route("/api/v1/tokens", get(tokens::list).post(tokens::create))
+            .route("/api/v1/tokens/{id}", delete(tokens::revoke))
+            .fallback(not_found)
+            .layer(DefaultBodyLimit::max(max_body))
+            .with_state(self.state)
+    }
+
+    /// Serve on `listener` until `shutdown` completes (requests in progress finish).
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}
+
+async fn health() -> &'static str {
+    "ok"
+}
+
+/// 200 when the store answers and the broker takes a connection; 503 otherwise.
+async fn ready(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    state.store.schedules().await?;
+    let probe = format!("{}.audit", state.publisher.exchange());
+    state.publisher.queue_depth(&probe).await?;
+    Ok("ready")
+}
+
+async fn not_found() -> (StatusCode, Json<serde_json::Value>) {
+    let body = serde_json::json!({"error": "not_found", "message": "no such endpoint"});
+    (StatusCode::NOT_FOUND, Json(body))
+}
+
+fn unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

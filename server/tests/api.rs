@@ -1,0 +1,411 @@
+//! The HTTP API against RabbitMQ and a store (SQLite and PostgreSQL): the auth matrix on
+//! every endpoint class (no token, a bad, expired or revoked one, the wrong scope, the
+//! right one), and publishing's answers — 202 with the message id (the Idempotency-Key
+//! when sent), 400, 413, 422 and 429 with Retry-After.
+
+#[path = "../../tests/support/mod.rs"]
+#[allow(unused_macros)]
+mod support;
+#[path = "../../store/tests/db/mod.rs"]
+#[macro_use]
+mod db;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+
+use db::Db;
+use rabbitry::prelude::*;
+use rabbitry::{Publisher, Topology};
+use rabbitry_server::Api;
+use rabbitry_store::{NewToken, Scope, Store};
+use support::*;
+
+/// An answer: status, head (lower-cased), body.
+struct Answer {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("JSON body ({e}): {}", self.body))
+    }
+}
+
+/// One request on a connection of its own (blocking, on a blocking thread).
+async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    extra: &[(&str, &str)],
+    body: &[u8],
+) -> Answer {
+    let mut raw = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if let Some(token) = token {
+        raw.extend_from_slice(format!("Authorization: Bearer {token}\r\n").as_bytes());
+    }
+    for (k, v) in extra {
+        raw.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+    }
+    raw.extend_from_slice(b"\r\n");
+    raw.extend_from_slice(body);
+    tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(addr).expect("the API listens");
+        stream.write_all(&raw).unwrap();
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response);
+        let response = String::from_utf8_lossy(&response).into_owned();
+        let status = response
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("a status line: {response:?}"));
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        Answer {
+            status,
+            head: head.to_lowercase(),
+            body: body.to_owned(),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+async fn token(store: &Store, scopes: &[&str], edit: impl FnOnce(&mut NewToken)) -> String {
+    let scopes = scopes.iter().map(|s| Scope::parse(s).unwrap()).collect();
+    let mut new = NewToken::new("test", scopes);
+    edit(&mut new);
+    store.create_token(&new).await.unwrap().1
+}
+
+async fn every_endpoint_answers_by_token_and_scope(db: Db) {
+    let env = TestEnv::rabbitmq("api_auth");
+    let store = db.store().await;
+    let orders = Subscription::new(env.queue("orders")).bind("order.*");
+    env.track(&orders);
+    Topology::new(&env.exchange, [&orders])
+        .declare(&url())
+        .await
+        .unwrap();
+    let publisher = Publisher::builder(url())
+        .exchange(&env.exchange)
+        .build()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(Api::new(store.clone(), publisher).max_body(1024).serve(
+        listener,
+        async {
+            stopped.await.ok();
+        },
+    ));
+
+    let admin = token(&store, &["admin"], |_| {}).await;
+    let reader = token(&store, &["read"], |_| {}).await;
+    let orders_only = token(&store, &["publish:order.*"], |_| {}).await;
+    let expired = token(&store, &["admin"], |t| t.expires_ms = Some(1)).await;
+    let revoked = token(&store, &["admin"], |_| {}).await;
+    let revoked_id = store.tokens().await.unwrap()[0].id.clone();
+    assert!(store.revoke_token(&revoked_id).await.unwrap());
+
+    // The matrix: (token, publish order.placed, read events, admin tokens).
+    let bad = "rbt_0000000000000000000000000000000000000000000000000000000000000000";
+    let cases: [(Option<&str>, u16, u16, u16); 7] = [
+        (None, 401, 401, 401),
+        (Some(bad), 401, 401, 401),
+        (Some(&expired), 401, 401, 401),
+        (Some(&revoked), 401, 401, 401),
+        (Some(&reader), 403, 200, 403),
+        (Some(&orders_only), 202, 403, 403),
+        (Some(&admin), 202, 200, 200),
+    ];
+    for (i, (who, publish, read, manage)) in cases.into_iter().enumerate() {
+        let p = call(
+            addr,
+            "POST",
+            "/api/v1/events/order.placed",
+            who,
+            &[],
+            br#"{"order_id":1}"#,
+        )
+        .await;
+        let r = call(addr, "GET", "/api/v1/events", who, &[], b"").await;
+        let m = call(addr, "GET", "/api/v1/tokens", who, &[], b"").await;
+        assert_eq!(
+            (p.status, r.status, m.status),
+            (publish, read, manage),
+            "case {i}: {} {} {}",
+            p.body,
+            r.body,
+            m.body
+        );
+        for a in [&p, &r, &m] {
+            if a.status == 401 {
+                assert!(a.head.contains("www-authenticate: bearer"), "{}", a.head);
+            }
+            if a.status >= 400 {
+                assert!(
+                    a.json()["message"].is_string(),
+                    "errors are JSON: {}",
+                    a.body
+                );
+            }
+        }
+    }
+    // Probes need no token; a publish scope covers only its pattern.
+    assert_eq!(
+        call(addr, "GET", "/health", None, &[], b"").await.status,
+        200
+    );
+    assert_eq!(
+        call(addr, "GET", "/ready", None, &[], b"").await.status,
+        200
+    );
+    let other = call(
+        addr,
+        "POST",
+        "/api/v1/events/payment.made",
+        Some(&orders_only),
+        &[],
+        b"{}",
+    )
+    .await;
+    assert_eq!(other.status, 403);
+    for path in [
+        "/api/v1/dead-letters",
+        "/api/v1/dead-letters/1",
+        "/api/v1/schedules",
+        "/api/v1/sagas",
+        "/api/v1/sagas/1",
+        "/api/v1/events/x",
+    ] {
+        assert_eq!(
+            call(addr, "GET", path, None, &[], b"").await.status,
+            401,
+            "{path}"
+        );
+        assert_eq!(
+            call(addr, "GET", path, Some(&orders_only), &[], b"")
+                .await
+                .status,
+            403,
+            "{path}"
+        );
+        assert!(
+            [200, 404].contains(
+                &call(addr, "GET", path, Some(&reader), &[], b"")
+                    .await
+                    .status
+            ),
+            "{path}"
+        );
+    }
+
+    // Publishing's answers.
+    let sent = call(
+        addr,
+        "POST",
+        "/api/v1/events/order.placed",
+        Some(&admin),
+        &[("Idempotency-Key", "order-7-v1")],
+        br#"{"order_id":7}"#,
+    )
+    .await;
+    assert_eq!(
+        (sent.status, sent.json()["message_id"].as_str()),
+        (202, Some("order-7-v1"))
+    );
+    let not_json = call(
+        addr,
+        "POST",
+        "/api/v1/events/order.placed",
+        Some(&admin),
+        &[],
+        b"{oops",
+    )
+    .await;
+    assert_eq!(not_json.status, 400, "{}", not_json.body);
+    let big = format!(r#"{{"pad":"{}"}}"#, "x".repeat(2000));
+    assert_eq!(
+        call(
+            addr,
+            "POST",
+            "/api/v1/events/order.placed",
+            Some(&admin),
+            &[],
+            big.as_bytes()
+        )
+        .await
+        .status,
+        413
+    );
+    let unroutable = call(
+        addr,
+        "POST",
+        "/api/v1/events/nobody.listens",
+        Some(&admin),
+        &[],
+        b"{}",
+    )
+    .await;
+    assert_eq!(
+        (unroutable.status, unroutable.json()["error"].as_str()),
+        (422, Some("unroutable"))
+    );
+    for key in ["order.%2A", "a%20b", &"k".repeat(300)] {
+        let path = format!("/api/v1/events/{key}");
+        assert_eq!(
+            call(addr, "POST", &path, Some(&admin), &[], b"{}")
+                .await
+                .status,
+            400,
+            "{key}"
+        );
+    }
+    let limited = token(&store, &["publish:order.*"], |t| {
+        t.rate_per_second = Some(2)
+    })
+    .await;
+    let mut answers = Vec::new();
+    for n in 0..3 {
+        let body = format!(r#"{{"order_id":{n}}}"#);
+        answers.push(
+            call(
+                addr,
+                "POST",
+                "/api/v1/events/order.placed",
+                Some(&limited),
+                &[],
+                body.as_bytes(),
+            )
+            .await,
+        );
+    }
+    assert_eq!(
+        answers.iter().map(|a| a.status).collect::<Vec<_>>(),
+        [202, 202, 429]
+    );
+    assert!(
+        answers[2].head.contains("retry-after: 1"),
+        "{}",
+        answers[2].head
+    );
+    // Hostile requests: clear 4xx, never a 5xx.
+    let odd = [
+        call(
+            addr,
+            "GET",
+            "/api/v1/events?limit=abc",
+            Some(&admin),
+            &[],
+            b"",
+        )
+        .await,
+        call(addr, "GET", "/api/v1/events?nope=1", Some(&admin), &[], b"").await,
+        call(
+            addr,
+            "GET",
+            "/api/v1/dead-letters/abc",
+            Some(&admin),
+            &[],
+            b"",
+        )
+        .await,
+        call(
+            addr,
+            "GET",
+            "/api/v1/dead-letters?state=lost",
+            Some(&admin),
+            &[],
+            b"",
+        )
+        .await,
+        call(addr, "POST", "/api/v1/tokens", Some(&admin), &[], b"[1,2]").await,
+        call(
+            addr,
+            "POST",
+            "/api/v1/tokens",
+            Some(&admin),
+            &[("Content-Type", "application/json")],
+            br#"{"name":"x","scopes":["root"]}"#,
+        )
+        .await,
+        call(addr, "GET", "/api/v1/nothing", Some(&admin), &[], b"").await,
+    ];
+    for a in &odd {
+        assert!((400..500).contains(&a.status), "{} {}", a.status, a.body);
+        assert!(a.json()["error"].is_string(), "{}", a.body);
+    }
+    let auth = call(
+        addr,
+        "GET",
+        "/api/v1/events",
+        None,
+        &[("Authorization", "Basic Zm9vOmJhcg==")],
+        b"",
+    )
+    .await;
+    assert_eq!(auth.status, 401);
+
+    // Tokens through the API: made (shown once), used, revoked.
+    let json = [("Content-Type", "application/json")];
+    let made = call(
+        addr,
+        "POST",
+        "/api/v1/tokens",
+        Some(&admin),
+        &json,
+        br#"{"name":"ci","scopes":["read"]}"#,
+    )
+    .await;
+    assert_eq!(made.status, 201, "{}", made.body);
+    let secret = made.json()["secret"].as_str().unwrap().to_owned();
+    let id = made.json()["token"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        call(addr, "GET", "/api/v1/schedules", Some(&secret), &[], b"")
+            .await
+            .status,
+        200
+    );
+    let listed = call(addr, "GET", "/api/v1/tokens", Some(&admin), &[], b"").await;
+    assert!(!listed.body.contains(&secret), "secrets are never listed");
+    assert_eq!(
+        call(
+            addr,
+            "DELETE",
+            &format!("/api/v1/tokens/{id}"),
+            Some(&admin),
+            &[],
+            b""
+        )
+        .await
+        .status,
+        204
+    );
+    assert_eq!(
+        call(addr, "GET", "/api/v1/schedules", Some(&secret), &[], b"")
+            .await
+            .status,
+        401
+    );
+
+    // What reached the queue: the admin's and the orders token's publishes, with their ids.
+    let taken = env.take(&env.queue("orders"), 5).await;
+    assert!(
+        taken
+            .iter()
+            .any(|t| t.message_id().as_deref() == Some("order-7-v1"))
+    );
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+    db.done(store).await;
+}
+
+on_both_databases!(every_endpoint_answers_by_token_and_scope);
