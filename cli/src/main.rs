@@ -10,13 +10,12 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rabbitry::lapin::BasicProperties;
-use rabbitry::lapin::types::{AMQPValue, FieldTable};
+use rabbitry::lapin::types::AMQPValue;
 use rabbitry::report::REPORTS_EXCHANGE;
 use rabbitry::{Error, Publisher, Runtime, headers};
-use rabbitry_store::{DeadLetter, DeadLetterState, EventFilter, Keeper, Store, StoreError};
-
-/// Header a redriven message carries: when it was sent back (RFC 3339).
-const REDRIVEN_AT: &str = "x-redriven-at";
+use rabbitry_store::{
+    DeadLetter, DeadLetterState, EventFilter, Keeper, RedriveError, Store, StoreError,
+};
 
 /// The rabbitry command. Exit codes: 0 done; 2 bad arguments or input; 3 unroutable (no
 /// queue takes the routing key); 4 the broker failed or refused; 5 the store failed; 6 not
@@ -713,27 +712,19 @@ async fn dlq(url: &str, store: &str, command: DlqCommand) -> Result<(), Failed> 
             let mut redriven = 0;
             for d in &letters {
                 // To the worker's own queue only (the default exchange routes by queue name).
-                let sent = publisher
-                    .publish_raw("", &d.worker, &d.body, fresh_budget(&d.properties))
-                    .await;
-                if let Err(e) = sent {
+                if let Err(e) = store.redrive(&publisher, d).await {
                     publisher.close().await;
-                    return Err(Failed {
-                        message: format!("redriving {} stopped after {redriven}: {e}", d.seq),
-                        ..Failed::from(e)
-                    });
-                }
-                let marked = store
-                    .set_dead_letter_state(&[d.seq], DeadLetterState::Redriven)
-                    .await;
-                if let Err(e) = marked {
-                    publisher.close().await;
+                    let failed = match e {
+                        RedriveError::Publish(e) => Failed::from(e),
+                        RedriveError::Mark(e) => Failed::from(e),
+                        other => Failed::usage(other.to_string()),
+                    };
                     return Err(Failed {
                         message: format!(
-                            "dead letter {} was redriven but could not be marked (it would be sent again by another redrive): {e}",
-                            d.seq
+                            "redriving {} stopped after {redriven}: {}",
+                            d.seq, failed.message
                         ),
-                        ..Failed::from(e)
+                        ..failed
                     });
                 }
                 redriven += 1;
@@ -812,7 +803,7 @@ async fn broker_redrive(url: &str, worker: &str, dry_run: bool) -> Result<(), Fa
         }
         let moved = publisher
             .move_messages(&queue, "", worker, depth.ready as usize, |p| {
-                fresh_budget(&p)
+                rabbitry_store::redriven_properties(&p)
             })
             .await?;
         println!("{moved} message(s) redriven from {queue} to {worker}");
@@ -855,26 +846,6 @@ async fn chosen(store: &Store, worker: &str, which: &Which) -> Result<Vec<DeadLe
         }
     }
     Ok(letters)
-}
-
-/// The properties of a redriven copy: the failure headers and the retry count removed, so
-/// the worker gives it its whole retry budget again, and `x-redriven-at` added.
-fn fresh_budget(properties: &BasicProperties) -> BasicProperties {
-    let mut table = FieldTable::default();
-    if let Some(old) = properties.headers() {
-        for (key, value) in old.inner() {
-            let key_str = key.as_str();
-            if !headers::FAILURE.contains(&key_str) && key_str != headers::X_DEATH {
-                table.insert(key.clone(), value.clone());
-            }
-        }
-    }
-    let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-    table.insert(
-        REDRIVEN_AT.into(),
-        AMQPValue::LongString(now.as_str().into()),
-    );
-    properties.clone().with_headers(table)
 }
 
 fn event_filter(filter: &Filter) -> Result<EventFilter, Failed> {

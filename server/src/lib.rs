@@ -7,7 +7,11 @@
 //! GET    /api/v1/events/{message_id}      one event and how every worker handled it (read)
 //! GET    /api/v1/dead-letters             ?worker= &state=waiting|redriven|purged|all &limit= (read)
 //! GET    /api/v1/dead-letters/{seq}       one dead letter (read)
+//! POST   /api/v1/dead-letters/{seq}/redrive   back to its worker, fresh retry budget (admin)
+//! POST   /api/v1/dead-letters/{seq}/purge     mark it purged (admin)
 //! GET    /api/v1/schedules                stored cron schedules (read)
+//! POST   /api/v1/schedules                keep one: {"name", "pattern", "routing_key", "body", "time_zone"?} (admin)
+//! DELETE /api/v1/schedules/{name}         remove one (admin)
 //! GET    /api/v1/sagas                    saga instances: ?saga= &state= &limit= (read)
 //! GET    /api/v1/sagas/{key}              the instances with one key (read)
 //! GET    /api/v1/tokens                   every token (admin)
@@ -45,6 +49,7 @@
 //! # Ok(()) }
 //! ```
 
+mod actions;
 mod auth;
 mod error;
 mod limits;
@@ -59,7 +64,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::Json;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use rabbitry::Publisher;
 use rabbitry_store::Store;
 
@@ -127,7 +132,13 @@ impl Api {
             )
             .route("/api/v1/dead-letters", get(records::dead_letters))
             .route("/api/v1/dead-letters/{seq}", get(records::dead_letter))
-            .route("/api/v1/schedules", get(records::schedules))
+            .route("/api/v1/dead-letters/{seq}/redrive", post(actions::redrive))
+            .route("/api/v1/dead-letters/{seq}/purge", post(actions::purge))
+            .route(
+                "/api/v1/schedules",
+                get(records::schedules).post(actions::add_schedule),
+            )
+            .route("/api/v1/schedules/{name}", delete(actions::remove_schedule))
             .route("/api/v1/sagas", get(records::sagas))
             .route("/api/v1/sagas/{key}", get(records::saga))
             .route("/api/v1/tokens", get(tokens::list).post(tokens::create))

@@ -408,4 +408,212 @@ async fn every_endpoint_answers_by_token_and_scope(db: Db) {
     db.done(store).await;
 }
 
-on_both_databases!(every_endpoint_answers_by_token_and_scope);
+async fn dead_letters_are_redriven_and_purged_and_schedules_kept_over_http(db: Db) {
+    use rabbitry_store::DeadLetter;
+    let env = TestEnv::rabbitmq("api_actions");
+    let store = db.store().await;
+    let worker = Subscription::new(env.queue("billing")).bind("invoice.due");
+    env.track(&worker);
+    Topology::new(&env.exchange, [&worker])
+        .declare(&url())
+        .await
+        .unwrap();
+    let publisher = Publisher::builder(url())
+        .exchange(&env.exchange)
+        .build()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(Api::new(store.clone(), publisher).serve(listener, async {
+        stopped.await.ok();
+    }));
+    let admin = token(&store, &["admin"], |_| {}).await;
+    let reader = token(&store, &["read"], |_| {}).await;
+
+    let queue = env.queue("billing");
+    let letters: Vec<DeadLetter> = ["m-1", "m-2"]
+        .iter()
+        .map(|id| {
+            let mut d = DeadLetter::new(
+                &queue,
+                *id,
+                "2026-12-01T10:00:00.000Z",
+                "invoice.due",
+                r#"{"invoice":1}"#,
+            );
+            let mut table = rabbitry::lapin::types::FieldTable::default();
+            table.insert(
+                "x-retry-count".into(),
+                rabbitry::lapin::types::AMQPValue::LongLongInt(4),
+            );
+            d.properties = d
+                .properties
+                .clone()
+                .with_message_id((*id).into())
+                .with_headers(table);
+            d
+        })
+        .collect();
+    assert_eq!(store.record_dead_letters(&letters).await.unwrap(), 2);
+    let seqs: Vec<i64> = store
+        .dead_letters(Some(&queue), None, None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.seq)
+        .collect();
+    let (first, second) = (seqs[0], seqs[1]);
+
+    let path = |seq: i64, action: &str| format!("/api/v1/dead-letters/{seq}/{action}");
+    assert_eq!(
+        call(
+            addr,
+            "POST",
+            &path(first, "redrive"),
+            Some(&reader),
+            &[],
+            b""
+        )
+        .await
+        .status,
+        403
+    );
+    let redriven = call(
+        addr,
+        "POST",
+        &path(first, "redrive"),
+        Some(&admin),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(
+        (redriven.status, redriven.json()["state"].as_str()),
+        (200, Some("redriven")),
+        "{}",
+        redriven.body
+    );
+    assert_eq!(
+        call(
+            addr,
+            "POST",
+            &path(first, "redrive"),
+            Some(&admin),
+            &[],
+            b""
+        )
+        .await
+        .status,
+        409,
+        "only once"
+    );
+    let purged = call(addr, "POST", &path(second, "purge"), Some(&admin), &[], b"").await;
+    assert_eq!(
+        (purged.status, purged.json()["state"].as_str()),
+        (200, Some("purged"))
+    );
+    assert_eq!(
+        call(
+            addr,
+            "POST",
+            &path(999_999, "purge"),
+            Some(&admin),
+            &[],
+            b""
+        )
+        .await
+        .status,
+        404
+    );
+    // Back in the worker's queue, with a fresh retry budget.
+    let back = env.take(&queue, 1).await;
+    assert_eq!(back[0].message_id().as_deref(), Some("m-1"));
+    assert_eq!(back[0].header_int("x-retry-count"), None);
+    assert!(back[0].header_str("x-redriven-at").is_some());
+
+    let json = [("Content-Type", "application/json")];
+    let nightly = br#"{"name":"nightly","pattern":"0 30 2 * * *","routing_key":"report.due","body":{"kind":"daily"},"time_zone":"Europe/Paris"}"#;
+    assert_eq!(
+        call(
+            addr,
+            "POST",
+            "/api/v1/schedules",
+            Some(&reader),
+            &json,
+            nightly
+        )
+        .await
+        .status,
+        403
+    );
+    let added = call(
+        addr,
+        "POST",
+        "/api/v1/schedules",
+        Some(&admin),
+        &json,
+        nightly,
+    )
+    .await;
+    assert_eq!(added.status, 201, "{}", added.body);
+    assert_eq!(added.json()["time_zone"], "Europe/Paris");
+    assert_eq!(
+        call(
+            addr,
+            "POST",
+            "/api/v1/schedules",
+            Some(&admin),
+            &json,
+            nightly
+        )
+        .await
+        .status,
+        409
+    );
+    let bad = br#"{"name":"x","pattern":"61 * * * *","routing_key":"a.b","body":{}}"#;
+    let refused = call(addr, "POST", "/api/v1/schedules", Some(&admin), &json, bad).await;
+    assert_eq!(refused.status, 400);
+    assert!(
+        refused.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid cron pattern")
+    );
+    let listed = call(addr, "GET", "/api/v1/schedules", Some(&reader), &[], b"").await;
+    assert_eq!(listed.json().as_array().unwrap().len(), 1);
+    assert_eq!(
+        call(
+            addr,
+            "DELETE",
+            "/api/v1/schedules/nightly",
+            Some(&admin),
+            &[],
+            b""
+        )
+        .await
+        .status,
+        204
+    );
+    assert_eq!(
+        call(
+            addr,
+            "DELETE",
+            "/api/v1/schedules/nightly",
+            Some(&admin),
+            &[],
+            b""
+        )
+        .await
+        .status,
+        404
+    );
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+    db.done(store).await;
+}
+
+on_both_databases!(
+    every_endpoint_answers_by_token_and_scope,
+    dead_letters_are_redriven_and_purged_and_schedules_kept_over_http,
+);

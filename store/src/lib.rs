@@ -53,6 +53,7 @@ mod inbox;
 mod keeper;
 mod outbox;
 mod records;
+mod redrive;
 mod sagas;
 mod tokens;
 
@@ -68,6 +69,7 @@ pub use inbox::Inbox;
 pub use keeper::{Keeper, REPLAYED_FROM};
 pub use outbox::{Outbox, OutboxConnection, OutboxRelay};
 pub use records::{DeadLetter, DeadLetterState, EventFilter, HandlingRecord, StoredEvent};
+pub use redrive::{REDRIVEN_AT, RedriveError, redriven_properties};
 pub use sagas::{SagaFilter, SagaStore, StoredSaga, StoredSchedule};
 pub use tokens::{ApiToken, NewToken, Scope};
 
