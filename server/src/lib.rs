@@ -17,6 +17,7 @@
 //! GET    /api/v1/tokens                   every token (admin)
 //! POST   /api/v1/tokens                   make one: {"name", "scopes", "rate_per_second"?, "expires_at"?} (admin)
 //! DELETE /api/v1/tokens/{id}              revoke one (admin)
+//! GET    /api/v1/openapi.json             the OpenAPI 3.1 document of all this, without a token
 //! GET    /health, /ready                  probes, without a token
 //! ```
 //!
@@ -53,6 +54,7 @@ mod actions;
 mod auth;
 mod error;
 mod limits;
+mod openapi;
 mod publish;
 mod records;
 mod tokens;
@@ -125,6 +127,7 @@ impl Api {
         axum::Router::new()
             .route("/health", get(health))
             .route("/ready", get(ready))
+            .route("/api/v1/openapi.json", get(openapi))
             .route("/api/v1/events", get(records::events))
             .route(
                 "/api/v1/events/{key}",
@@ -170,6 +173,10 @@ async fn ready(State(state): State<AppState>) -> Result<&'static str, ApiError> 
     let probe = format!("{}.audit", state.publisher.exchange());
     state.publisher.queue_depth(&probe).await?;
     Ok("ready")
+}
+
+async fn openapi() -> Json<serde_json::Value> {
+    Json(openapi::document())
 }
 
 async fn not_found() -> (StatusCode, Json<serde_json::Value>) {

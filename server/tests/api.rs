@@ -608,6 +608,44 @@ async fn dead_letters_are_redriven_and_purged_and_schedules_kept_over_http(db: D
         .status,
         404
     );
+
+    // The OpenAPI document (no token needed) names every operation, and every operation
+    // answers only what the document says it may.
+    let doc = call(addr, "GET", "/api/v1/openapi.json", None, &[], b"").await;
+    assert_eq!(doc.status, 200);
+    let doc = doc.json();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    assert_eq!(paths.len(), 15, "{:?}", paths.keys().collect::<Vec<_>>());
+    let mut operations = 0;
+    for (template, item) in paths {
+        let path = template
+            .replace("{key}", "x.y")
+            .replace("{seq}", "1")
+            .replace("{name}", "x")
+            .replace("{id}", "x");
+        for method in ["get", "post", "delete"] {
+            let Some(op) = item.get(method) else { continue };
+            operations += 1;
+            let answer = call(
+                addr,
+                &method.to_uppercase(),
+                &path,
+                Some(&admin),
+                &json,
+                b"{}",
+            )
+            .await;
+            let documented = op["responses"].as_object().unwrap();
+            assert!(
+                documented.contains_key(&answer.status.to_string()),
+                "{method} {path} answered {} ({}), not in the document",
+                answer.status,
+                answer.body
+            );
+        }
+    }
+    assert_eq!(operations, 18);
     let _ = stop.send(());
     server.await.unwrap().unwrap();
     db.done(store).await;

@@ -1,0 +1,231 @@
+//! The OpenAPI 3.1 document of the API, served at `/api/v1/openapi.json`.
+
+use serde_json::{Value, json};
+
+/// A response that answers with the API's error body.
+fn error(description: &str) -> Value {
+    json!({
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    })
+}
+
+/// A JSON response of `schema`.
+fn ok(description: &str, schema: Value) -> Value {
+    json!({"description": description, "content": {"application/json": {"schema": schema}}})
+}
+
+fn path_param(name: &str, schema: Value, description: &str) -> Value {
+    json!({"name": name, "in": "path", "required": true, "schema": schema, "description": description})
+}
+
+fn query(name: &str, schema: Value, description: &str) -> Value {
+    json!({"name": name, "in": "query", "required": false, "schema": schema, "description": description})
+}
+
+/// The responses every authenticated operation can give besides its own.
+fn guarded(mut responses: Value) -> Value {
+    let map = responses.as_object_mut().expect("responses are an object");
+    map.insert(
+        "401".into(),
+        error("No token, or an unknown, expired or revoked one"),
+    );
+    map.insert("403".into(), error("The token lacks the scope"));
+    map.insert("503".into(), error("The store or the broker is away"));
+    responses
+}
+
+/// The document.
+pub(crate) fn document() -> Value {
+    let object = json!({"type": "object"});
+    let list = |items: &str| json!({"type": "array", "items": {"$ref": format!("#/components/schemas/{items}")}});
+    let limit = query(
+        "limit",
+        json!({"type": "integer", "minimum": 1, "maximum": 1000}),
+        "At most this many (default 100)",
+    );
+    let seq = path_param(
+        "seq",
+        json!({"type": "integer", "format": "int64"}),
+        "The dead letter's id",
+    );
+    let bearer = json!([{"bearer": []}]);
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "rabbitry",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Publish events, read the record and manage tokens. Bearer tokens with scopes: publish:<pattern>, read, admin."
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error", "message"],
+                    "properties": {"error": {"type": "string"}, "message": {"type": "string"}}
+                },
+                "Published": {
+                    "type": "object",
+                    "required": ["message_id"],
+                    "properties": {"message_id": {"type": "string"}}
+                },
+                "Event": {"type": "object", "required": ["seq", "message_id", "event_type", "routing_key"]},
+                "EventStory": {
+                    "type": "object",
+                    "required": ["event", "handlings"],
+                    "properties": {"event": {"oneOf": [{"$ref": "#/components/schemas/Event"}, {"type": "null"}]}, "handlings": {"type": "array", "items": object}}
+                },
+                "DeadLetter": {"type": "object", "required": ["seq", "worker", "message_id", "state"]},
+                "Schedule": {"type": "object", "required": ["name", "pattern", "time_zone", "routing_key", "body"]},
+                "Saga": {"type": "object", "required": ["saga", "key", "status", "completed", "version"]},
+                "Token": {"type": "object", "required": ["id", "name", "scopes"]},
+                "TokenMade": {
+                    "type": "object",
+                    "required": ["token", "secret"],
+                    "properties": {"token": {"$ref": "#/components/schemas/Token"}, "secret": {"type": "string"}}
+                },
+                "NewToken": {
+                    "type": "object",
+                    "required": ["name", "scopes"],
+                    "additionalProperties": false,
+                    "properties": {
+                        "name": {"type": "string", "minLength": 1, "maxLength": 100},
+                        "scopes": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                        "rate_per_second": {"type": ["integer", "null"], "minimum": 1, "maximum": 4294967295_u64},
+                        "expires_at": {"type": ["integer", "null"], "description": "Unix milliseconds"}
+                    }
+                },
+                "NewSchedule": {
+                    "type": "object",
+                    "required": ["name", "pattern", "routing_key", "body"],
+                    "additionalProperties": false,
+                    "properties": {
+                        "name": {"type": "string"},
+                        "pattern": {"type": "string"},
+                        "routing_key": {"type": "string"},
+                        "body": {},
+                        "time_zone": {"type": ["string", "null"]}
+                    }
+                }
+            }
+        },
+        "paths": {
+            "/health": {"get": {"summary": "Alive", "responses": {"200": {"description": "ok", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/ready": {"get": {"summary": "Ready: the store answers and the broker takes a connection", "responses": {
+                "200": {"description": "ready", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "503": error("Not ready")
+            }}},
+            "/api/v1/openapi.json": {"get": {"summary": "This document", "responses": {"200": ok("The OpenAPI document", object.clone())}}},
+            "/api/v1/events": {"get": {
+                "summary": "Recorded events, oldest first (the latest `limit`)",
+                "security": bearer,
+                "parameters": [
+                    query("type", json!({"type": "string"}), "Only this event type"),
+                    query("correlation_id", json!({"type": "string"}), "Only this correlation id"),
+                    query("since", json!({"type": "integer", "format": "int64"}), "Recorded since (Unix ms)"),
+                    limit.clone()
+                ],
+                "responses": guarded(json!({"200": ok("Events", list("Event")), "400": error("A malformed query")}))
+            }},
+            "/api/v1/events/{key}": {
+                "parameters": [path_param("key", json!({"type": "string"}), "A message id (GET) or a routing key (POST)")],
+                "get": {
+                    "summary": "One event and every handling of it",
+                    "security": bearer,
+                    "responses": guarded(json!({"200": ok("The event and its handlings", json!({"$ref": "#/components/schemas/EventStory"})), "404": error("Nothing recorded for that message id")}))
+                },
+                "post": {
+                    "summary": "Publish the JSON body with this routing key, confirmed",
+                    "security": bearer,
+                    "parameters": [
+                        {"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "maxLength": 255}, "description": "Becomes the message id"},
+                        {"name": "X-Correlation-Id", "in": "header", "required": false, "schema": {"type": "string", "maxLength": 255}}
+                    ],
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {}}}},
+                    "responses": guarded(json!({
+                        "202": ok("Published", json!({"$ref": "#/components/schemas/Published"})),
+                        "400": error("Not JSON, or a bad routing key or header"),
+                        "413": error("Over the body limit"),
+                        "422": error("No queue is bound for the routing key"),
+                        "429": error("Over the token's rate (see Retry-After)")
+                    }))
+                }
+            },
+            "/api/v1/dead-letters": {"get": {
+                "summary": "Dead letters kept in the store",
+                "security": bearer,
+                "parameters": [
+                    query("worker", json!({"type": "string"}), "Only this worker's"),
+                    query("state", json!({"type": "string", "enum": ["waiting", "redriven", "purged", "all"]}), "Default: waiting"),
+                    limit.clone()
+                ],
+                "responses": guarded(json!({"200": ok("Dead letters", list("DeadLetter")), "400": error("A malformed query")}))
+            }},
+            "/api/v1/dead-letters/{seq}": {"get": {
+                "summary": "One dead letter",
+                "security": bearer,
+                "parameters": [seq.clone()],
+                "responses": guarded(json!({"200": ok("The dead letter", json!({"$ref": "#/components/schemas/DeadLetter"})), "400": error("A malformed id"), "404": error("No such dead letter")}))
+            }},
+            "/api/v1/dead-letters/{seq}/redrive": {"post": {
+                "summary": "Send it back to its worker's queue with a fresh retry budget (admin)",
+                "security": bearer,
+                "parameters": [seq.clone()],
+                "responses": guarded(json!({"200": ok("Redriven", json!({"$ref": "#/components/schemas/DeadLetter"})), "400": error("A malformed id"), "404": error("No such dead letter"), "409": error("Not waiting"), "422": error("Its worker's queue is gone")}))
+            }},
+            "/api/v1/dead-letters/{seq}/purge": {"post": {
+                "summary": "Mark it purged (admin)",
+                "security": bearer,
+                "parameters": [seq],
+                "responses": guarded(json!({"200": ok("Purged", json!({"$ref": "#/components/schemas/DeadLetter"})), "400": error("A malformed id"), "404": error("No such dead letter"), "409": error("Not waiting")}))
+            }},
+            "/api/v1/schedules": {
+                "get": {"summary": "Stored cron schedules", "security": bearer, "responses": guarded(json!({"200": ok("Schedules", list("Schedule"))}))},
+                "post": {
+                    "summary": "Keep a schedule (admin)",
+                    "security": bearer,
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NewSchedule"}}}},
+                    "responses": guarded(json!({"201": ok("Kept", json!({"$ref": "#/components/schemas/Schedule"})), "400": error("Invalid"), "409": error("The name exists"), "415": error("Not JSON"), "422": error("A body of the wrong shape")}))
+                }
+            },
+            "/api/v1/schedules/{name}": {"delete": {
+                "summary": "Remove a stored schedule (admin)",
+                "security": bearer,
+                "parameters": [path_param("name", json!({"type": "string"}), "The schedule")],
+                "responses": guarded(json!({"204": {"description": "Removed"}, "404": error("No such schedule")}))
+            }},
+            "/api/v1/sagas": {"get": {
+                "summary": "Saga instances, the latest changed first",
+                "security": bearer,
+                "parameters": [
+                    query("saga", json!({"type": "string"}), "Only this saga's"),
+                    query("state", json!({"type": "string"}), "Only this status label"),
+                    limit
+                ],
+                "responses": guarded(json!({"200": ok("Instances", list("Saga")), "400": error("A malformed query")}))
+            }},
+            "/api/v1/sagas/{key}": {"get": {
+                "summary": "The instances with one correlation key",
+                "security": bearer,
+                "parameters": [path_param("key", json!({"type": "string"}), "The correlation key")],
+                "responses": guarded(json!({"200": ok("Instances", list("Saga")), "404": error("None")}))
+            }},
+            "/api/v1/tokens": {
+                "get": {"summary": "Every token, never its secret (admin)", "security": bearer, "responses": guarded(json!({"200": ok("Tokens", list("Token"))}))},
+                "post": {
+                    "summary": "Make a token; the secret is in this answer only (admin)",
+                    "security": bearer,
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NewToken"}}}},
+                    "responses": guarded(json!({"201": ok("Made", json!({"$ref": "#/components/schemas/TokenMade"})), "400": error("Invalid"), "415": error("Not JSON"), "422": error("A body of the wrong shape")}))
+                }
+            },
+            "/api/v1/tokens/{id}": {"delete": {
+                "summary": "Revoke a token (admin)",
+                "security": bearer,
+                "parameters": [path_param("id", json!({"type": "string"}), "The token's id")],
+                "responses": guarded(json!({"204": {"description": "Revoked"}, "404": error("No live token with that id")}))
+            }}
+        }
+    })
+}
