@@ -2,6 +2,11 @@
 
 use serde_json::{Value, json};
 
+/// A routing key as the API takes it: visible ASCII without wildcards.
+const ROUTING_KEY: &str = "^[!-\"$-)+-~]{1,255}$";
+/// A header value as the API takes it: visible ASCII.
+const VISIBLE: &str = "^[!-~]{1,255}$";
+
 /// A response that answers with the API's error body.
 fn error(description: &str) -> Value {
     json!({
@@ -91,7 +96,7 @@ pub(crate) fn document() -> Value {
                     "additionalProperties": false,
                     "properties": {
                         "name": {"type": "string", "minLength": 1, "maxLength": 100},
-                        "scopes": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                        "scopes": {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": "^(read|admin|publish:[^ ]+)$"}},
                         "rate_per_second": {"type": ["integer", "null"], "minimum": 1, "maximum": 4294967295_u64},
                         "expires_at": {"type": ["integer", "null"], "description": "Unix milliseconds"}
                     }
@@ -101,9 +106,9 @@ pub(crate) fn document() -> Value {
                     "required": ["name", "pattern", "routing_key", "body"],
                     "additionalProperties": false,
                     "properties": {
-                        "name": {"type": "string"},
-                        "pattern": {"type": "string"},
-                        "routing_key": {"type": "string"},
+                        "name": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,100}$"},
+                        "pattern": {"type": "string", "minLength": 9},
+                        "routing_key": {"type": "string", "pattern": ROUTING_KEY},
                         "body": {},
                         "time_zone": {"type": ["string", "null"]}
                     }
@@ -129,7 +134,7 @@ pub(crate) fn document() -> Value {
                 "responses": guarded(json!({"200": ok("Events", list("Event")), "400": error("A malformed query")}))
             }},
             "/api/v1/events/{key}": {
-                "parameters": [path_param("key", json!({"type": "string"}), "A message id (GET) or a routing key (POST)")],
+                "parameters": [path_param("key", json!({"type": "string", "pattern": ROUTING_KEY}), "A message id (GET) or a routing key (POST): visible ASCII, no wildcards")],
                 "get": {
                     "summary": "One event and every handling of it",
                     "security": bearer,
@@ -139,8 +144,8 @@ pub(crate) fn document() -> Value {
                     "summary": "Publish the JSON body with this routing key, confirmed",
                     "security": bearer,
                     "parameters": [
-                        {"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "maxLength": 255}, "description": "Becomes the message id"},
-                        {"name": "X-Correlation-Id", "in": "header", "required": false, "schema": {"type": "string", "maxLength": 255}}
+                        {"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string", "pattern": VISIBLE}, "description": "Becomes the message id"},
+                        {"name": "X-Correlation-Id", "in": "header", "required": false, "schema": {"type": "string", "pattern": VISIBLE}}
                     ],
                     "requestBody": {"required": true, "content": {"application/json": {"schema": {}}}},
                     "responses": guarded(json!({

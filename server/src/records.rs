@@ -17,8 +17,14 @@ fn query_error(e: QueryRejection) -> ApiError {
     ApiError::rejected(e.status(), e.body_text())
 }
 
-fn limit(asked: Option<u32>) -> u32 {
-    asked.unwrap_or(100).clamp(1, MAX_LIMIT)
+/// The `limit` asked for (default 100); 400 outside 1 to 1000.
+fn limit(asked: Option<u32>) -> Result<u32, ApiError> {
+    match asked.unwrap_or(100) {
+        n @ 1..=MAX_LIMIT => Ok(n),
+        n => Err(ApiError::bad_request(format!(
+            "limit={n}: ask for 1 to {MAX_LIMIT}"
+        ))),
+    }
 }
 
 /// `GET /api/v1/events` parameters.
@@ -40,7 +46,7 @@ pub(crate) async fn events(
 ) -> Result<Json<Vec<StoredEvent>>, ApiError> {
     caller.require_read()?;
     let Query(q) = q.map_err(query_error)?;
-    let mut filter = EventFilter::new().limit(limit(q.limit));
+    let mut filter = EventFilter::new().limit(limit(q.limit)?);
     if let Some(t) = q.event_type {
         filter = filter.event_type(t);
     }
@@ -109,7 +115,7 @@ pub(crate) async fn dead_letters(
     };
     let letters = state
         .store
-        .dead_letters(q.worker.as_deref(), wanted, Some(limit(q.limit)))
+        .dead_letters(q.worker.as_deref(), wanted, Some(limit(q.limit)?))
         .await?;
     Ok(Json(letters))
 }
@@ -151,7 +157,7 @@ pub(crate) async fn sagas(
 ) -> Result<Json<Vec<StoredSaga>>, ApiError> {
     caller.require_read()?;
     let Query(q) = q.map_err(query_error)?;
-    let mut filter = SagaFilter::new().limit(limit(q.limit));
+    let mut filter = SagaFilter::new().limit(limit(q.limit)?);
     if let Some(saga) = q.saga {
         filter = filter.saga(saga);
     }
