@@ -13,6 +13,7 @@ use rabbitry::lapin::BasicProperties;
 use rabbitry::lapin::types::AMQPValue;
 use rabbitry::report::REPORTS_EXCHANGE;
 use rabbitry::{Error, Publisher, Runtime, headers};
+use rabbitry_observe::RuntimeBuilderExt;
 use rabbitry_store::{
     DeadLetter, DeadLetterState, EventFilter, Keeper, RedriveError, Store, StoreError,
 };
@@ -535,7 +536,12 @@ async fn serve(
     for worker in dlq {
         keeper = keeper.dead_letters_of(worker);
     }
-    let mut events = Runtime::builder().url(url).exchange(exchange);
+    // The keeper's own metrics (what it handled, its publishes), served on /metrics.
+    let observed = rabbitry_observe::Observability::new();
+    let mut events = Runtime::builder()
+        .url(url)
+        .exchange(exchange)
+        .observability(&observed);
     for worker in keeper.registrations() {
         events = events.worker(worker);
     }
@@ -543,6 +549,7 @@ async fn serve(
     let reports = Runtime::builder()
         .url(url)
         .exchange(REPORTS_EXCHANGE)
+        .observability(&observed)
         .worker(keeper.handling_reports());
     let reports = match reports.start().await {
         Ok(runtime) => runtime,
@@ -563,7 +570,8 @@ async fn serve(
             let publisher = Publisher::builder(url).exchange(exchange).build()?;
             let addr = listener.local_addr().ok();
             let mut stopping = stop.subscribe();
-            let api = rabbitry_server::Api::new(store.clone(), publisher);
+            let api = rabbitry_server::Api::new(store.clone(), publisher)
+                .metrics(move || observed.render());
             let shutdown = async move {
                 let _ = stopping.wait_for(|stopped| *stopped).await;
             };

@@ -694,6 +694,16 @@ async fn tokens_are_made_used_over_http_and_revoked(db: Db) {
     let (status, body) = support::http::request(addr.as_str(), &publish(&secret));
     assert_eq!(status, 202, "{body}");
     assert_eq!(env.take(&env.queue("orders"), 1).await.len(), 1);
+    // The keeper's metrics, unauthenticated as scrape targets are: its audit worker took
+    // the event.
+    until(|| {
+        let addr = addr.clone();
+        async move {
+            let (status, body) = support::http::get(addr.as_str(), "/metrics");
+            status == 200 && body.contains("rabbitry_deliveries_total")
+        }
+    })
+    .await;
     assert_eq!(
         cli.ok(&["tokens", "revoke", &id]).trim(),
         format!("token {id} revoked")

@@ -18,7 +18,7 @@
 //! POST   /api/v1/tokens                   make one: {"name", "scopes", "rate_per_second"?, "expires_at"?} (admin)
 //! DELETE /api/v1/tokens/{id}              revoke one (admin)
 //! GET    /api/v1/openapi.json             the OpenAPI 3.1 document of all this, without a token
-//! GET    /health, /ready                  probes, without a token
+//! GET    /health, /ready, /metrics        probes and Prometheus metrics, without a token
 //! ```
 //!
 //! **Tokens.** `Authorization: Bearer <token>`; a token is made by `rabbitry tokens create`
@@ -76,6 +76,9 @@ pub use error::ApiError;
 /// The default limit on a request body.
 const DEFAULT_MAX_BODY: usize = 1024 * 1024;
 
+/// Renders the metrics `GET /metrics` answers (Prometheus text format).
+type Metrics = Arc<dyn Fn() -> String + Send + Sync>;
+
 /// What every handler reaches.
 #[derive(Clone)]
 pub(crate) struct AppState {
@@ -83,6 +86,7 @@ pub(crate) struct AppState {
     publisher: Publisher,
     limits: Arc<limits::Limits>,
     max_body: usize,
+    metrics: Option<Metrics>,
 }
 
 /// The HTTP API over a store and a publisher.
@@ -111,6 +115,7 @@ impl Api {
                 publisher,
                 limits: Arc::default(),
                 max_body: DEFAULT_MAX_BODY,
+                metrics: None,
             },
         }
     }
@@ -121,6 +126,14 @@ impl Api {
         self
     }
 
+    /// Answer `GET /metrics` (no token, as for any scrape target) with what `render` makes:
+    /// Prometheus text, e.g. `rabbitry_observe::Observability::render` of the runtimes the
+    /// process runs. Without it, `/metrics` is 404.
+    pub fn metrics(mut self, render: impl Fn() -> String + Send + Sync + 'static) -> Api {
+        self.state.metrics = Some(Arc::new(render));
+        self
+    }
+
     /// The API as an axum router, to serve or to nest in an application's.
     pub fn router(self) -> axum::Router {
         let max_body = self.state.max_body;
@@ -128,6 +141,7 @@ impl Api {
             .route("/health", get(health))
             .route("/ready", get(ready))
             .route("/api/v1/openapi.json", get(openapi))
+            .route("/metrics", get(metrics))
             .route("/api/v1/events", get(records::events))
             .route(
                 "/api/v1/events/{key}",
@@ -173,6 +187,21 @@ async fn ready(State(state): State<AppState>) -> Result<&'static str, ApiError> 
     let probe = format!("{}.audit", state.publisher.exchange());
     state.publisher.queue_depth(&probe).await?;
     Ok("ready")
+}
+
+async fn metrics(
+    State(state): State<AppState>,
+) -> Result<([(axum::http::HeaderName, &'static str); 1], String), ApiError> {
+    match &state.metrics {
+        Some(render) => Ok((
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4",
+            )],
+            render(),
+        )),
+        None => Err(ApiError::not_found("no metrics are kept by this process")),
+    }
 }
 
 async fn openapi() -> Json<serde_json::Value> {

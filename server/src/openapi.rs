@@ -121,6 +121,10 @@ pub(crate) fn document() -> Value {
                 "200": {"description": "ready", "content": {"text/plain": {"schema": {"type": "string"}}}},
                 "503": error("Not ready")
             }}},
+            "/metrics": {"get": {"summary": "Prometheus metrics of the process", "responses": {
+                "200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "404": error("This process keeps no metrics")
+            }}},
             "/api/v1/openapi.json": {"get": {"summary": "This document", "responses": {"200": ok("The OpenAPI document", object.clone())}}},
             "/api/v1/events": {"get": {
                 "summary": "Recorded events, oldest first (the latest `limit`)",

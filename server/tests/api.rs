@@ -616,7 +616,7 @@ async fn dead_letters_are_redriven_and_purged_and_schedules_kept_over_http(db: D
     let doc = doc.json();
     assert_eq!(doc["openapi"], "3.1.0");
     let paths = doc["paths"].as_object().unwrap();
-    assert_eq!(paths.len(), 15, "{:?}", paths.keys().collect::<Vec<_>>());
+    assert_eq!(paths.len(), 16, "{:?}", paths.keys().collect::<Vec<_>>());
     let mut operations = 0;
     for (template, item) in paths {
         let path = template
@@ -645,7 +645,7 @@ async fn dead_letters_are_redriven_and_purged_and_schedules_kept_over_http(db: D
             );
         }
     }
-    assert_eq!(operations, 18);
+    assert_eq!(operations, 19);
     let _ = stop.send(());
     server.await.unwrap().unwrap();
     db.done(store).await;
