@@ -567,7 +567,11 @@ async fn serve(
     ));
     let api = match listener {
         Some(listener) => {
-            let publisher = Publisher::builder(url).exchange(exchange).build()?;
+            // Two connections: confirms of concurrent requests do not queue on one.
+            let publisher = Publisher::builder(url)
+                .exchange(exchange)
+                .connections(2)
+                .build()?;
             let addr = listener.local_addr().ok();
             let mut stopping = stop.subscribe();
             let api = rabbitry_server::Api::new(store.clone(), publisher)

@@ -59,8 +59,18 @@ impl FromRequestParts<AppState> for Caller {
             .ok_or_else(|| {
                 ApiError::unauthorized("the Authorization header is not 'Bearer <token>'")
             })?;
-        match state.store.authenticate(secret).await? {
-            Some(token) => Ok(Caller(token)),
+        if secret.len() > 200 {
+            return Err(ApiError::unauthorized("unknown, expired or revoked token"));
+        }
+        let digest = rabbitry_store::token_digest(secret);
+        if let Some(token) = state.tokens.get(&digest) {
+            return Ok(Caller(token));
+        }
+        match state.store.authenticate_digest(&digest).await? {
+            Some(token) => {
+                state.tokens.put(digest, token.clone());
+                Ok(Caller(token))
+            }
             None => Err(ApiError::unauthorized("unknown, expired or revoked token")),
         }
     }

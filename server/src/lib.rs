@@ -52,6 +52,7 @@
 
 mod actions;
 mod auth;
+mod cache;
 mod error;
 mod limits;
 mod openapi;
@@ -87,6 +88,7 @@ pub(crate) struct AppState {
     limits: Arc<limits::Limits>,
     max_body: usize,
     metrics: Option<Metrics>,
+    tokens: Arc<cache::TokenCache>,
 }
 
 /// The HTTP API over a store and a publisher.
@@ -116,6 +118,7 @@ impl Api {
                 limits: Arc::default(),
                 max_body: DEFAULT_MAX_BODY,
                 metrics: None,
+                tokens: Arc::default(),
             },
         }
     }

@@ -61,7 +61,10 @@ pub(crate) async fn revoke(
 ) -> Result<StatusCode, ApiError> {
     caller.require_admin()?;
     match state.store.revoke_token(&id).await? {
-        true => Ok(StatusCode::NO_CONTENT),
+        true => {
+            state.tokens.forget(&id);
+            Ok(StatusCode::NO_CONTENT)
+        }
         false => Err(ApiError::not_found("no live token with that id")),
     }
 }

@@ -71,7 +71,7 @@ pub use outbox::{Outbox, OutboxConnection, OutboxRelay};
 pub use records::{DeadLetter, DeadLetterState, EventFilter, HandlingRecord, StoredEvent};
 pub use redrive::{REDRIVEN_AT, RedriveError, redriven_properties};
 pub use sagas::{SagaFilter, SagaStore, StoredSaga, StoredSchedule};
-pub use tokens::{ApiToken, NewToken, Scope};
+pub use tokens::{ApiToken, NewToken, Scope, token_digest};
 
 /// What can go wrong with a store. Each says what to do about it.
 #[derive(Debug, thiserror::Error)]

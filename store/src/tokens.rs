@@ -171,6 +171,11 @@ impl NewToken {
     }
 }
 
+/// The SHA-256 of a token's secret, in hex: what the store keeps and looks it up by.
+pub fn token_digest(secret: &str) -> String {
+    digest(secret)
+}
+
 /// The SHA-256 of a token, as stored.
 fn digest(secret: &str) -> String {
     let hash = Sha256::digest(secret.as_bytes());
@@ -285,10 +290,14 @@ impl Store {
         if secret.len() > 200 {
             return Ok(None);
         }
-        let hash = digest(secret);
+        self.authenticate_digest(&digest(secret)).await
+    }
+
+    /// As [`authenticate`](Store::authenticate), given the secret's [`token_digest`].
+    pub async fn authenticate_digest(&self, hash: &str) -> crate::Result<Option<ApiToken>> {
         let sql = format!("SELECT {TOKEN_COLUMNS}, hash FROM rabbitry_tokens WHERE hash = $1");
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(&hash)
+            .bind(hash)
             .fetch_optional(self.read())
             .await?;
         let Some(row) = row else {
