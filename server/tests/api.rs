@@ -84,28 +84,53 @@ async fn token(store: &Store, scopes: &[&str], edit: impl FnOnce(&mut NewToken))
     store.create_token(&new).await.unwrap().1
 }
 
+/// The API over `store` on a free port, publishing to `env`'s exchange where a queue
+/// bound with `binding` (tracked for cleanup) takes the events; stopped by [`Running::stop`].
+struct Running {
+    addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    async fn start(
+        env: &TestEnv,
+        store: &Store,
+        queue: &str,
+        binding: &str,
+        max_body: usize,
+    ) -> Running {
+        let subscription = Subscription::new(env.queue(queue)).bind(binding);
+        env.track(&subscription);
+        Topology::new(&env.exchange, [&subscription])
+            .declare(&url())
+            .await
+            .unwrap();
+        let publisher = Publisher::builder(url())
+            .exchange(&env.exchange)
+            .build()
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let api = Api::new(store.clone(), publisher).max_body(max_body);
+        let server = tokio::spawn(api.serve(listener, async {
+            stopped.await.ok();
+        }));
+        Running { addr, stop, server }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.server.await.unwrap().unwrap();
+    }
+}
+
 async fn every_endpoint_answers_by_token_and_scope(db: Db) {
     let env = TestEnv::rabbitmq("api_auth");
     let store = db.store().await;
-    let orders = Subscription::new(env.queue("orders")).bind("order.*");
-    env.track(&orders);
-    Topology::new(&env.exchange, [&orders])
-        .declare(&url())
-        .await
-        .unwrap();
-    let publisher = Publisher::builder(url())
-        .exchange(&env.exchange)
-        .build()
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(Api::new(store.clone(), publisher).max_body(1024).serve(
-        listener,
-        async {
-            stopped.await.ok();
-        },
-    ));
+    let running = Running::start(&env, &store, "orders", "order.*", 1024).await;
+    let addr = running.addr;
 
     let admin = token(&store, &["admin"], |_| {}).await;
     let reader = token(&store, &["read"], |_| {}).await;
@@ -403,8 +428,7 @@ async fn every_endpoint_answers_by_token_and_scope(db: Db) {
             .iter()
             .any(|t| t.message_id().as_deref() == Some("order-7-v1"))
     );
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
+    running.stop().await;
     db.done(store).await;
 }
 
@@ -412,22 +436,8 @@ async fn dead_letters_are_redriven_and_purged_and_schedules_kept_over_http(db: D
     use rabbitry_store::DeadLetter;
     let env = TestEnv::rabbitmq("api_actions");
     let store = db.store().await;
-    let worker = Subscription::new(env.queue("billing")).bind("invoice.due");
-    env.track(&worker);
-    Topology::new(&env.exchange, [&worker])
-        .declare(&url())
-        .await
-        .unwrap();
-    let publisher = Publisher::builder(url())
-        .exchange(&env.exchange)
-        .build()
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(Api::new(store.clone(), publisher).serve(listener, async {
-        stopped.await.ok();
-    }));
+    let running = Running::start(&env, &store, "billing", "invoice.due", 1024 * 1024).await;
+    let addr = running.addr;
     let admin = token(&store, &["admin"], |_| {}).await;
     let reader = token(&store, &["read"], |_| {}).await;
 
@@ -646,8 +656,7 @@ async fn dead_letters_are_redriven_and_purged_and_schedules_kept_over_http(db: D
         }
     }
     assert_eq!(operations, 19);
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
+    running.stop().await;
     db.done(store).await;
 }
 
