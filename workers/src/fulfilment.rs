@@ -456,7 +456,10 @@ pub fn payment_worker(queue: &str, payments: Payments) -> Router {
                             c.amount
                         )),
                         _ => {
-                            state.charged.push(c.order_id);
+                            // A redelivered charge is not charged twice.
+                            if !state.charged.contains(&c.order_id) {
+                                state.charged.push(c.order_id);
+                            }
                             None
                         }
                     }

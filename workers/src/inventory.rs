@@ -102,7 +102,8 @@ impl Stock {
         }
     }
 
-    /// Reserve every item of an order, all or nothing.
+    /// Reserve every item of an order, all or nothing; an order reserved already is not
+    /// reserved twice (a redelivered request).
     pub fn reserve(&self, order_id: u64, items: &[Item]) -> Result<(), StockError> {
         let outage = self
             .outage
@@ -122,6 +123,11 @@ impl Stock {
         {
             return Err(StockError::Cancelled);
         }
+        let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        if reserved.contains(&order_id) {
+            // A redelivered request: reserved already, and only once.
+            return Ok(());
+        }
         let mut levels = self.levels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(item) = items
             .iter()
@@ -136,10 +142,7 @@ impl Stock {
                 *level -= item.qty;
             }
         }
-        self.reserved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(order_id);
+        reserved.push(order_id);
         Ok(())
     }
 }

@@ -130,11 +130,37 @@ async fn every_order_settles_though_the_saga_process_is_killed_twice(db: Db) {
         println!("saga process SIGKILLed (kill {kill}) after {after} orders settled");
         saga_process = spawn_saga(&env, &prefix, &db.url).await;
     }
-    until(|| async {
-        let all = instances(&store, &saga_queue).await;
-        all.len() == ORDERS as usize && all.values().all(|(_, completed)| *completed)
+    let settled = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let all = instances(&store, &saga_queue).await;
+            if all.len() == ORDERS as usize && all.values().all(|(_, completed)| *completed) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     })
     .await;
+    if settled.is_err() {
+        let unsettled: Vec<_> = store
+            .sagas(&SagaFilter::new().saga(&saga_queue).limit(1000))
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|s| !s.record.completed)
+            .map(|s| {
+                (
+                    s.record.key,
+                    s.record.status,
+                    s.record.state,
+                    s.record.pending.len(),
+                )
+            })
+            .collect();
+        panic!(
+            "orders not settled: {unsettled:?}; stock reserved {:?}",
+            stock.reserved()
+        );
+    }
     let all = instances(&store, &saga_queue).await;
     for (id, (status, _)) in &all {
         assert_eq!(status, expect(*id), "order {id}");
