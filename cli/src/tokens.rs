@@ -17,7 +17,7 @@ pub(crate) enum TokensCommand {
         /// A label saying whose it is.
         #[arg(long, default_value = "api")]
         name: String,
-        /// At most this many publishes, e.g. 100/s or 6000/min.
+        /// At most this many publishes, e.g. 100/s or 6000/min (whole per second).
         #[arg(long)]
         rate: Option<String>,
         /// It stops working after this long, e.g. 30days, 12h.
@@ -42,9 +42,15 @@ fn per_second(rate: &str) -> Result<u32, Failed> {
     let bad = || Failed::usage(format!("--rate {rate:?}: use N/s or N/min, e.g. 100/s"));
     let (n, unit) = rate.split_once('/').unwrap_or((rate, "s"));
     let n: u32 = n.trim().parse().map_err(|_| bad())?;
+    // Whole publishes per second only: rounding 1/min up to 1/s would allow 60 times more.
     let per_second = match unit.trim() {
         "s" | "sec" | "second" => n,
-        "min" | "m" | "minute" => n.div_ceil(60),
+        "min" | "m" | "minute" if n % 60 == 0 => n / 60,
+        "min" | "m" | "minute" => {
+            return Err(Failed::usage(format!(
+                "--rate {rate:?}: a rate per minute must be a multiple of 60 (whole publishes per second)"
+            )));
+        }
         _ => return Err(bad()),
     };
     match per_second {
@@ -141,7 +147,8 @@ mod tests {
     #[test]
     fn rates_read_per_second_or_minute() {
         assert_eq!(per_second("100/s").ok(), Some(100));
-        assert_eq!(per_second("90/min").ok(), Some(2));
+        assert_eq!(per_second("120/min").ok(), Some(2));
+        assert!(per_second("90/min").is_err(), "not whole per second");
         assert_eq!(per_second("7").ok(), Some(7));
         for bad in ["0/s", "x/s", "10/h", "-1/s", ""] {
             assert!(per_second(bad).is_err(), "{bad}");

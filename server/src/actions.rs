@@ -53,10 +53,18 @@ pub(crate) async fn purge(
 ) -> Result<Json<DeadLetter>, ApiError> {
     caller.require_admin()?;
     let letter = waiting(&state, seq).await?;
-    state
+    // Only from waiting: a redrive or purge that got there first wins.
+    let moved = state
         .store
         .set_dead_letter_state(&[letter.seq], DeadLetterState::Purged)
         .await?;
+    if moved == 0 {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_waiting",
+            format!("dead letter {} is no longer waiting", letter.seq),
+        ));
+    }
     let now = state.store.dead_letter(letter.seq).await?;
     Ok(Json(now.unwrap_or(letter)))
 }
@@ -102,9 +110,10 @@ pub(crate) async fn add_schedule(
 pub(crate) async fn remove_schedule(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
     caller.require_admin()?;
+    let Path(name) = name.map_err(|e| ApiError::rejected(e.status(), e.body_text()))?;
     match state.store.remove_schedule(&name).await? {
         true => Ok(StatusCode::NO_CONTENT),
         false => Err(ApiError::not_found(format!("no schedule called '{name}'"))),

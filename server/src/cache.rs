@@ -20,6 +20,9 @@ const MAX_ENTRIES: usize = 10_000;
 pub(crate) struct TokenCache {
     /// Secret digest → token, and when it was read from the store.
     entries: Mutex<HashMap<String, (ApiToken, Instant)>>,
+    /// Tokens revoked here lately, by id: a request that read one from the store just
+    /// before its revocation must not put it back.
+    revoked: Mutex<HashMap<String, Instant>>,
 }
 
 impl TokenCache {
@@ -33,6 +36,13 @@ impl TokenCache {
     }
 
     pub(crate) fn put(&self, digest: String, token: ApiToken) {
+        {
+            let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+            revoked.retain(|_, at| at.elapsed() < TRUST_FOR);
+            if revoked.contains_key(&token.id) {
+                return;
+            }
+        }
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         if entries.len() >= MAX_ENTRIES {
             entries.retain(|_, (_, at)| at.elapsed() < TRUST_FOR);
@@ -43,8 +53,15 @@ impl TokenCache {
         entries.insert(digest, (token, Instant::now()));
     }
 
-    /// Forget the token `id` (it was just revoked here).
+    /// Forget the token `id` (it was just revoked here), and refuse to remember it again
+    /// while a read from before the revocation may still come back.
     pub(crate) fn forget(&self, id: &str) {
+        {
+            let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+            if revoked.len() < MAX_ENTRIES {
+                revoked.insert(id.to_owned(), Instant::now());
+            }
+        }
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.retain(|_, (token, _)| token.id != id);
     }

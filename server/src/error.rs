@@ -37,7 +37,12 @@ impl ApiError {
 
     /// An extractor's rejection (a malformed query or JSON body), as JSON.
     pub(crate) fn rejected(status: StatusCode, text: String) -> ApiError {
-        ApiError::new(status, "bad_request", text)
+        let code = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            _ => "bad_request",
+        };
+        ApiError::new(status, code, text)
     }
 
     pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
@@ -98,11 +103,12 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Invalid(message) => ApiError::bad_request(message),
             other => {
+                // The details stay in the log: they can describe the database.
                 tracing::warn!(error = %other, "the store failed a request");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "store_unavailable",
-                    other.to_string(),
+                    "the store cannot answer now; try again later",
                 )
             }
         }

@@ -164,6 +164,7 @@ impl Api {
             .route("/api/v1/tokens", get(tokens::list).post(tokens::create))
             .route("/api/v1/tokens/{id}", delete(tokens::revoke))
             .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
             .layer(DefaultBodyLimit::max(max_body))
             .with_state(self.state)
     }
@@ -209,6 +210,11 @@ async fn metrics(
 
 async fn openapi() -> Json<serde_json::Value> {
     Json(openapi::document())
+}
+
+async fn method_not_allowed() -> (StatusCode, Json<serde_json::Value>) {
+    let body = serde_json::json!({"error": "method_not_allowed", "message": "this endpoint does not take that method"});
+    (StatusCode::METHOD_NOT_ALLOWED, Json(body))
 }
 
 async fn not_found() -> (StatusCode, Json<serde_json::Value>) {

@@ -142,7 +142,7 @@ pub(crate) fn document() -> Value {
                 "get": {
                     "summary": "One event and every handling of it",
                     "security": bearer,
-                    "responses": guarded(json!({"200": ok("The event and its handlings", json!({"$ref": "#/components/schemas/EventStory"})), "404": error("Nothing recorded for that message id")}))
+                    "responses": guarded(json!({"200": ok("The event and its handlings", json!({"$ref": "#/components/schemas/EventStory"})), "400": error("A malformed path"), "404": error("Nothing recorded for that message id")}))
                 },
                 "post": {
                     "summary": "Publish the JSON body with this routing key, confirmed",
@@ -195,14 +195,14 @@ pub(crate) fn document() -> Value {
                     "summary": "Keep a schedule (admin)",
                     "security": bearer,
                     "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NewSchedule"}}}},
-                    "responses": guarded(json!({"201": ok("Kept", json!({"$ref": "#/components/schemas/Schedule"})), "400": error("Invalid"), "409": error("The name exists"), "415": error("Not JSON"), "422": error("A body of the wrong shape")}))
+                    "responses": guarded(json!({"201": ok("Kept", json!({"$ref": "#/components/schemas/Schedule"})), "400": error("Invalid"), "409": error("The name exists"), "413": error("Over the body limit"), "415": error("Not JSON"), "422": error("A body of the wrong shape")}))
                 }
             },
             "/api/v1/schedules/{name}": {"delete": {
                 "summary": "Remove a stored schedule (admin)",
                 "security": bearer,
                 "parameters": [path_param("name", json!({"type": "string"}), "The schedule")],
-                "responses": guarded(json!({"204": {"description": "Removed"}, "404": error("No such schedule")}))
+                "responses": guarded(json!({"204": {"description": "Removed"}, "400": error("A malformed path"), "404": error("No such schedule")}))
             }},
             "/api/v1/sagas": {"get": {
                 "summary": "Saga instances, the latest changed first",
@@ -218,7 +218,7 @@ pub(crate) fn document() -> Value {
                 "summary": "The instances with one correlation key",
                 "security": bearer,
                 "parameters": [path_param("key", json!({"type": "string"}), "The correlation key")],
-                "responses": guarded(json!({"200": ok("Instances", list("Saga")), "404": error("None")}))
+                "responses": guarded(json!({"200": ok("Instances", list("Saga")), "400": error("A malformed path"), "404": error("None")}))
             }},
             "/api/v1/tokens": {
                 "get": {"summary": "Every token, never its secret (admin)", "security": bearer, "responses": guarded(json!({"200": ok("Tokens", list("Token"))}))},
@@ -226,14 +226,14 @@ pub(crate) fn document() -> Value {
                     "summary": "Make a token; the secret is in this answer only (admin)",
                     "security": bearer,
                     "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NewToken"}}}},
-                    "responses": guarded(json!({"201": ok("Made", json!({"$ref": "#/components/schemas/TokenMade"})), "400": error("Invalid"), "415": error("Not JSON"), "422": error("A body of the wrong shape")}))
+                    "responses": guarded(json!({"201": ok("Made", json!({"$ref": "#/components/schemas/TokenMade"})), "400": error("Invalid"), "413": error("Over the body limit"), "415": error("Not JSON"), "422": error("A body of the wrong shape")}))
                 }
             },
             "/api/v1/tokens/{id}": {"delete": {
                 "summary": "Revoke a token (admin)",
                 "security": bearer,
                 "parameters": [path_param("id", json!({"type": "string"}), "The token's id")],
-                "responses": guarded(json!({"204": {"description": "Revoked"}, "404": error("No live token with that id")}))
+                "responses": guarded(json!({"204": {"description": "Revoked"}, "400": error("A malformed path"), "404": error("No live token with that id")}))
             }}
         }
     })

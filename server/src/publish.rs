@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use rabbitry::lapin::BasicProperties;
@@ -43,10 +43,12 @@ fn short(what: &str, value: &str) -> Result<(), ApiError> {
 pub(crate) async fn publish(
     State(state): State<AppState>,
     caller: Caller,
-    Path(routing_key): Path<String>,
+    routing_key: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Published>), ApiError> {
+    let Path(routing_key) =
+        routing_key.map_err(|e| ApiError::rejected(e.status(), e.body_text()))?;
     short("routing key", &routing_key)?;
     if routing_key.contains(['*', '#']) {
         return Err(ApiError::bad_request(

@@ -69,9 +69,10 @@ pub(crate) struct EventStory {
 pub(crate) async fn event(
     State(state): State<AppState>,
     caller: Caller,
-    Path(message_id): Path<String>,
+    message_id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<EventStory>, ApiError> {
     caller.require_read()?;
+    let Path(message_id) = message_id.map_err(|e| ApiError::rejected(e.status(), e.body_text()))?;
     let event = state.store.event(&message_id).await?;
     let handlings = state.store.handlings(&message_id).await?;
     if event.is_none() && handlings.is_empty() {
@@ -170,9 +171,10 @@ pub(crate) async fn sagas(
 pub(crate) async fn saga(
     State(state): State<AppState>,
     caller: Caller,
-    Path(key): Path<String>,
+    key: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Vec<StoredSaga>>, ApiError> {
     caller.require_read()?;
+    let Path(key) = key.map_err(|e| ApiError::rejected(e.status(), e.body_text()))?;
     let found = state.store.saga_instances(&key, None).await?;
     if found.is_empty() {
         return Err(ApiError::not_found("no saga instance with that key"));

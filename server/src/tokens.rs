@@ -1,7 +1,7 @@
 //! `/api/v1/tokens`: make, list and revoke tokens (admin).
 
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use rabbitry_store::{ApiToken, NewToken, Scope};
@@ -21,10 +21,19 @@ pub(crate) struct TokenRequest {
 }
 
 /// A token just made: the secret is in this answer only.
-#[derive(Debug, Serialize)]
+#[derive(Serialize)]
 pub(crate) struct TokenMade {
     token: ApiToken,
     secret: String,
+}
+
+impl std::fmt::Debug for TokenMade {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenMade")
+            .field("token", &self.token)
+            .field("secret", &"***")
+            .finish()
+    }
 }
 
 pub(crate) async fn list(
@@ -57,9 +66,10 @@ pub(crate) async fn create(
 pub(crate) async fn revoke(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
     caller.require_admin()?;
+    let Path(id) = id.map_err(|e| ApiError::rejected(e.status(), e.body_text()))?;
     match state.store.revoke_token(&id).await? {
         true => {
             state.tokens.forget(&id);

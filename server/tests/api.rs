@@ -368,6 +368,41 @@ async fn every_endpoint_answers_by_token_and_scope(db: Db) {
         assert!((400..500).contains(&a.status), "{} {}", a.status, a.body);
         assert!(a.json()["error"].is_string(), "{}", a.body);
     }
+    // NUL bytes (PostgreSQL's text refuses them) are values like any other: no 5xx.
+    for (method, path, expected) in [
+        ("GET", "/api/v1/events?type=%00&correlation_id=a%00b", 200),
+        ("GET", "/api/v1/dead-letters?worker=%00", 200),
+        ("GET", "/api/v1/sagas?saga=%00&state=%00", 200),
+        ("GET", "/api/v1/sagas/%00", 404),
+        ("GET", "/api/v1/events/%00", 404),
+        ("DELETE", "/api/v1/schedules/%00", 404),
+        ("DELETE", "/api/v1/tokens/%00", 404),
+        ("GET", "/api/v1/sagas/%FF", 400),
+    ] {
+        let a = call(addr, method, path, Some(&admin), &[], b"").await;
+        assert_eq!(a.status, expected, "{method} {path}: {}", a.body);
+        assert!(
+            a.body.is_empty() || a.json().is_object() || a.json().is_array(),
+            "{}",
+            a.body
+        );
+    }
+    // A method an endpoint does not take: 405, as JSON too; the scheme's case is free.
+    let wrong = call(addr, "PUT", "/api/v1/events", Some(&admin), &[], b"").await;
+    assert_eq!(
+        (wrong.status, wrong.json()["error"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+    let lower = call(
+        addr,
+        "GET",
+        "/api/v1/schedules",
+        None,
+        &[("Authorization", &format!("bearer {admin}"))],
+        b"",
+    )
+    .await;
+    assert_eq!(lower.status, 200);
     let auth = call(
         addr,
         "GET",

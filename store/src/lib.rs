@@ -225,9 +225,9 @@ impl Store {
              AND ($3 IS NULL OR correlation_id = $3) ORDER BY seq DESC LIMIT $4) AS latest \
              ORDER BY seq"
         ))
-        .bind(filter.event_type.as_deref())
+        .bind(filter.event_type.as_deref().map(indexed).as_deref())
         .bind(filter.since)
-        .bind(filter.correlation_id.as_deref())
+        .bind(filter.correlation_id.as_deref().map(indexed).as_deref())
         .bind(i64::from(filter.limit.unwrap_or(DEFAULT_LIMIT)))
         .fetch_all(self.read())
         .await?;
@@ -241,9 +241,9 @@ impl Store {
              WHERE ($1 IS NULL OR event_type = $1) AND ($2 IS NULL OR recorded_at >= $2) \
              AND ($3 IS NULL OR correlation_id = $3)",
         )
-        .bind(filter.event_type.as_deref())
+        .bind(filter.event_type.as_deref().map(indexed).as_deref())
         .bind(filter.since)
-        .bind(filter.correlation_id.as_deref())
+        .bind(filter.correlation_id.as_deref().map(indexed).as_deref())
         .fetch_one(self.read())
         .await?;
         Ok(u64::try_from(count).unwrap_or(0))
@@ -359,7 +359,7 @@ impl Store {
             " FROM rabbitry_dead_letters WHERE ($1 IS NULL OR worker = $1) \
                  AND ($2 IS NULL OR state = $2) ORDER BY seq LIMIT $3"
         ))
-        .bind(worker)
+        .bind(worker.map(text).as_deref())
         .bind(state.map(DeadLetterState::as_str))
         .bind(i64::from(limit.unwrap_or(DEFAULT_LIMIT)))
         .fetch_all(self.read())
@@ -377,7 +377,7 @@ impl Store {
             "SELECT COUNT(*) FROM rabbitry_dead_letters WHERE ($1 IS NULL OR worker = $1) \
              AND ($2 IS NULL OR state = $2)",
         )
-        .bind(worker)
+        .bind(worker.map(text).as_deref())
         .bind(state.map(DeadLetterState::as_str))
         .fetch_one(self.read())
         .await?;

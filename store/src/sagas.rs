@@ -96,8 +96,8 @@ impl Store {
              ORDER BY updated_at DESC, saga, saga_key LIMIT $3"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(filter.saga.as_deref())
-            .bind(filter.status.as_deref())
+            .bind(filter.saga.as_deref().map(text).as_deref())
+            .bind(filter.status.as_deref().map(text).as_deref())
             .bind(i64::from(filter.limit.unwrap_or(DEFAULT_LIMIT)))
             .fetch_all(self.read())
             .await?;
@@ -117,7 +117,7 @@ impl Store {
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(&*text(key))
-            .bind(saga)
+            .bind(saga.map(text).as_deref())
             .fetch_all(self.read())
             .await?;
         rows.iter().map(saga_of).collect()
@@ -216,7 +216,7 @@ impl Store {
     /// Remove the stored schedule `name`; whether there was one.
     pub async fn remove_schedule(&self, name: &str) -> crate::Result<bool> {
         let done = sqlx::query("DELETE FROM rabbitry_schedules WHERE name = $1")
-            .bind(name)
+            .bind(&*text(name))
             .execute(self.write())
             .await?;
         Ok(done.rows_affected() > 0)

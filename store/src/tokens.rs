@@ -87,20 +87,27 @@ fn valid_pattern(pattern: &str) -> bool {
         })
 }
 
-/// AMQP topic matching: `*` one word, `#` zero or more.
+/// AMQP topic matching: `*` one word, `#` zero or more. Dynamic programming over (pattern
+/// word, key word): linear in their product whatever the pattern, so no pattern can make a
+/// request slow.
 fn topic_matches(pattern: &str, key: &str) -> bool {
-    fn go(p: &[&str], k: &[&str]) -> bool {
-        match (p.first(), k.first()) {
-            (None, None) => true,
-            (Some(&"#"), _) => go(&p[1..], k) || (!k.is_empty() && go(p, &k[1..])),
-            (Some(&"*"), Some(_)) => go(&p[1..], &k[1..]),
-            (Some(w), Some(x)) if w == x => go(&p[1..], &k[1..]),
-            _ => false,
-        }
-    }
     let p: Vec<&str> = pattern.split('.').collect();
     let k: Vec<&str> = key.split('.').collect();
-    go(&p, &k)
+    // matched[j]: the pattern's words so far match the key's first j words.
+    let mut matched = vec![false; k.len() + 1];
+    matched[0] = true;
+    for word in &p {
+        let mut next = vec![false; k.len() + 1];
+        for j in 0..=k.len() {
+            next[j] = match *word {
+                "#" => matched[j] || (j > 0 && next[j - 1]),
+                "*" => j > 0 && matched[j - 1],
+                w => j > 0 && matched[j - 1] && k[j - 1] == w,
+            };
+        }
+        matched = next;
+    }
+    matched[k.len()]
 }
 
 /// A token as the store keeps it (never the token itself).
@@ -208,7 +215,10 @@ fn token_of(row: &AnyRow) -> crate::Result<ApiToken> {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
         scopes,
-        rate_per_second: rate.and_then(|r| u32::try_from(r).ok()),
+        // A rate that does not read is an error, never "unlimited".
+        rate_per_second: rate
+            .map(|r| u32::try_from(r).map_err(|_| StoreError::Corrupt(format!("token rate {r}"))))
+            .transpose()?,
         expires_ms: row.try_get("expires_at")?,
         created_ms: row.try_get("created_at")?,
         revoked_ms: row.try_get("revoked_at")?,
@@ -278,7 +288,7 @@ impl Store {
             "UPDATE rabbitry_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
         )
         .bind(now_ms())
-        .bind(id)
+        .bind(&*text(id))
         .execute(self.write())
         .await?;
         Ok(done.rows_affected() > 0)
@@ -326,6 +336,12 @@ mod tests {
         let all = Scope::parse("publish:#").unwrap();
         assert!(all.allows_publish("a.b.c") && !all.allows_read());
         assert!(Scope::Admin.allows_publish("x") && Scope::Admin.allows_read());
+        let hash = Scope::parse("publish:#.order.#").unwrap();
+        assert!(hash.allows_publish("order") && hash.allows_publish("eu.order.placed"));
+        assert!(!hash.allows_publish("eu.payment"));
+        let nasty = format!("{}z", "#.".repeat(60));
+        let key = vec!["a"; 127].join(".");
+        assert!(!topic_matches(&nasty, &key), "and quickly");
         for bad in [
             "write",
             "publish:",
