@@ -7,8 +7,9 @@ COPY . .
 RUN cargo build --release --locked -p rabbitry-workers --bins --features otlp
 
 FROM debian:bookworm-slim
+# tzdata: schedules in named time zones read the system tz database.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates curl \
+ && apt-get install -y --no-install-recommends ca-certificates curl tzdata \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/email-worker \
                   /src/target/release/inventory-worker \
