@@ -203,6 +203,10 @@ pub enum Error {
     #[error("the runtime has shut down")]
     ShutDown,
 
+    /// Control across processes failed (the registered worker states could not be read).
+    #[error("{0}")]
+    Control(String),
+
     /// Any other error from the AMQP client or the broker.
     #[error("broker error: {0}")]
     Broker(#[from] BrokerError),

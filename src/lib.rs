@@ -231,6 +231,7 @@ mod broker;
 mod condition;
 mod content_router;
 mod context;
+pub mod control;
 mod disposition;
 mod error;
 mod event;

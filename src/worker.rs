@@ -220,8 +220,11 @@ impl Subscription {
         &self.retry
     }
 
-    /// Check every setting; the error names the worker and the setting.
-    pub(crate) fn validate(&self) -> Result<(), crate::Error> {
+    /// Check every setting, as the runtime does when it starts the worker: the queue name
+    /// (length, reserved prefixes), every binding pattern, prefetch, concurrency, priority,
+    /// timeout and retry policy. An [`Error::Config`](crate::Error::Config) names the
+    /// worker and the setting — what a server registering workers from requests answers.
+    pub fn validate(&self) -> Result<(), crate::Error> {
         let fail = |what: String| {
             Err(crate::Error::Config(format!(
                 "worker '{}': {what}",

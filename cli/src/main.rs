@@ -6,17 +6,22 @@ mod schedules;
 mod tokens;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use rabbitry::control::Control;
 use rabbitry::lapin::BasicProperties;
-use rabbitry::lapin::types::AMQPValue;
 use rabbitry::report::REPORTS_EXCHANGE;
-use rabbitry::{Error, Publisher, Runtime, headers};
+use rabbitry::{Error, Publisher, Runtime};
 use rabbitry_observe::RuntimeBuilderExt;
+use rabbitry_server::WebhookHost;
 use rabbitry_store::{
     DeadLetter, DeadLetterState, EventFilter, Keeper, RedriveError, Store, StoreError,
 };
+
+/// How often `serve` reads the webhooks registered (by other servers, say).
+const WEBHOOK_SYNC: Duration = Duration::from_secs(5);
 
 /// The rabbitry command. Exit codes: 0 done; 2 bad arguments or input; 3 unroutable (no
 /// queue takes the routing key); 4 the broker failed or refused; 5 the store failed; 6 not
@@ -69,6 +74,20 @@ enum Command {
         /// Also serve the HTTP API on this address (e.g. 127.0.0.1:8080).
         #[arg(long, env = "RABBITRY_HTTP", value_name = "ADDR")]
         http: Option<std::net::SocketAddr>,
+        /// Let webhooks reach this non-public address range (e.g. 10.0.0.0/8; repeat for
+        /// several). Private, loopback, link-local and reserved ranges are refused otherwise.
+        #[arg(
+            long = "webhook-allow",
+            value_name = "CIDR",
+            env = "RABBITRY_WEBHOOK_ALLOW",
+            value_delimiter = ','
+        )]
+        webhook_allow: Vec<rabbitry_server::IpNet>,
+        /// A directory of JSON Schemas, one per event type, named `<type>.json`
+        /// (`order.placed.json`): events of those types published through the HTTP API must
+        /// match theirs (400 otherwise).
+        #[arg(long, env = "RABBITRY_SCHEMAS", value_name = "DIR")]
+        schemas: Option<std::path::PathBuf>,
     },
     /// Publish one JSON event (confirmed) and print its message id.
     Publish {
@@ -316,16 +335,24 @@ async fn run(cli: Cli) -> Result<(), Failed> {
             dlq,
             reports_queue,
             http,
+            webhook_allow,
+            schemas,
         } => {
-            serve(
-                &cli.url,
-                &cli.store,
-                &cli.exchange,
+            let schemas = match schemas {
+                Some(dir) => load_schemas(&dir)?,
+                None => rabbitry::Schemas::new(),
+            };
+            let egress = webhook_allow
+                .into_iter()
+                .fold(rabbitry_server::Egress::new(), |e, range| e.allow(range));
+            let served = Served {
                 dlq,
                 reports_queue,
                 http,
-            )
-            .await
+                egress,
+                schemas,
+            };
+            serve(&cli.url, &cli.store, &cli.exchange, served).await
         }
         Command::Publish {
             routing_key,
@@ -463,25 +490,17 @@ async fn run(cli: Cli) -> Result<(), Failed> {
                 return Ok(());
             }
             let publisher = Publisher::builder(cli.url).connect().await?;
-            let mut replayed = 0;
-            for e in &events {
-                let (exchange, key) = target(e);
-                let sent = publisher
-                    .publish_raw(&exchange, &key, &e.body, replay_of(e))
-                    .await;
-                if let Err(err) = sent {
-                    publisher.close().await;
+            let sent = rabbitry_store::replay(&publisher, &events, to_worker.as_deref()).await;
+            publisher.close().await;
+            let replayed = match sent {
+                Ok(ids) => ids.len(),
+                Err(e) => {
                     return Err(Failed {
-                        message: format!(
-                            "replaying {} stopped after {replayed}: {err}",
-                            e.message_id
-                        ),
-                        ..Failed::from(err)
+                        message: e.to_string(),
+                        ..Failed::from(e.error)
                     });
                 }
-                replayed += 1;
-            }
-            publisher.close().await;
+            };
             println!("{replayed} event(s) replayed");
             Ok(())
         }
@@ -492,36 +511,49 @@ async fn run(cli: Cli) -> Result<(), Failed> {
     }
 }
 
-/// The properties of a replayed copy: a new message id, and `x-replayed-from` naming the
-/// original.
-fn replay_of(event: &rabbitry_store::StoredEvent) -> BasicProperties {
-    let mut table = event.headers().cloned().unwrap_or_default();
-    let from = AMQPValue::LongString(event.message_id.as_str().into());
-    table.insert(rabbitry_store::REPLAYED_FROM.into(), from);
-    // A copy sent to one worker's queue (through the default exchange) still shows the
-    // worker its original exchange and routing key, as a retry copy does.
-    let text = |s: &str| AMQPValue::LongString(s.into());
-    table.insert(headers::ORIGINAL_EXCHANGE.into(), text(&event.exchange));
-    table.insert(
-        headers::ORIGINAL_ROUTING_KEY.into(),
-        text(&event.routing_key),
-    );
-    let id = uuid::Uuid::now_v7().to_string();
-    event
-        .properties
-        .clone()
-        .with_message_id(id.as_str().into())
-        .with_headers(table)
-}
-
-async fn serve(
-    url: &str,
-    store: &str,
-    exchange: &str,
+/// What `serve` runs besides the keeper.
+struct Served {
     dlq: Vec<String>,
     reports_queue: String,
     http: Option<std::net::SocketAddr>,
-) -> Result<(), Failed> {
+    egress: rabbitry_server::Egress,
+    schemas: rabbitry::Schemas,
+}
+
+/// The JSON Schemas in `dir`, each `<event type>.json`.
+fn load_schemas(dir: &std::path::Path) -> Result<rabbitry::Schemas, Failed> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| Failed::usage(format!("cannot read the schemas in {}: {e}", dir.display())))?;
+    let mut schemas = rabbitry::Schemas::new();
+    for entry in entries {
+        let path = entry
+            .map_err(|e| Failed::usage(format!("cannot read {}: {e}", dir.display())))?
+            .path();
+        let Some(event_type) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".json"))
+        else {
+            continue;
+        };
+        let bad = |why: String| Failed::usage(format!("schema {}: {why}", path.display()));
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let schema = rabbitry::Schema::from_json(&json).map_err(|e| bad(e.to_string()))?;
+        schemas = schemas.insert(event_type, schema);
+    }
+    Ok(schemas)
+}
+
+async fn serve(url: &str, store: &str, exchange: &str, served: Served) -> Result<(), Failed> {
+    let Served {
+        dlq,
+        reports_queue,
+        http,
+        egress,
+        schemas,
+    } = served;
     let store = Store::connect(store).await?;
     // Bound first: a busy port is an error before anything else starts.
     let listener = match http {
@@ -558,13 +590,41 @@ async fn serve(
             return Err(e.into());
         }
     };
+    // Webhooks: workers of their own runtime, controllable like any other.
+    let hooks = Runtime::builder()
+        .url(url)
+        .exchange(exchange)
+        .connection_name("rabbitry:webhooks")
+        .observability(&observed)
+        .control(Control::new().registry(store.clone()))
+        .start()
+        .await;
+    let hooks = match hooks {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            events.shutdown().await;
+            reports.shutdown().await;
+            return Err(e.into());
+        }
+    };
+    let host = Arc::new(WebhookHost::new(hooks.clone(), store.clone(), egress));
     let (stop, stopping) = tokio::sync::watch::channel(false);
+    let hosting = {
+        let (host, mut stopping) = (host.clone(), stop.subscribe());
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = stopping.wait_for(|stopped| *stopped).await;
+            };
+            host.run(WEBHOOK_SYNC, stop).await;
+        })
+    };
     let schedules = tokio::spawn(schedules::fire(
         url.to_owned(),
         exchange.to_owned(),
         store.clone(),
         stopping,
     ));
+    let mut controllers = Vec::new();
     let api = match listener {
         Some(listener) => {
             // Two connections: confirms of concurrent requests do not queue on one.
@@ -574,8 +634,14 @@ async fn serve(
                 .build()?;
             let addr = listener.local_addr().ok();
             let mut stopping = stop.subscribe();
+            // Workers across processes: what controlled runtimes announce, and commands.
+            let controller = rabbitry::control::Controller::start(url).await?;
             let api = rabbitry_server::Api::new(store.clone(), publisher)
-                .metrics(move || observed.render());
+                .metrics(move || observed.render())
+                .controller(controller.clone())
+                .webhooks(host.clone())
+                .schemas(schemas);
+            controllers.push(controller);
             let shutdown = async move {
                 let _ = stopping.wait_for(|stopped| *stopped).await;
             };
@@ -597,11 +663,16 @@ async fn serve(
         () = reports.stopped() => {}
     }
     let _ = stop.send(true);
+    let _ = hosting.await;
+    hooks.shutdown().await;
     events.shutdown().await;
     reports.shutdown().await;
     let _ = schedules.await;
     if let Some(api) = api {
         let _ = api.await;
+    }
+    for controller in controllers {
+        controller.close().await;
     }
     store.close().await;
     Ok(())

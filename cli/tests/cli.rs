@@ -17,7 +17,7 @@ use std::time::Duration;
 use db::Db;
 use rabbitry::prelude::*;
 use rabbitry::{Registration, RetryPolicy, Topology};
-use rabbitry_store::{DeadLetterState, Store};
+use rabbitry_store::{DeadLetterState, EventFilter, Store};
 use support::*;
 
 /// The binary with this test's broker, store, exchange and reports queue.
@@ -185,6 +185,9 @@ async fn dead_letters_are_listed_redriven_to_the_failing_worker_and_purged(db: D
         shown.contains("stock record missing") && shown.contains("x-retry-count"),
         "{shown}"
     );
+    // The audit is kept by its own worker, in its own batches: wait for it too.
+    let audited = EventFilter::new().correlation_id("batch-7");
+    until(|| async { store.count_events(&audited).await.unwrap() == 4 }).await;
     let events = cli.json(&["events", "--correlation-id", "batch-7", "--json"]);
     assert_eq!(events.as_array().unwrap().len(), 4, "audited");
 

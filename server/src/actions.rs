@@ -1,11 +1,12 @@
-//! Changing things (admin): redrive and purge dead letters, add and remove stored schedules.
+//! Changing things (admin): redrive and purge dead letters, replay recorded events, add
+//! and remove stored schedules.
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use rabbitry_store::{DeadLetter, DeadLetterState, RedriveError, StoredSchedule};
-use serde::Deserialize;
+use rabbitry_store::{DeadLetter, DeadLetterState, EventFilter, RedriveError, StoredSchedule};
+use serde::{Deserialize, Serialize};
 
 use crate::{ApiError, AppState, Caller};
 
@@ -118,4 +119,98 @@ pub(crate) async fn remove_schedule(
         true => Ok(StatusCode::NO_CONTENT),
         false => Err(ApiError::not_found(format!("no schedule called '{name}'"))),
     }
+}
+
+/// What to replay: one event by id, or the latest matching a filter.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReplayRequest {
+    message_id: Option<String>,
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    correlation_id: Option<String>,
+    /// Unix milliseconds.
+    since: Option<i64>,
+    limit: Option<u32>,
+    /// To this worker's queue only (default: to the exchange, every subscriber).
+    to_worker: Option<String>,
+}
+
+/// One event replayed.
+#[derive(Debug, Serialize)]
+pub(crate) struct Replayed {
+    /// The original's message id.
+    from: String,
+    /// The copy's.
+    message_id: String,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct ReplayAnswer {
+    /// Events matching the filter (more than replayed when over the limit).
+    matching: u64,
+    replayed: Vec<Replayed>,
+}
+
+/// `POST /api/v1/replay`: publish recorded events again as new messages marked
+/// `x-replayed-from`, oldest first, to one worker's queue or to the exchange.
+pub(crate) async fn replay(
+    State(state): State<AppState>,
+    caller: Caller,
+    request: Result<Json<ReplayRequest>, JsonRejection>,
+) -> Result<Json<ReplayAnswer>, ApiError> {
+    caller.require_admin()?;
+    let Json(r) = request.map_err(|e| ApiError::rejected(e.status(), e.body_text()))?;
+    if let Some(worker) = &r.to_worker {
+        rabbitry::Subscription::new(worker)
+            .bind("x")
+            .validate()
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
+    let (mut events, matching) = match &r.message_id {
+        Some(id) => {
+            let found: Vec<_> = state.store.event(id).await?.into_iter().collect();
+            let n = found.len() as u64;
+            (found, n)
+        }
+        None => {
+            let limit = match r.limit.unwrap_or(100) {
+                n @ 1..=1000 => n,
+                n => {
+                    return Err(ApiError::bad_request(format!(
+                        "limit={n}: ask for 1 to 1000"
+                    )));
+                }
+            };
+            let mut filter = EventFilter::new().limit(limit);
+            if let Some(t) = r.event_type {
+                filter = filter.event_type(t);
+            }
+            if let Some(c) = r.correlation_id {
+                filter = filter.correlation_id(c);
+            }
+            if let Some(since) = r.since {
+                filter = filter.since(since);
+            }
+            let events = state.store.events(&filter).await?;
+            (events, state.store.count_events(&filter).await?)
+        }
+    };
+    if events.is_empty() {
+        return Err(ApiError::not_found("no recorded event matches"));
+    }
+    // Oldest first, as they happened.
+    events.sort_by_key(|e| e.seq);
+    let ids = rabbitry_store::replay(&state.publisher, &events, r.to_worker.as_deref())
+        .await
+        .map_err(|e| ApiError::from(e.error))?;
+    let replayed = events
+        .iter()
+        .zip(ids)
+        .map(|(e, id)| Replayed {
+            from: e.message_id.clone(),
+            message_id: id,
+        })
+        .collect();
+    Ok(Json(ReplayAnswer { matching, replayed }))
 }

@@ -17,6 +17,13 @@
 //! GET    /api/v1/tokens                   every token (admin)
 //! POST   /api/v1/tokens                   make one: {"name", "scopes", "rate_per_second"?, "expires_at"?} (admin)
 //! DELETE /api/v1/tokens/{id}              revoke one (admin)
+//! POST   /api/v1/replay                   recorded events again: {"message_id"} or a filter, "to_worker"? (admin)
+//! GET    /api/v1/workers                  every worker of every controlled process (read)
+//! POST   /api/v1/workers/{name}/pause     …/resume, DELETE …[?delete_queues=true]: in every process (admin)
+//! POST   /api/v1/workers/{name}/bindings  {"pattern"}; DELETE …/bindings/{pattern} (admin)
+//! GET    /api/v1/webhooks                 registered webhooks, never their secrets (read)
+//! POST   /api/v1/webhooks                 {"name", "url", "bindings", "retry"?}: the secret, once (admin)
+//! DELETE /api/v1/webhooks/{name}          stop and forget one (admin)
 //! GET    /api/v1/openapi.json             the OpenAPI 3.1 document of all this, without a token
 //! GET    /health, /ready, /metrics        probes and Prometheus metrics, without a token
 //! ```
@@ -33,7 +40,20 @@
 //! key; 413 over the size limit (1 MiB by default, [`Api::max_body`]); 422 when no queue is
 //! bound for the routing key; 503 when the broker or the store is away. `Idempotency-Key`
 //! becomes the message id (so a de-duplicating consumer drops a retried request), and
-//! `X-Correlation-Id` the correlation id. Errors are JSON: `{"error", "message"}`.
+//! `X-Correlation-Id` the correlation id. Errors are JSON: `{"error", "message"}`. With
+//! [`Api::schemas`], a body whose type (its routing key) has a registered JSON Schema must
+//! match it (400 with the violations).
+//!
+//! **Workers across processes.** With [`Api::controller`] (a
+//! [`Controller`](rabbitry::control::Controller)), a change is registered in the store at
+//! the next revision and sent to every runtime built with
+//! [`RuntimeBuilder::control`](rabbitry::RuntimeBuilder::control); the answer says which
+//! processes running the worker applied it and which had not within 3 seconds.
+//!
+//! **Webhooks.** With [`Api::webhooks`] (a [`WebhookHost`]), a webhook is a worker without a
+//! Rust type: each message's exact body is POSTed to its URL, signed per Standard Webhooks
+//! ([`signature`]), through an [`Egress`] that refuses non-public addresses at registration
+//! and at every connection.
 //!
 //! ```no_run
 //! use rabbitry::Publisher;
@@ -59,6 +79,9 @@ mod openapi;
 mod publish;
 mod records;
 mod tokens;
+mod webhook;
+mod webhooks;
+mod workers;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -73,6 +96,8 @@ use rabbitry_store::Store;
 
 pub use auth::Caller;
 pub use error::ApiError;
+pub use ipnet::IpNet;
+pub use webhook::{Egress, EgressError, WebhookHost, signature, webhook_queue};
 
 /// The default limit on a request body.
 const DEFAULT_MAX_BODY: usize = 1024 * 1024;
@@ -89,6 +114,9 @@ pub(crate) struct AppState {
     max_body: usize,
     metrics: Option<Metrics>,
     tokens: Arc<cache::TokenCache>,
+    controller: Option<rabbitry::control::Controller>,
+    webhooks: Option<Arc<WebhookHost>>,
+    schemas: Arc<rabbitry::Schemas>,
 }
 
 /// The HTTP API over a store and a publisher.
@@ -119,6 +147,9 @@ impl Api {
                 max_body: DEFAULT_MAX_BODY,
                 metrics: None,
                 tokens: Arc::default(),
+                controller: None,
+                webhooks: None,
+                schemas: Arc::default(),
             },
         }
     }
@@ -137,6 +168,30 @@ impl Api {
         self
     }
 
+    /// Control workers across processes with `controller`: `GET /api/v1/workers` lists
+    /// what every controlled runtime announces, and pause, resume, removal and binding
+    /// changes are registered in the store and sent to every process. Without it, those
+    /// endpoints answer 404.
+    pub fn controller(mut self, controller: rabbitry::control::Controller) -> Api {
+        self.state.controller = Some(controller);
+        self
+    }
+
+    /// Check the body of every event published through the API against the schema
+    /// registered for its type (its routing key), answering 400 with the violations.
+    /// Types without a schema take any JSON.
+    pub fn schemas(mut self, schemas: rabbitry::Schemas) -> Api {
+        self.state.schemas = Arc::new(schemas);
+        self
+    }
+
+    /// Register webhooks through the API (`/api/v1/webhooks`) and start them on `host`
+    /// at once. Without it, those endpoints answer 404.
+    pub fn webhooks(mut self, host: Arc<WebhookHost>) -> Api {
+        self.state.webhooks = Some(host);
+        self
+    }
+
     /// The API as an axum router, to serve or to nest in an application's.
     pub fn router(self) -> axum::Router {
         let max_body = self.state.max_body;
@@ -150,6 +205,7 @@ impl Api {
                 "/api/v1/events/{key}",
                 get(records::event).post(publish::publish),
             )
+            .route("/api/v1/replay", post(actions::replay))
             .route("/api/v1/dead-letters", get(records::dead_letters))
             .route("/api/v1/dead-letters/{seq}", get(records::dead_letter))
             .route("/api/v1/dead-letters/{seq}/redrive", post(actions::redrive))
@@ -163,6 +219,20 @@ impl Api {
             .route("/api/v1/sagas/{key}", get(records::saga))
             .route("/api/v1/tokens", get(tokens::list).post(tokens::create))
             .route("/api/v1/tokens/{id}", delete(tokens::revoke))
+            .route(
+                "/api/v1/webhooks",
+                get(webhooks::list).post(webhooks::create),
+            )
+            .route("/api/v1/webhooks/{name}", delete(webhooks::delete))
+            .route("/api/v1/workers", get(workers::list))
+            .route("/api/v1/workers/{name}", delete(workers::remove))
+            .route("/api/v1/workers/{name}/pause", post(workers::pause))
+            .route("/api/v1/workers/{name}/resume", post(workers::resume))
+            .route("/api/v1/workers/{name}/bindings", post(workers::bind))
+            .route(
+                "/api/v1/workers/{name}/bindings/{pattern}",
+                delete(workers::unbind),
+            )
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
             .layer(DefaultBodyLimit::max(max_body))

@@ -42,6 +42,22 @@ fn guarded(mut responses: Value) -> Value {
 
 /// The document.
 pub(crate) fn document() -> Value {
+    let mut document = records_and_publishing();
+    let (paths, schemas) = control_plane();
+    for (part, more) in [("paths", paths), ("schemas", schemas)] {
+        let target = match part {
+            "paths" => &mut document["paths"],
+            _ => &mut document["components"]["schemas"],
+        };
+        if let (Some(target), Value::Object(more)) = (target.as_object_mut(), more) {
+            target.extend(more);
+        }
+    }
+    document
+}
+
+/// Publishing, the record, tokens.
+fn records_and_publishing() -> Value {
     let object = json!({"type": "object"});
     let list = |items: &str| json!({"type": "array", "items": {"$ref": format!("#/components/schemas/{items}")}});
     let limit = query(
@@ -60,7 +76,7 @@ pub(crate) fn document() -> Value {
         "info": {
             "title": "rabbitry",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Publish events, read the record and manage tokens. Bearer tokens with scopes: publish:<pattern>, read, admin."
+            "description": "Publish events, read and replay the record, redrive dead letters, control workers across processes, register webhooks and manage tokens. Bearer tokens with scopes: publish:<pattern>, read, admin."
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
@@ -237,4 +253,175 @@ pub(crate) fn document() -> Value {
             }}
         }
     })
+}
+
+/// Workers across processes, webhooks and replay: their paths and schemas.
+fn control_plane() -> (Value, Value) {
+    let bearer = json!([{"bearer": []}]);
+    let name = path_param("name", json!({"type": "string"}), "The worker (its queue)");
+    let body = |schema: &str| json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
+    let change = ok(
+        "Registered and sent; who applied it",
+        json!({"$ref": "#/components/schemas/WorkerChange"}),
+    );
+    let no_controller = error("A malformed name, or this server does not control workers");
+    let shaped = |mut responses: Value| {
+        let map = responses.as_object_mut().expect("responses are an object");
+        map.insert("413".into(), error("Over the body limit"));
+        map.insert("415".into(), error("Not JSON"));
+        map.insert("422".into(), error("A body of the wrong shape"));
+        guarded(responses)
+    };
+    let paths = json!({
+        "/api/v1/workers": {"get": {
+            "summary": "Every worker of every controlled process, and the registered states",
+            "security": bearer,
+            "responses": guarded(json!({"200": ok("Workers", json!({"$ref": "#/components/schemas/WorkerList"})), "404": error("This server does not control workers")}))
+        }},
+        "/api/v1/workers/{name}": {"delete": {
+            "summary": "Stop it in every process and register it removed; with delete_queues, delete its queues once all stopped (admin)",
+            "security": bearer,
+            "parameters": [name.clone(), query("delete_queues", json!({"type": "boolean"}), "Also delete its queues and their messages")],
+            "responses": guarded(json!({"200": change.clone(), "400": error("A malformed name or query"), "404": no_controller.clone(), "409": error("Some process has not stopped it yet: queues kept")}))
+        }},
+        "/api/v1/workers/{name}/pause": {"post": {
+            "summary": "Stop consuming in every process, and in processes that start later (admin)",
+            "security": bearer,
+            "parameters": [name.clone()],
+            "responses": guarded(json!({"200": change.clone(), "400": error("A malformed name"), "404": no_controller.clone()}))
+        }},
+        "/api/v1/workers/{name}/resume": {"post": {
+            "summary": "Consume again in every process (admin)",
+            "security": bearer,
+            "parameters": [name.clone()],
+            "responses": guarded(json!({"200": change.clone(), "400": error("A malformed name"), "404": no_controller.clone()}))
+        }},
+        "/api/v1/workers/{name}/bindings": {"post": {
+            "summary": "Bind its queue with one more pattern (admin)",
+            "security": bearer,
+            "parameters": [name.clone()],
+            "requestBody": body("Binding"),
+            "responses": shaped(json!({"200": change.clone(), "400": error("A malformed name or pattern"), "404": no_controller.clone()}))
+        }},
+        "/api/v1/workers/{name}/bindings/{pattern}": {"delete": {
+            "summary": "Unbind a pattern, its own or an added one (admin; # is written %23)",
+            "security": bearer,
+            "parameters": [name, path_param("pattern", json!({"type": "string"}), "The topic pattern")],
+            "responses": guarded(json!({"200": change, "400": error("A malformed name or pattern"), "404": no_controller}))
+        }},
+        "/api/v1/webhooks": {
+            "get": {"summary": "Registered webhooks, never their secrets", "security": bearer, "responses": guarded(json!({"200": ok("Webhooks", json!({"type": "array", "items": {"$ref": "#/components/schemas/Webhook"}}))}))},
+            "post": {
+                "summary": "Register a webhook and start it; the signing secret is in this answer only (admin)",
+                "security": bearer,
+                "requestBody": body("NewWebhook"),
+                "responses": shaped(json!({"201": ok("Registered", json!({"$ref": "#/components/schemas/WebhookMade"})), "400": error("Invalid, or its URL resolves to an address it may not reach"), "404": error("This server does not host webhooks"), "409": error("The name exists")}))
+            }
+        },
+        "/api/v1/webhooks/{name}": {"delete": {
+            "summary": "Stop and forget a webhook; its queue stays (admin)",
+            "security": bearer,
+            "parameters": [path_param("name", json!({"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}), "The webhook")],
+            "responses": guarded(json!({"204": {"description": "Deleted"}, "400": error("A malformed name"), "404": error("No such webhook, or this server hosts none")}))
+        }},
+        "/api/v1/replay": {"post": {
+            "summary": "Publish recorded events again as new messages marked x-replayed-from, oldest first, to one worker's queue or to the exchange (admin)",
+            "security": bearer,
+            "requestBody": body("ReplayRequest"),
+            "responses": shaped(json!({"200": ok("Replayed", json!({"$ref": "#/components/schemas/ReplayAnswer"})), "400": error("Invalid"), "404": error("No recorded event matches")}))
+        }}
+    });
+    let patterns = json!({"type": "array", "items": {"type": "string"}});
+    let schemas = json!({
+        "WorkerList": {
+            "type": "object",
+            "required": ["workers", "registered"],
+            "properties": {
+                "workers": {"type": "array", "items": {"type": "object", "required": ["name", "state", "process", "host", "pid", "bindings", "in_flight", "settled_per_second"]}},
+                "registered": {"type": "array", "items": {"$ref": "#/components/schemas/WorkerControl"}}
+            }
+        },
+        "WorkerControl": {
+            "type": "object",
+            "required": ["worker", "state", "bindings_added", "bindings_removed", "revision"],
+            "properties": {
+                "worker": {"type": "string"},
+                "state": {"enum": ["running", "paused", "removed"]},
+                "bindings_added": patterns.clone(),
+                "bindings_removed": patterns.clone(),
+                "revision": {"type": "integer"}
+            }
+        },
+        "WorkerChange": {
+            "type": "object",
+            "required": ["control", "applied", "pending"],
+            "properties": {
+                "control": {"$ref": "#/components/schemas/WorkerControl"},
+                "applied": patterns.clone(),
+                "pending": patterns.clone(),
+                "deleted_queues": {"type": "array", "items": {"type": "object", "required": ["queue", "messages"]}}
+            }
+        },
+        "Binding": {
+            "type": "object",
+            "required": ["pattern"],
+            "additionalProperties": false,
+            "properties": {"pattern": {"type": "string"}}
+        },
+        "WebhookRetry": {
+            "type": "object",
+            "additionalProperties": false,
+            "properties": {
+                "max_attempts": {"type": "integer", "minimum": 1, "maximum": 50},
+                "initial_delay_ms": {"type": "integer", "minimum": 100, "maximum": 86400000},
+                "max_delay_ms": {"type": "integer", "minimum": 100, "maximum": 86400000}
+            }
+        },
+        "NewWebhook": {
+            "type": "object",
+            "required": ["name", "url", "bindings"],
+            "additionalProperties": false,
+            "properties": {
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                "url": {"type": "string", "pattern": "^https?://", "maxLength": 2048},
+                "bindings": {"type": "array", "minItems": 1, "maxItems": 32, "items": {"type": "string"}},
+                "retry": {"oneOf": [{"$ref": "#/components/schemas/WebhookRetry"}, {"type": "null"}]}
+            }
+        },
+        "Webhook": {
+            "type": "object",
+            "required": ["name", "url", "bindings", "retry", "queue"],
+            "properties": {
+                "name": {"type": "string"},
+                "url": {"type": "string"},
+                "bindings": patterns.clone(),
+                "retry": {"$ref": "#/components/schemas/WebhookRetry"},
+                "queue": {"type": "string"}
+            }
+        },
+        "WebhookMade": {
+            "allOf": [{"$ref": "#/components/schemas/Webhook"}, {"type": "object", "required": ["secret"], "properties": {"secret": {"type": "string"}}}]
+        },
+        "ReplayRequest": {
+            "type": "object",
+            "additionalProperties": false,
+            "properties": {
+                "message_id": {"type": ["string", "null"]},
+                "type": {"type": ["string", "null"]},
+                "correlation_id": {"type": ["string", "null"]},
+                "since": {"type": ["integer", "null"], "description": "Unix milliseconds"},
+                "limit": {"type": ["integer", "null"], "minimum": 1, "maximum": 1000},
+                "to_worker": {"type": ["string", "null"]}
+            }
+        },
+        "ReplayAnswer": {
+            "type": "object",
+            "required": ["matching", "replayed"],
+            "properties": {
+                "matching": {"type": "integer"},
+                "replayed": {"type": "array", "items": {"type": "object", "required": ["from", "message_id"]}}
+            }
+        }
+    });
+    (paths, schemas)
 }

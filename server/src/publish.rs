@@ -70,8 +70,22 @@ pub(crate) async fn publish(
         ),
         status => ApiError::new(status, "bad_body", e.body_text()),
     })?;
-    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
-        return Err(ApiError::bad_request(format!("the body is not JSON: {e}")));
+    match state.schemas.get(&routing_key) {
+        // Registered for this event type: the body must satisfy it.
+        Some(schema) => {
+            let json: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
+            schema.check(&json).map_err(|violations| {
+                ApiError::bad_request(format!(
+                    "the body does not match the schema of '{routing_key}': {violations}"
+                ))
+            })?;
+        }
+        None => {
+            if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
+                return Err(ApiError::bad_request(format!("the body is not JSON: {e}")));
+            }
+        }
     }
     let id = match header(&headers, "idempotency-key")? {
         Some(key) => {

@@ -10,79 +10,17 @@ mod support;
 #[macro_use]
 mod db;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+mod client;
 
+use std::net::SocketAddr;
+
+use client::*;
 use db::Db;
 use rabbitry::prelude::*;
 use rabbitry::{Publisher, Topology};
 use rabbitry_server::Api;
-use rabbitry_store::{NewToken, Scope, Store};
+use rabbitry_store::Store;
 use support::*;
-
-/// An answer: status, head (lower-cased), body.
-struct Answer {
-    status: u16,
-    head: String,
-    body: String,
-}
-
-impl Answer {
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("JSON body ({e}): {}", self.body))
-    }
-}
-
-/// One request on a connection of its own (blocking, on a blocking thread).
-async fn call(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    extra: &[(&str, &str)],
-    body: &[u8],
-) -> Answer {
-    let mut raw = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    )
-    .into_bytes();
-    if let Some(token) = token {
-        raw.extend_from_slice(format!("Authorization: Bearer {token}\r\n").as_bytes());
-    }
-    for (k, v) in extra {
-        raw.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
-    }
-    raw.extend_from_slice(b"\r\n");
-    raw.extend_from_slice(body);
-    tokio::task::spawn_blocking(move || {
-        let mut stream = TcpStream::connect(addr).expect("the API listens");
-        stream.write_all(&raw).unwrap();
-        let mut response = Vec::new();
-        let _ = stream.read_to_end(&mut response);
-        let response = String::from_utf8_lossy(&response).into_owned();
-        let status = response
-            .get(9..12)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("a status line: {response:?}"));
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        Answer {
-            status,
-            head: head.to_lowercase(),
-            body: body.to_owned(),
-        }
-    })
-    .await
-    .unwrap()
-}
-
-async fn token(store: &Store, scopes: &[&str], edit: impl FnOnce(&mut NewToken)) -> String {
-    let scopes = scopes.iter().map(|s| Scope::parse(s).unwrap()).collect();
-    let mut new = NewToken::new("test", scopes);
-    edit(&mut new);
-    store.create_token(&new).await.unwrap().1
-}
 
 /// The API over `store` on a free port, publishing to `env`'s exchange where a queue
 /// bound with `binding` (tracked for cleanup) takes the events; stopped by [`Running::stop`].
@@ -113,7 +51,19 @@ impl Running {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let api = Api::new(store.clone(), publisher).max_body(max_body);
+        // One event type with a registered schema.
+        let invoice = serde_json::json!({
+            "type": "object",
+            "required": ["invoice"],
+            "properties": {"invoice": {"type": "integer"}}
+        });
+        let schemas = rabbitry::Schemas::new().insert(
+            "invoice.due",
+            rabbitry::Schema::from_json(&invoice).unwrap(),
+        );
+        let api = Api::new(store.clone(), publisher)
+            .max_body(max_body)
+            .schemas(schemas);
         let server = tokio::spawn(api.serve(listener, async {
             stopped.await.ok();
         }));
@@ -661,14 +611,15 @@ async fn dead_letters_are_redriven_and_purged_and_schedules_kept_over_http(db: D
     let doc = doc.json();
     assert_eq!(doc["openapi"], "3.1.0");
     let paths = doc["paths"].as_object().unwrap();
-    assert_eq!(paths.len(), 16, "{:?}", paths.keys().collect::<Vec<_>>());
+    assert_eq!(paths.len(), 25, "{:?}", paths.keys().collect::<Vec<_>>());
     let mut operations = 0;
     for (template, item) in paths {
         let path = template
             .replace("{key}", "x.y")
             .replace("{seq}", "1")
             .replace("{name}", "x")
-            .replace("{id}", "x");
+            .replace("{id}", "x")
+            .replace("{pattern}", "x");
         for method in ["get", "post", "delete"] {
             let Some(op) = item.get(method) else { continue };
             operations += 1;
@@ -690,7 +641,116 @@ async fn dead_letters_are_redriven_and_purged_and_schedules_kept_over_http(db: D
             );
         }
     }
-    assert_eq!(operations, 19);
+    assert_eq!(operations, 29);
+    running.stop().await;
+    db.done(store).await;
+}
+
+async fn recorded_events_are_replayed_over_http(db: Db) {
+    use rabbitry_store::{REPLAYED_FROM, StoredEvent};
+    let env = TestEnv::rabbitmq("api_replay");
+    let store = db.store().await;
+    let running = Running::start(&env, &store, "ledger", "invoice.due", 1024 * 1024).await;
+    let addr = running.addr;
+    let queue = env.queue("ledger");
+    let admin = token(&store, &["admin"], |_| {}).await;
+    let reader = token(&store, &["read"], |_| {}).await;
+    let events: Vec<StoredEvent> = (1..=3)
+        .map(|i| {
+            StoredEvent::new(
+                format!("e-{i}"),
+                "invoice.due",
+                &env.exchange,
+                "invoice.due",
+                format!(r#"{{"invoice":{i}}}"#),
+            )
+        })
+        .collect();
+    assert_eq!(store.record_events(&events).await.unwrap(), 3);
+    let replay = |token: &str, body: &str| {
+        let (token, body) = (token.to_owned(), body.to_owned());
+        async move {
+            call(
+                addr,
+                "POST",
+                "/api/v1/replay",
+                Some(&token),
+                &[("content-type", "application/json")],
+                body.as_bytes(),
+            )
+            .await
+        }
+    };
+    for (who, body, status) in [
+        (&reader, r#"{"type":"invoice.due"}"#, 403),
+        (&admin, r#"{"message_id":"nope"}"#, 404),
+        (&admin, r#"{"limit":0}"#, 400),
+        (&admin, r#"{"to_worker":"amq.x"}"#, 400),
+        (
+            &admin,
+            r#"{"message_id":"e-1","to_worker":"no-such-queue-anywhere"}"#,
+            422,
+        ),
+        (&admin, r#"{"limit":"x"}"#, 422),
+    ] {
+        let answer = replay(who, body).await;
+        assert_eq!(answer.status, status, "{body}: {}", answer.body);
+    }
+
+    // Published through the API, an event of a type with a schema must match it.
+    let publish = |body: &'static str| {
+        let admin = admin.clone();
+        async move {
+            call(
+                addr,
+                "POST",
+                "/api/v1/events/invoice.due",
+                Some(&admin),
+                &[],
+                body.as_bytes(),
+            )
+            .await
+        }
+    };
+    let refused = publish(r#"{"invoice":"seven"}"#).await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    let message = refused.json()["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains("schema of 'invoice.due'") && message.contains("/invoice"),
+        "{message}"
+    );
+    assert_eq!(publish(r#"{"other":1}"#).await.status, 400);
+    assert_eq!(publish(r#"{"invoice":7}"#).await.status, 202);
+    assert_eq!(env.take(&queue, 1).await[0].body, br#"{"invoice":7}"#);
+
+    // The latest two to the exchange, oldest first, as new messages naming the originals.
+    let answer = replay(&admin, r#"{"type":"invoice.due","limit":2}"#).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let answer = answer.json();
+    assert_eq!(answer["matching"], 3);
+    let from: Vec<&str> = answer["replayed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["from"].as_str().unwrap())
+        .collect();
+    assert_eq!(from, ["e-2", "e-3"]);
+    let taken = env.take(&queue, 2).await;
+    for (t, r) in taken.iter().zip(answer["replayed"].as_array().unwrap()) {
+        assert_eq!(t.message_id().as_deref(), r["message_id"].as_str());
+        assert_eq!(t.header_str(REPLAYED_FROM).as_deref(), r["from"].as_str());
+    }
+
+    // One, to one worker's queue.
+    let answer = replay(
+        &admin,
+        &format!(r#"{{"message_id":"e-1","to_worker":"{queue}"}}"#),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let taken = env.take(&queue, 1).await;
+    assert_eq!(taken[0].header_str(REPLAYED_FROM).as_deref(), Some("e-1"));
+    assert_eq!(taken[0].body, br#"{"invoice":1}"#);
     running.stop().await;
     db.done(store).await;
 }
@@ -698,4 +758,5 @@ async fn dead_letters_are_redriven_and_purged_and_schedules_kept_over_http(db: D
 on_both_databases!(
     every_endpoint_answers_by_token_and_scope,
     dead_letters_are_redriven_and_purged_and_schedules_kept_over_http,
+    recorded_events_are_replayed_over_http,
 );

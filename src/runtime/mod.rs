@@ -54,6 +54,7 @@ pub struct RuntimeBuilder {
     schemas: Option<crate::schema::Schemas>,
     on_start: Vec<StartHook>,
     schedules: Vec<crate::Schedule>,
+    control: Option<crate::control::Control>,
 }
 
 /// Work started with a runtime's handle once it runs (see [`RuntimeBuilder::on_start`]).
@@ -204,6 +205,27 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Take part in control across processes (see [`control`](crate::control)): obey
+    /// pause, resume, removal and binding changes sent by `rabbitry serve` (or any
+    /// [`Controller`](crate::control::Controller)) to every process running a worker,
+    /// announce the workers, and — with a [registry](crate::control::Control::registry) —
+    /// start each worker in its registered state.
+    ///
+    /// ```no_run
+    /// use rabbitry::Runtime;
+    /// use rabbitry::control::Control;
+    /// # async fn run() -> rabbitry::Result<()> {
+    /// Runtime::builder()
+    ///     .control(Control::new())
+    ///     .run_until_signal()
+    ///     .await
+    /// # }
+    /// ```
+    pub fn control(mut self, control: crate::control::Control) -> Self {
+        self.control = Some(control);
+        self
+    }
+
     /// Publish an event at every tick of `schedule` while the runtime runs. Every process
     /// whose runtime has the schedule competes for it and exactly one fires each tick,
     /// failing over when that one dies; see [`Scheduler`](crate::Scheduler).
@@ -303,8 +325,22 @@ impl RuntimeBuilder {
     pub async fn start(self) -> Result<Runtime> {
         self.check()?;
         let shutdown = CancellationToken::new();
+        let started_at = Instant::now();
         let conn = self.connect(&shutdown).await?;
-        let observers = Observers::new(self.observers.clone());
+        let mut observers = self.observers.clone();
+        let agent = self
+            .control
+            .clone()
+            .map(|c| crate::control::Agent::new(c, &self.exchange));
+        if let Some(agent) = &agent {
+            observers.push(agent.counters.clone());
+            // Registered states apply before any worker starts.
+            if let Err(e) = agent.load(started_at + self.startup_timeout).await {
+                conn.close().await;
+                return Err(e);
+            }
+        }
+        let observers = Observers::new(observers);
         // Its connection opens when first needed (a retry, a dead-letter, a follow-up event):
         // a worker that never publishes holds one connection, not two.
         let publisher = Publisher::builder(self.url.clone())
@@ -333,6 +369,10 @@ impl RuntimeBuilder {
             "starting runtime"
         );
         let settings = self.settings();
+        let control_settings = Settings {
+            connection_name: format!("{}:control", settings.connection_name),
+            ..settings.clone()
+        };
         let scheduler = (!self.schedules.is_empty()).then(|| self.scheduler());
         let shared = Arc::new(Shared {
             exchange: self.exchange,
@@ -341,6 +381,10 @@ impl RuntimeBuilder {
             layers: self.layers,
             extra_tiers: Mutex::new(HashSet::new()),
             observers,
+            controls: agent
+                .as_ref()
+                .map(|a| a.controls.clone())
+                .unwrap_or_default(),
         });
         let entries = self
             .workers
@@ -369,6 +413,22 @@ impl RuntimeBuilder {
             stopped,
             task: Arc::new(Mutex::new(Some(task))),
         };
+        if let Some(agent) = agent {
+            let stop = CancellationToken::new();
+            let (shutdown, stopped, cancel) = (
+                runtime.shutdown.clone(),
+                runtime.stopped.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = stopped.cancelled() => {}
+                }
+                cancel.cancel();
+            });
+            agent.spawn(control_settings, runtime.downgrade(), stop);
+        }
         if let Some(scheduler) = scheduler {
             let (shutdown, stopped) = (runtime.shutdown.clone(), runtime.stopped.clone());
             let stop = async move {
@@ -524,6 +584,7 @@ impl Runtime {
             schemas: None,
             on_start: Vec::new(),
             schedules: Vec::new(),
+            control: None,
         }
     }
 
@@ -580,6 +641,33 @@ impl Runtime {
         }
         depths.sort_by(|a, b| a.queue.cmp(&b.queue));
         Ok(depths)
+    }
+
+    /// The runtime's exchange.
+    pub fn exchange(&self) -> &str {
+        &self.shared.exchange
+    }
+
+    /// Bind a worker's queue with every pattern of `bind` and unbind those of `unbind`, on
+    /// the publisher's connection (idempotent; the supervisor keeps consuming meanwhile).
+    pub(crate) async fn rebind(
+        &self,
+        worker: &str,
+        bind: &[String],
+        unbind: &[&String],
+    ) -> Result<()> {
+        let conn = self.shared.publisher.connection().await?;
+        let exchange = self.shared.exchange.as_str();
+        conn.on_channel(async |ch| {
+            for pattern in bind {
+                ch.bind(worker, exchange, pattern).await?;
+            }
+            for pattern in unbind {
+                ch.unbind(worker, exchange, pattern).await?;
+            }
+            Ok::<_, Error>(())
+        })
+        .await
     }
 
     /// The runtime's publisher (its own connection, separate from the consumers').

@@ -84,9 +84,24 @@ impl WorkerEntry {
         shared: &Shared,
     ) -> Result<Vec<String>, Error> {
         let publishing = Publishing::Publisher(&shared.publisher);
-        let stale = Topology::new(&shared.exchange, [&self.subscription])
+        // The bindings as registered through control across processes, if changed.
+        let subscription = shared.controls.adjust(&self.subscription);
+        let stale = Topology::new(&shared.exchange, [&subscription])
             .declare_on(conn, publishing)
             .await?;
+        if let Some(control) = shared.controls.get(&subscription.queue)
+            && !subscription.existing
+            && !control.bindings_removed.is_empty()
+        {
+            conn.on_channel(async |ch| {
+                for pattern in &control.bindings_removed {
+                    ch.unbind(&subscription.queue, &shared.exchange, pattern)
+                        .await?;
+                }
+                Ok::<_, Error>(())
+            })
+            .await?;
+        }
         Ok(stale.into_iter().flat_map(|(_, s)| s).collect())
     }
 }
@@ -101,6 +116,8 @@ pub(crate) struct Shared {
     /// Retry tiers declared on demand for `retry_after` delays.
     pub(crate) extra_tiers: Mutex<HashSet<String>>,
     pub(crate) observers: Observers,
+    /// Worker states registered through control across processes (empty without it).
+    pub(crate) controls: Arc<crate::control::Controls>,
 }
 
 /// One delivery as it is settled.

@@ -20,6 +20,7 @@ use super::connect::{Settings, connect};
 use super::consumer::{self, ConsumerHandle, Exit};
 use super::settle::{Shared, WorkerEntry};
 use crate::broker::Connection;
+use crate::control::DesiredState;
 use crate::error::{Error, Result};
 use crate::observe::{Lifecycle, StopReason};
 use crate::panic_message;
@@ -61,6 +62,13 @@ pub struct WorkerStatus {
     /// Bindings an earlier version of the worker declared and this one does not, still in
     /// place (see [`Subscription::prune_bindings`](crate::Subscription::prune_bindings)).
     pub stale_bindings: Vec<String>,
+    /// Its binding patterns, as changed through control across processes (see
+    /// [`Control`](crate::control::Control)).
+    pub bindings: Vec<String>,
+    /// Its queues: the worker queue, its retry tiers, its dead-letter queue.
+    pub queues: Vec<String>,
+    /// The bindings its subscription declares.
+    pub(crate) own_bindings: Vec<String>,
 }
 
 struct Slot {
@@ -243,13 +251,21 @@ impl Supervisor {
                 let statuses = self
                     .workers
                     .values()
-                    .map(|s| WorkerStatus {
-                        name: s.entry.name.to_string(),
-                        paused: s.paused,
-                        consuming: s.consumer.is_some(),
-                        last_error: s.last_error.clone(),
-                        restarts: s.restarts,
-                        stale_bindings: s.stale_bindings.clone(),
+                    .map(|s| {
+                        let subscription = &s.entry.subscription;
+                        let adjusted = self.shared.controls.adjust(subscription);
+                        let plan = crate::Topology::new(&self.shared.exchange, [&adjusted]);
+                        WorkerStatus {
+                            name: s.entry.name.to_string(),
+                            paused: s.paused,
+                            consuming: s.consumer.is_some(),
+                            last_error: s.last_error.clone(),
+                            restarts: s.restarts,
+                            stale_bindings: s.stale_bindings.clone(),
+                            queues: plan.queues().map(str::to_owned).collect(),
+                            bindings: adjusted.bindings,
+                            own_bindings: subscription.bindings.clone(),
+                        }
                     })
                     .collect();
                 let _ = reply.send(statuses);
@@ -296,11 +312,17 @@ impl Supervisor {
             return Err(Error::DuplicateWorker(entry.name.to_string()));
         }
         let name = entry.name.clone();
+        // A registered state (control across processes) applies from the start: a paused
+        // worker's queue is declared, so that messages wait in it; a removed one is not.
+        let desired = self.shared.controls.state(&name);
+        if desired == DesiredState::Paused {
+            entry.declare(&self.conn, &self.shared).await?;
+        }
         self.workers.insert(
             name.clone(),
             Slot {
                 entry,
-                paused: false,
+                paused: desired != DesiredState::Running,
                 consumer: None,
                 last_error: None,
                 restarts: 0,

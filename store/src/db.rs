@@ -120,7 +120,7 @@ pub(crate) async fn open(url: &str) -> Result<Pools, StoreError> {
 
 /// The migrations of `backend`, compiled into the binary.
 fn migrator(backend: Backend) -> Migrator {
-    let steps: [(&'static str, &'static str); 5] = match backend {
+    let steps: [(&'static str, &'static str); 6] = match backend {
         Backend::Sqlite => [
             (
                 "record",
@@ -141,6 +141,10 @@ fn migrator(backend: Backend) -> Migrator {
             (
                 "tokens",
                 include_str!("../migrations/sqlite/0005_tokens.sql"),
+            ),
+            (
+                "control",
+                include_str!("../migrations/sqlite/0006_control.sql"),
             ),
         ],
         Backend::Postgres => [
@@ -163,6 +167,10 @@ fn migrator(backend: Backend) -> Migrator {
             (
                 "tokens",
                 include_str!("../migrations/postgres/0005_tokens.sql"),
+            ),
+            (
+                "control",
+                include_str!("../migrations/postgres/0006_control.sql"),
             ),
         ],
     };

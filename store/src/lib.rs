@@ -48,12 +48,14 @@
 //! [rabbitry]: https://docs.rs/rabbitry
 
 mod batch;
+mod controls;
 mod db;
 mod inbox;
 mod keeper;
 mod outbox;
 mod records;
 mod redrive;
+mod replay;
 mod sagas;
 mod tokens;
 
@@ -64,12 +66,14 @@ use rabbitry::lapin::types::{AMQPValue, FieldTable};
 use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row};
 
+pub use controls::{Webhook, WebhookRetry};
 pub use db::Backend;
 pub use inbox::Inbox;
 pub use keeper::{Keeper, REPLAYED_FROM};
 pub use outbox::{Outbox, OutboxConnection, OutboxRelay};
 pub use records::{DeadLetter, DeadLetterState, EventFilter, HandlingRecord, StoredEvent};
 pub use redrive::{REDRIVEN_AT, RedriveError, redriven_properties};
+pub use replay::{ReplayError, replay, replayed_properties};
 pub use sagas::{SagaFilter, SagaStore, StoredSaga, StoredSchedule};
 pub use tokens::{ApiToken, NewToken, Scope, token_digest};
 

@@ -285,7 +285,7 @@ impl TestEnv {
     }
 
     /// Publish as a bare client to `exchange`; returns how many queues got the message.
-    async fn publish_raw(
+    pub async fn publish_raw(
         &self,
         exchange: &str,
         routing_key: &str,
@@ -319,6 +319,11 @@ impl TestEnv {
         self.passive(queue)
             .await
             .unwrap_or_else(|| panic!("{queue} exists"))
+    }
+
+    /// Messages ready in `queue`, or `None` if it does not exist.
+    pub async fn ready_or_none(&self, queue: &str) -> Option<u32> {
+        self.passive(queue).await
     }
 
     /// Messages ready in `queue`, or `None` if it does not exist.

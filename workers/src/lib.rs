@@ -25,8 +25,10 @@ pub mod orders;
 
 use std::process::ExitCode;
 
+use rabbitry::control::Control;
 use rabbitry::prelude::*;
 use rabbitry_observe::{HandlingReports, Observability, RuntimeBuilderExt, Telemetry};
+use rabbitry_store::Store;
 
 /// Exchange and queue names, from the environment.
 #[derive(Debug, Clone)]
@@ -94,6 +96,16 @@ pub async fn run_worker(worker: impl Into<rabbitry::Registration>) -> ExitCode {
         .exchange(names.exchange)
         .worker(worker)
         .observability(&observability);
+    // Pause, resume and rebinding through `rabbitry serve`; with a store, started in the
+    // registered state.
+    let builder = match std::env::var("RABBITRY_STORE") {
+        Ok(store) if !std::env::args().any(|a| a == "--plan") => match Store::connect(&store).await
+        {
+            Ok(store) => builder.control(Control::new().registry(store)),
+            Err(e) => return fail(rabbitry::Error::Control(e.to_string())),
+        },
+        _ => builder.control(Control::new()),
+    };
     if std::env::args().any(|a| a == "--plan") {
         return match builder.plan() {
             Ok(plan) => {
