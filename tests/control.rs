@@ -69,10 +69,12 @@ async fn commands_reach_every_process_running_the_worker(env: TestEnv) {
     let registry = Registry::default();
     let (probe_a, mut seen_a) = env.probe(subscription.clone(), |_| Ok(()));
     let (probe_b, mut seen_b) = env.probe(subscription.clone(), |_| Ok(()));
+    // A heartbeat longer than the test: every announcement it sees is one made at once,
+    // after a change, and a stopped process is forgotten only because it said so.
     let control = || {
         Control::new()
             .registry(registry.clone())
-            .heartbeat(Duration::from_millis(500))
+            .heartbeat(Duration::from_secs(600))
     };
     let a = env
         .builder()
@@ -113,8 +115,15 @@ async fn commands_reach_every_process_running_the_worker(env: TestEnv) {
     let publisher = env.publisher().await;
     publisher.publish(&order(1)).await.unwrap();
     assert_eq!(env.ready(&queue).await, 1, "nobody consumes while paused");
-    // An old revision sent again changes nothing.
-    controller.send(&WorkerControl::new(&queue)).await.unwrap();
+    // An old revision changes nothing: sent before a newer one that keeps it paused, it
+    // was dealt with (commands are applied in order) by the time the newer one is applied.
+    let mut stale = pause.clone();
+    stale.state = DesiredState::Running;
+    controller.send(&stale).await.unwrap();
+    let still = registry.change(&queue, |c| c.state = DesiredState::Paused);
+    apply(&controller, &still).await;
+    assert_eq!(states(&controller, &queue), ["paused", "paused"]);
+    assert_eq!(env.ready(&queue).await, 1, "still nobody consumes");
 
     // Resumed: one of them handles it.
     let resume = registry.change(&queue, |c| c.state = DesiredState::Running);
@@ -221,13 +230,26 @@ async fn a_malformed_command_is_ignored(env: TestEnv) {
     let rt = env
         .builder()
         .worker(probe)
-        .control(Control::new())
+        .control(Control::new().heartbeat(Duration::from_secs(600)))
         .start()
         .await
         .unwrap();
     let controller = Controller::start(env.url()).await.unwrap();
     until(|| async { states(&controller, &queue) == ["consuming"] }).await;
-    for body in [&b"not json"[..], br#"{"worker": 5}"#, &[0xff; 70_000][..]] {
+    let long = format!(
+        r#"{{"worker":"{queue}","state":"running","bindings_added":["{}"],"revision":7}}"#,
+        "a".repeat(300)
+    );
+    let removal_at_zero = format!(r#"{{"worker":"{queue}","state":"removed","revision":0}}"#);
+    let forever = format!(r#"{{"worker":"{queue}","state":"paused","revision":"9"}}"#);
+    for body in [
+        &b"not json"[..],
+        br#"{"worker": 5}"#,
+        &[0xff; 70_000][..],
+        long.as_bytes(),
+        removal_at_zero.as_bytes(),
+        forever.as_bytes(),
+    ] {
         env.publish_raw(
             rabbitry::control::CONTROL_EXCHANGE,
             &format!("command.{queue}"),
@@ -236,6 +258,19 @@ async fn a_malformed_command_is_ignored(env: TestEnv) {
         )
         .await;
     }
+    // Sent after them, a valid command is applied: the bad ones took nothing down.
+    let mut pause = WorkerControl::new(&queue);
+    pause.state = DesiredState::Paused;
+    pause.revision = 1;
+    controller.send(&pause).await.unwrap();
+    let applied = controller.wait_applied(&queue, 1, PATIENCE).await;
+    assert_eq!(applied.applied.len(), 1, "{applied:?}");
+    assert_eq!(states(&controller, &queue), ["paused"]);
+    let mut resume = pause.clone();
+    resume.state = DesiredState::Running;
+    resume.revision = 2;
+    controller.send(&resume).await.unwrap();
+    controller.wait_applied(&queue, 2, PATIENCE).await;
     let publisher = env.publisher().await;
     publisher.publish(&order(5)).await.unwrap();
     assert_eq!(seen.next().await.order_id(), 5);

@@ -564,6 +564,12 @@ async fn serve(url: &str, store: &str, exchange: &str, served: Served) -> Result
         ),
         None => None,
     };
+    // Workers across processes (with the API): what controlled runtimes announce, and
+    // commands. Started before anything that would need stopping if it fails.
+    let controller = match &listener {
+        Some(_) => Some(rabbitry::control::Controller::start(url).await?),
+        None => None,
+    };
     let mut keeper = Keeper::new(store.clone(), exchange).reports_queue(reports_queue);
     for worker in dlq {
         keeper = keeper.dead_letters_of(worker);
@@ -624,9 +630,8 @@ async fn serve(url: &str, store: &str, exchange: &str, served: Served) -> Result
         store.clone(),
         stopping,
     ));
-    let mut controllers = Vec::new();
-    let api = match listener {
-        Some(listener) => {
+    let api = match (listener, controller.clone()) {
+        (Some(listener), Some(controller)) => {
             // Two connections: confirms of concurrent requests do not queue on one.
             let publisher = Publisher::builder(url)
                 .exchange(exchange)
@@ -634,14 +639,11 @@ async fn serve(url: &str, store: &str, exchange: &str, served: Served) -> Result
                 .build()?;
             let addr = listener.local_addr().ok();
             let mut stopping = stop.subscribe();
-            // Workers across processes: what controlled runtimes announce, and commands.
-            let controller = rabbitry::control::Controller::start(url).await?;
             let api = rabbitry_server::Api::new(store.clone(), publisher)
                 .metrics(move || observed.render())
-                .controller(controller.clone())
+                .controller(controller)
                 .webhooks(host.clone())
                 .schemas(schemas);
-            controllers.push(controller);
             let shutdown = async move {
                 let _ = stopping.wait_for(|stopped| *stopped).await;
             };
@@ -651,7 +653,7 @@ async fn serve(url: &str, store: &str, exchange: &str, served: Served) -> Result
             );
             Some(tokio::spawn(api.serve(listener, shutdown)))
         }
-        None => None,
+        _ => None,
     };
     eprintln!(
         "rabbitry serve: keeping {exchange} into the store ({:?}) and firing its schedules",
@@ -671,7 +673,7 @@ async fn serve(url: &str, store: &str, exchange: &str, served: Served) -> Result
     if let Some(api) = api {
         let _ = api.await;
     }
-    for controller in controllers {
+    if let Some(controller) = controller {
         controller.close().await;
     }
     store.close().await;

@@ -267,9 +267,13 @@ fn control_plane() -> (Value, Value) {
     let no_controller = error("A malformed name, or this server does not control workers");
     let shaped = |mut responses: Value| {
         let map = responses.as_object_mut().expect("responses are an object");
-        map.insert("413".into(), error("Over the body limit"));
-        map.insert("415".into(), error("Not JSON"));
-        map.insert("422".into(), error("A body of the wrong shape"));
+        for (status, what) in [
+            ("413", "Over the body limit"),
+            ("415", "Not JSON"),
+            ("422", "A body of the wrong shape"),
+        ] {
+            map.entry(status).or_insert_with(|| error(what));
+        }
         guarded(responses)
     };
     let paths = json!({
@@ -328,7 +332,7 @@ fn control_plane() -> (Value, Value) {
             "summary": "Publish recorded events again as new messages marked x-replayed-from, oldest first, to one worker's queue or to the exchange (admin)",
             "security": bearer,
             "requestBody": body("ReplayRequest"),
-            "responses": shaped(json!({"200": ok("Replayed", json!({"$ref": "#/components/schemas/ReplayAnswer"})), "400": error("Invalid"), "404": error("No recorded event matches")}))
+            "responses": shaped(json!({"200": ok("Replayed", json!({"$ref": "#/components/schemas/ReplayAnswer"})), "400": error("Invalid"), "404": error("No recorded event matches"), "422": error("A body of the wrong shape, or no queue named to_worker")}))
         }}
     });
     let patterns = json!({"type": "array", "items": {"type": "string"}});

@@ -8,11 +8,15 @@ use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use rabbitry::Subscription;
+use rabbitry::control::DesiredState;
 use rabbitry_store::{Webhook, WebhookRetry};
 use serde::{Deserialize, Serialize};
 
 use crate::webhook::{WebhookHost, webhook_queue};
 use crate::{ApiError, AppState, Caller};
+
+/// How long registration waits for a revived webhook's worker to consume again.
+const APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// A webhook to register.
 #[derive(Debug, Deserialize)]
@@ -100,7 +104,34 @@ pub(crate) async fn create(
             format!("a webhook called '{}' exists; delete it first", r.name),
         ));
     };
-    host.sync().await?;
+    // A webhook of this name deleted as a worker earlier starts afresh, not removed.
+    let queue = webhook_queue(&webhook.name);
+    let mut revived = None;
+    if let Some(control) = state.store.worker_control(&queue).await?
+        && control.state == DesiredState::Removed
+    {
+        let control = state
+            .store
+            .change_worker_control(&queue, |c| c.state = DesiredState::Running)
+            .await?;
+        if let Some(controller) = &state.controller {
+            match controller.send(&control).await {
+                Ok(()) => revived = Some((controller, control.revision)),
+                Err(e) => {
+                    tracing::warn!(error = %e, %queue, "cannot send the webhook's running state; processes read it when they reconnect")
+                }
+            }
+        }
+    }
+    // Registered: the secret must reach the caller even if starting it fails now (the
+    // host starts it at its next sync).
+    if let Err(e) = host.sync().await {
+        tracing::warn!(error = %e, webhook = %webhook.name, "cannot start the webhook now; it starts at the next sync");
+    }
+    if let Some((controller, revision)) = revived {
+        // Consuming again before the answer, as a new webhook is.
+        controller.wait_running(&queue, revision, APPLY_WAIT).await;
+    }
     let secret = webhook.secret().to_owned();
     Ok((
         StatusCode::CREATED,

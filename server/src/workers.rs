@@ -16,6 +16,8 @@ use crate::{ApiError, AppState, Caller};
 
 /// How long a change waits for the running processes to say they applied it.
 const APPLY_WAIT: Duration = Duration::from_secs(3);
+/// How long processes have to answer a ping before queues are deleted.
+const PING_WAIT: Duration = Duration::from_millis(500);
 
 /// `GET /api/v1/workers`.
 #[derive(Debug, Serialize)]
@@ -151,6 +153,14 @@ pub(crate) async fn remove(
         .flat_map(|w| w.report.queues)
         .collect();
     let mut change = change(&state, &name, |c| c.state = DesiredState::Removed).await?;
+    if query.delete_queues && change.applied.pending.is_empty() {
+        // Heard from everyone first: a process silent for a while must not be missed.
+        controller.ping().await?;
+        tokio::time::sleep(PING_WAIT).await;
+        change.applied = controller
+            .wait_applied(&name, change.control.revision, APPLY_WAIT)
+            .await;
+    }
     if query.delete_queues {
         if !change.applied.pending.is_empty() {
             return Err(ApiError::new(

@@ -339,7 +339,13 @@ async fn webhooks_are_signed_retried_dead_lettered_and_guarded(db: Db) {
         why.contains("HTTP 400") && why.contains("bad payload: no sku"),
         "{why}"
     );
-    assert!(requests.try_recv().is_err(), "nothing more was sent");
+    assert_eq!(
+        dead[0]
+            .header_int(rabbitry::headers::RETRY_COUNT)
+            .unwrap_or(0),
+        0,
+        "dead-lettered at its first attempt, never retried"
+    );
 
     // Deleted: it stops; deleting again is 404.
     let path = format!("/api/v1/webhooks/{name}");
@@ -356,6 +362,54 @@ async fn webhooks_are_signed_retried_dead_lettered_and_guarded(db: Db) {
         404
     );
     assert!(hooks.workers().await.unwrap().is_empty());
+
+    // Its worker deleted with its queues, then the webhook made again under the name: it
+    // starts afresh (not removed) and delivers.
+    let answer = call(
+        addr,
+        "DELETE",
+        &format!("/api/v1/workers/{queue}?delete_queues=true"),
+        Some(&admin),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(
+        env.ready_or_none(&queue).await.is_none(),
+        "its queue is gone"
+    );
+    let again = register(body.clone()).await;
+    assert_eq!(again.status, 201, "{}", again.body);
+    let secret = again.json()["secret"].as_str().unwrap().to_owned();
+    let body4 = r#"{"order_id":4}"#;
+    let answer = call(
+        addr,
+        "POST",
+        "/api/v1/events/order.placed",
+        Some(&admin),
+        &[],
+        body4.as_bytes(),
+    )
+    .await;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let fourth = tokio::time::timeout(PATIENCE, requests.recv())
+        .await
+        .expect("the webhook made again delivers")
+        .unwrap();
+    assert_eq!(fourth.order(), 4);
+    let timestamp: u64 = fourth.header("webhook-timestamp").parse().unwrap();
+    assert_eq!(
+        fourth.header("webhook-signature"),
+        signature(
+            &secret,
+            fourth.header("webhook-id"),
+            timestamp,
+            &fourth.body
+        )
+        .unwrap(),
+        "signed with the new secret"
+    );
 
     let _ = stop.send(());
     server.await.unwrap().unwrap();

@@ -3,17 +3,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use std::panic::AssertUnwindSafe;
+
+use futures_util::{FutureExt, StreamExt};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{
     CONTROL_EXCHANGE, Control, Controls, Counters, DesiredState, ProcessStatus, WorkerControl,
-    WorkerReport, control_queue, now_ms,
+    WorkerReport, control_queue, now_ms, parse_command,
 };
 use crate::broker::{Channel, Connection};
 use crate::error::{Error, Result};
@@ -24,8 +26,9 @@ use crate::runtime::connect::{Settings, connect};
 const QUEUE_EXPIRES_MS: u32 = 60_000;
 /// Commands taken from the control queue at once.
 const PREFETCH: u16 = 16;
-/// Longest command accepted; a bigger one is dropped with a warning.
-const MAX_COMMAND: usize = 64 * 1024;
+/// Longest wait for the runtime's list of workers when announcing (it is busy while it
+/// reconnects): the announcement is skipped, the session goes on.
+const LIST_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One controlled runtime's agent.
 pub(crate) struct Agent {
@@ -61,9 +64,8 @@ impl Agent {
     /// `deadline`: the workers start in the states read.
     pub(crate) async fn load(&self, deadline: Instant) -> Result<()> {
         for control in self.fetch(deadline).await? {
-            let (worker, revision) = (control.worker.clone(), control.revision);
-            self.controls.offer(control);
-            self.controls.mark_applied(&worker, revision);
+            self.controls.offer(control.clone());
+            self.controls.mark_applied(control);
         }
         Ok(())
     }
@@ -94,7 +96,12 @@ impl Agent {
     }
 
     /// Run beside the runtime until `stop`: obey commands and announce the workers.
-    pub(crate) fn spawn(self, settings: Settings, runtime: WeakRuntime, stop: CancellationToken) {
+    pub(crate) fn spawn(
+        self,
+        settings: Settings,
+        runtime: WeakRuntime,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
         let agent = Arc::new(self);
         tokio::spawn(async move {
             let (apply_tx, apply_rx) = mpsc::unbounded_channel();
@@ -124,7 +131,7 @@ impl Agent {
                 }
             }
             applier.abort();
-        });
+        })
     }
 
     async fn session(
@@ -142,12 +149,11 @@ impl Agent {
         ch.declare_queue(&queue, args).await?;
         ch.bind(&queue, CONTROL_EXCHANGE, "command.#").await?;
         ch.bind(&queue, CONTROL_EXCHANGE, "ping").await?;
-        // Bound before reading: a command sent meanwhile waits in the queue.
-        if self.control.registry.is_some() {
-            for control in self.fetch(Instant::now()).await? {
-                let _ = apply.send(control);
-            }
-        }
+        // Bound before reading: a command sent meanwhile waits in the queue. A registry that
+        // cannot be read now is read again at every heartbeat until it can; commands are
+        // obeyed meanwhile.
+        let mut unread = self.control.registry.is_some();
+        self.sync(&mut unread, apply).await;
         ch.qos(PREFETCH).await?;
         let tag = format!("rabbitry-control-{}", uuid::Uuid::now_v7().simple());
         let mut commands = ch.consume(&queue, &tag).await?;
@@ -175,7 +181,7 @@ impl Agent {
                     }
                     Some(Ok(delivery)) => {
                         ch.ack_one(delivery.tag).await?;
-                        match parse(&delivery.body) {
+                        match parse_command(&delivery.body) {
                             Ok(control) => { let _ = apply.send(control); }
                             Err(e) => warn!(error = %e, "ignoring a malformed control command"),
                         }
@@ -184,7 +190,32 @@ impl Agent {
                     None => return Err(Error::QueueNotFound { queue }),
                 },
                 () = self.counters.changed.notified() => self.announce(&ch, runtime, false).await?,
-                _ = beat.tick() => self.announce(&ch, runtime, false).await?,
+                _ = beat.tick() => {
+                    self.sync(&mut unread, apply).await;
+                    // What failed to apply is tried again.
+                    for control in self.controls.unapplied() {
+                        let _ = apply.send(control);
+                    }
+                    self.announce(&ch, runtime, false).await?;
+                }
+            }
+        }
+    }
+
+    /// Read the registry if it is still `unread`, and hand what it holds to the applier.
+    async fn sync(&self, unread: &mut bool, apply: &mpsc::UnboundedSender<WorkerControl>) {
+        if !*unread {
+            return;
+        }
+        match self.fetch(Instant::now()).await {
+            Ok(controls) => {
+                *unread = false;
+                for control in controls {
+                    let _ = apply.send(control);
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "the registered worker states are read again at the next heartbeat")
             }
         }
     }
@@ -192,12 +223,13 @@ impl Agent {
     /// Publish this process's status (without a confirm: the next one replaces it).
     async fn announce(&self, ch: &Channel, runtime: &WeakRuntime, gone: bool) -> Result<()> {
         let workers = match (gone, runtime.upgrade()) {
-            (false, Some(runtime)) => runtime
-                .workers()
-                .await?
-                .into_iter()
-                .map(|w| self.report(w))
-                .collect(),
+            (false, Some(runtime)) => {
+                match tokio::time::timeout(LIST_TIMEOUT, runtime.workers()).await {
+                    Ok(workers) => workers?.into_iter().map(|w| self.report(w)).collect(),
+                    // Busy (reconnecting, declaring): the next announcement tells.
+                    Err(_) => return Ok(()),
+                }
+            }
             (false, None) => return Ok(()),
             (true, _) => Vec::new(),
         };
@@ -245,7 +277,7 @@ impl Agent {
             "starting"
         };
         WorkerReport {
-            revision: self.controls.applied(&w.name),
+            revision: self.controls.applied(&w.name).revision,
             in_flight: counts.received.saturating_sub(counts.settled),
             settled: counts.settled,
             failed: counts.failed,
@@ -258,58 +290,62 @@ impl Agent {
     }
 }
 
-fn parse(body: &[u8]) -> std::result::Result<WorkerControl, String> {
-    if body.len() > MAX_COMMAND {
-        return Err(format!("{} bytes, over {MAX_COMMAND}", body.len()));
-    }
-    serde_json::from_slice(body).map_err(|e| e.to_string())
-}
-
 /// Apply commands one at a time, in order (a pause waits for in-flight handlers, and the
-/// session must go on announcing meanwhile).
+/// session must go on announcing meanwhile). A state that fails to apply stays unapplied
+/// and is tried again at the next heartbeat.
 async fn apply_all(
     agent: Arc<Agent>,
     runtime: WeakRuntime,
     mut controls: mpsc::UnboundedReceiver<WorkerControl>,
 ) {
     while let Some(control) = controls.recv().await {
-        let (worker, revision) = (control.worker.clone(), control.revision);
-        let Some(held) = agent.controls.offer(control) else {
+        let worker = control.worker.clone();
+        agent.controls.offer(control);
+        let (Some(desired), applied) =
+            (agent.controls.get(&worker), agent.controls.applied(&worker))
+        else {
             continue;
         };
+        if desired.revision <= applied.revision {
+            continue;
+        }
         let Some(runtime) = runtime.upgrade() else {
             return;
         };
-        match apply(&agent.controls, &runtime, &worker, &held).await {
-            Ok(true) => {
-                agent.controls.mark_applied(&worker, revision);
-                info!(%worker, revision, "applied a registered worker state");
-                agent.counters.changed.notify_one();
+        let revision = desired.revision;
+        let applying = AssertUnwindSafe(apply(&runtime, &desired, &applied)).catch_unwind();
+        match applying.await {
+            Ok(Ok(hosted)) => {
+                agent.controls.mark_applied(desired);
+                if hosted {
+                    info!(%worker, revision, "applied a registered worker state");
+                    agent.counters.changed.notify_one();
+                }
             }
-            Ok(false) => agent.controls.mark_applied(&worker, revision),
-            Err(e) => {
-                warn!(%worker, revision, error = %e, "cannot apply a registered worker state")
+            Ok(Err(e)) => {
+                warn!(%worker, revision, error = %e, "cannot apply a registered worker state; trying again at the next heartbeat")
+            }
+            Err(panic) => {
+                error!(%worker, revision, panic = crate::panic_message(&*panic), "applying a registered worker state panicked")
             }
         }
     }
 }
 
-/// Bring a worker of this runtime to its desired state; `Ok(false)` if it does not run here.
+/// Bring a worker of this runtime from the `applied` state to the `desired` one;
+/// `Ok(false)` if it does not run here.
 async fn apply(
-    controls: &Controls,
     runtime: &crate::Runtime,
-    worker: &str,
-    held: &WorkerControl,
+    desired: &WorkerControl,
+    applied: &WorkerControl,
 ) -> Result<bool> {
+    let worker = desired.worker.as_str();
     let Some(status) = runtime
         .workers()
         .await?
         .into_iter()
         .find(|w| w.name == worker)
     else {
-        return Ok(false);
-    };
-    let Some(desired) = controls.get(worker) else {
         return Ok(false);
     };
     match desired.state {
@@ -320,9 +356,13 @@ async fn apply(
         }
         _ => {}
     }
+    if desired.state == DesiredState::Paused {
+        // Messages wait in its queue: a worker that was removed needs it declared again.
+        runtime.declare_worker(worker).await?;
+    }
     if desired.state != DesiredState::Removed {
         let wanted = desired.effective_bindings(&status.own_bindings);
-        let unbind: Vec<&String> = held
+        let unbind: Vec<&String> = applied
             .bindings_added
             .iter()
             .chain(&desired.bindings_removed)

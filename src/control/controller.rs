@@ -232,9 +232,49 @@ impl Controller {
         }
     }
 
+    /// Ask every controlled runtime to announce itself now (a process that has been silent
+    /// is heard from before a decision that must not miss it).
+    pub async fn ping(&self) -> Result<()> {
+        let ch = crate::lock(&self.inner.channel).clone();
+        let Some(ch) = ch.filter(Channel::is_open) else {
+            return Err(Error::Control(
+                "the controller is not connected to the broker (it reconnects on its own); \
+                 try again"
+                    .into(),
+            ));
+        };
+        let unconfirmed = ch
+            .publish(
+                CONTROL_EXCHANGE,
+                "ping",
+                b"{}",
+                BasicProperties::default(),
+                false,
+            )
+            .await?;
+        drop(unconfirmed);
+        Ok(())
+    }
+
     /// Wait until every live process running `worker` has announced `revision` (or a
     /// newer one), at most `timeout`.
     pub async fn wait_applied(&self, worker: &str, revision: i64, timeout: Duration) -> Applied {
+        self.wait(worker, revision, timeout, false).await
+    }
+
+    /// As [`wait_applied`](Controller::wait_applied), and until at least one process runs
+    /// `worker` (one that is being started).
+    pub async fn wait_running(&self, worker: &str, revision: i64, timeout: Duration) -> Applied {
+        self.wait(worker, revision, timeout, true).await
+    }
+
+    async fn wait(
+        &self,
+        worker: &str,
+        revision: i64,
+        timeout: Duration,
+        somewhere: bool,
+    ) -> Applied {
         let mut changes = self.inner.version.subscribe();
         let deadline = Instant::now() + timeout;
         loop {
@@ -249,7 +289,7 @@ impl Controller {
                     false => applied.pending.push(view.process),
                 }
             }
-            if applied.pending.is_empty() {
+            if applied.pending.is_empty() && (!somewhere || !applied.applied.is_empty()) {
                 return applied;
             }
             match tokio::time::timeout_at(deadline, changes.changed()).await {

@@ -224,27 +224,27 @@ pub struct WorkerReport {
     pub last_error: Option<String>,
 }
 
-/// The desired states a runtime holds, and the revisions it has applied.
+/// The desired states a runtime holds (the newest revision seen of each worker), and the
+/// ones it has applied: a desired state newer than the applied one is applied (again, after
+/// a failure) until it is.
 #[derive(Default)]
 pub(crate) struct Controls {
     desired: Mutex<HashMap<String, WorkerControl>>,
-    applied: Mutex<HashMap<String, i64>>,
+    applied: Mutex<HashMap<String, WorkerControl>>,
 }
 
 impl Controls {
-    /// Keep `control` if it is newer than the one held; returns the one it replaces
-    /// (a default one when none was held), or `None` when it is not newer.
-    pub(crate) fn offer(&self, control: WorkerControl) -> Option<WorkerControl> {
+    /// Keep `control` if it is newer than the desired state held; whether it was.
+    pub(crate) fn offer(&self, control: WorkerControl) -> bool {
         let mut desired = crate::lock(&self.desired);
-        let held = desired
+        if desired
             .get(&control.worker)
-            .cloned()
-            .unwrap_or_else(|| WorkerControl::new(control.worker.clone()));
-        if desired.contains_key(&control.worker) && control.revision <= held.revision {
-            return None;
+            .is_some_and(|held| control.revision <= held.revision)
+        {
+            return false;
         }
         desired.insert(control.worker.clone(), control);
-        Some(held)
+        true
     }
 
     pub(crate) fn get(&self, worker: &str) -> Option<WorkerControl> {
@@ -257,12 +257,30 @@ impl Controls {
             .unwrap_or(DesiredState::Running)
     }
 
-    pub(crate) fn mark_applied(&self, worker: &str, revision: i64) {
-        crate::lock(&self.applied).insert(worker.to_owned(), revision);
+    pub(crate) fn mark_applied(&self, control: WorkerControl) {
+        crate::lock(&self.applied).insert(control.worker.clone(), control);
     }
 
-    pub(crate) fn applied(&self, worker: &str) -> i64 {
-        crate::lock(&self.applied).get(worker).copied().unwrap_or(0)
+    /// The state last applied to `worker` (a default one, revision 0, for none).
+    pub(crate) fn applied(&self, worker: &str) -> WorkerControl {
+        crate::lock(&self.applied)
+            .get(worker)
+            .cloned()
+            .unwrap_or_else(|| WorkerControl::new(worker))
+    }
+
+    /// Desired states not applied yet.
+    pub(crate) fn unapplied(&self) -> Vec<WorkerControl> {
+        let applied = crate::lock(&self.applied);
+        crate::lock(&self.desired)
+            .values()
+            .filter(|c| {
+                applied
+                    .get(&c.worker)
+                    .is_none_or(|a| a.revision < c.revision)
+            })
+            .cloned()
+            .collect()
     }
 
     /// The subscription a worker declares: its own bindings changed as registered.
@@ -329,6 +347,35 @@ impl Observer for Counters {
     }
 }
 
+/// Longest command accepted.
+const MAX_COMMAND: usize = 64 * 1024;
+
+/// A command as received: JSON of a [`WorkerControl`] with a positive revision, a worker
+/// name and binding patterns a runtime could declare (anyone who may publish to the
+/// control exchange can send one: nothing in it may reach the broker unchecked).
+pub(crate) fn parse_command(body: &[u8]) -> Result<WorkerControl, String> {
+    if body.len() > MAX_COMMAND {
+        return Err(format!("{} bytes, over {MAX_COMMAND}", body.len()));
+    }
+    let control: WorkerControl = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    if control.revision < 1 {
+        return Err(format!(
+            "revision {}: revisions start at 1",
+            control.revision
+        ));
+    }
+    let patterns = control
+        .bindings_added
+        .iter()
+        .chain(&control.bindings_removed);
+    let subscription = patterns.fold(
+        crate::Subscription::new(&control.worker).bind("x"),
+        |s, p| s.bind(p),
+    );
+    subscription.validate().map_err(|e| e.to_string())?;
+    Ok(control)
+}
+
 /// The name of the control queue of `process`.
 pub(crate) fn control_queue(process: &str) -> String {
     format!("{CONTROL_EXCHANGE}.{process}")
@@ -362,17 +409,48 @@ mod tests {
     }
 
     #[test]
-    fn only_newer_revisions_are_taken() {
+    fn only_newer_revisions_are_taken_and_kept_until_applied() {
         let controls = Controls::default();
         let mut c = WorkerControl::new("w");
         c.revision = 2;
         c.state = DesiredState::Paused;
-        assert!(controls.offer(c.clone()).is_some());
-        assert!(controls.offer(c.clone()).is_none());
-        c.revision = 1;
-        c.state = DesiredState::Running;
-        assert!(controls.offer(c).is_none());
+        assert!(controls.offer(c.clone()));
+        assert!(!controls.offer(c.clone()));
+        let mut old = c.clone();
+        old.revision = 1;
+        old.state = DesiredState::Running;
+        assert!(!controls.offer(old));
         assert_eq!(controls.state("w"), DesiredState::Paused);
         assert_eq!(controls.state("other"), DesiredState::Running);
+        assert_eq!(controls.unapplied(), [c.clone()]);
+        controls.mark_applied(c.clone());
+        assert!(controls.unapplied().is_empty());
+        assert_eq!(controls.applied("w").revision, 2);
+        assert_eq!(controls.applied("other").revision, 0);
+    }
+
+    #[test]
+    fn commands_are_checked_before_they_are_taken() {
+        let ok = br#"{"worker":"w","state":"paused","bindings_added":["a.#"],"revision":3}"#;
+        assert_eq!(parse_command(ok).unwrap().revision, 3);
+        let long = format!(
+            r#"{{"worker":"w","state":"running","bindings_added":["{}"],"revision":1}}"#,
+            "a".repeat(300)
+        );
+        for bad in [
+            &b"not json"[..],
+            br#"{"worker":5}"#,
+            br#"{"worker":"w","state":"running","revision":0}"#,
+            br#"{"worker":"","state":"running","revision":1}"#,
+            br#"{"worker":"w","state":"running","bindings_removed":["a..b"],"revision":1}"#,
+            long.as_bytes(),
+            &[b' '; 70_000][..],
+        ] {
+            assert!(
+                parse_command(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(&bad[..bad.len().min(80)])
+            );
+        }
     }
 }

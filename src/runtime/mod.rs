@@ -30,6 +30,9 @@ use settle::{Shared, WorkerEntry};
 pub use supervisor::WorkerStatus;
 use supervisor::{Command, Supervisor};
 
+/// How long `shutdown` waits for the tasks beside the supervisor.
+const BESIDE_GRACE: Duration = Duration::from_secs(5);
+
 /// The AMQP URL used when neither [`RuntimeBuilder::url`] nor `AMQP_URL` gives one.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -385,6 +388,7 @@ impl RuntimeBuilder {
                 .as_ref()
                 .map(|a| a.controls.clone())
                 .unwrap_or_default(),
+            beside: Mutex::new(Vec::new()),
         });
         let entries = self
             .workers
@@ -427,7 +431,8 @@ impl RuntimeBuilder {
                 }
                 cancel.cancel();
             });
-            agent.spawn(control_settings, runtime.downgrade(), stop);
+            let task = agent.spawn(control_settings, runtime.downgrade(), stop);
+            crate::lock(&runtime.shared.beside).push(task);
         }
         if let Some(scheduler) = scheduler {
             let (shutdown, stopped) = (runtime.shutdown.clone(), runtime.stopped.clone());
@@ -648,6 +653,12 @@ impl Runtime {
         &self.shared.exchange
     }
 
+    /// Declare a worker's topology (idempotent), paused or not.
+    pub(crate) async fn declare_worker(&self, name: &str) -> Result<()> {
+        self.call(|reply| Command::Declare(name.to_owned(), reply))
+            .await?
+    }
+
     /// Bind a worker's queue with every pattern of `bind` and unbind those of `unbind`, on
     /// the publisher's connection (idempotent; the supervisor keeps consuming meanwhile).
     pub(crate) async fn rebind(
@@ -656,6 +667,9 @@ impl Runtime {
         bind: &[String],
         unbind: &[&String],
     ) -> Result<()> {
+        for pattern in bind.iter().chain(unbind.iter().copied()) {
+            broker::short("binding pattern", pattern)?;
+        }
         let conn = self.shared.publisher.connection().await?;
         let exchange = self.shared.exchange.as_str();
         conn.on_channel(async |ch| {
@@ -684,6 +698,15 @@ impl Runtime {
         match task {
             Some(task) => {
                 let _ = task.await;
+                // Tasks beside the supervisor (control across processes) finish their
+                // goodbyes within a bound.
+                let beside = std::mem::take(&mut *crate::lock(&self.shared.beside));
+                for task in beside {
+                    let abort = task.abort_handle();
+                    if tokio::time::timeout(BESIDE_GRACE, task).await.is_err() {
+                        abort.abort();
+                    }
+                }
             }
             None => self.stopped.cancelled().await,
         }

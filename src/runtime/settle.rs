@@ -118,6 +118,8 @@ pub(crate) struct Shared {
     pub(crate) observers: Observers,
     /// Worker states registered through control across processes (empty without it).
     pub(crate) controls: Arc<crate::control::Controls>,
+    /// Tasks beside the supervisor, joined by `shutdown`.
+    pub(crate) beside: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// One delivery as it is settled.

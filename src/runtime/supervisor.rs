@@ -39,6 +39,8 @@ pub(crate) enum Command {
     Remove(String, oneshot::Sender<Result<()>>),
     Pause(String, oneshot::Sender<Result<()>>),
     Resume(String, oneshot::Sender<Result<()>>),
+    /// Declare a worker's topology (a paused worker's, whose queue may have been deleted).
+    Declare(String, oneshot::Sender<Result<()>>),
     List(oneshot::Sender<Vec<WorkerStatus>>),
     /// Make the supervisor panic, to test that the runtime still shuts down cleanly.
     #[cfg(test)]
@@ -247,6 +249,19 @@ impl Supervisor {
                 };
                 let _ = reply.send(result);
             }
+            Command::Declare(name, reply) => {
+                let result = match self.workers.get_mut(name.as_str()) {
+                    Some(slot) => match slot.entry.declare(&self.conn, &self.shared).await {
+                        Ok(stale) => {
+                            slot.stale_bindings = stale;
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    },
+                    None => Err(Error::UnknownWorker(name)),
+                };
+                let _ = reply.send(result);
+            }
             Command::List(reply) => {
                 let statuses = self
                     .workers
@@ -255,6 +270,16 @@ impl Supervisor {
                         let subscription = &s.entry.subscription;
                         let adjusted = self.shared.controls.adjust(subscription);
                         let plan = crate::Topology::new(&self.shared.exchange, [&adjusted]);
+                        // Tiers declared on demand (for `retry_after` delays) are its too.
+                        let tiers = format!("{}.retry.", s.entry.name);
+                        let mut queues: Vec<String> = plan.queues().map(str::to_owned).collect();
+                        queues.extend(
+                            crate::lock(&self.shared.extra_tiers)
+                                .iter()
+                                .filter(|q| q.starts_with(&tiers) && !queues.contains(q))
+                                .cloned()
+                                .collect::<Vec<_>>(),
+                        );
                         WorkerStatus {
                             name: s.entry.name.to_string(),
                             paused: s.paused,
@@ -262,7 +287,7 @@ impl Supervisor {
                             last_error: s.last_error.clone(),
                             restarts: s.restarts,
                             stale_bindings: s.stale_bindings.clone(),
-                            queues: plan.queues().map(str::to_owned).collect(),
+                            queues,
                             bindings: adjusted.bindings,
                             own_bindings: subscription.bindings.clone(),
                         }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use rabbitry::{Disposition, Failure, Message};
+use std::time::Duration;
+
+use rabbitry::{Disposition, Failure, Message, RetryPolicy};
 
 use super::egress::{Egress, EgressError, retry_after};
 use super::sign::signature;
@@ -23,15 +25,32 @@ struct Inner {
     url: String,
     secret: String,
     egress: Egress,
+    /// The waits of the webhook's retry policy and its longest allowed wait, shortest
+    /// first: a `Retry-After` is rounded up to one of them (capped at the longest), so an
+    /// endpoint cannot make the broker hold a retry queue per value it answers.
+    waits: Vec<Duration>,
 }
 
 impl Deliver {
-    pub(crate) fn new(url: String, secret: String, egress: Egress) -> Deliver {
+    pub(crate) fn new(
+        url: String,
+        secret: String,
+        egress: Egress,
+        retry: &RetryPolicy,
+        longest: Duration,
+    ) -> Deliver {
+        let mut waits: Vec<Duration> = (1..retry.attempts().max(2))
+            .map(|n| retry.delay_before_retry(n))
+            .chain([longest])
+            .collect();
+        waits.sort();
+        waits.dedup();
         Deliver {
             inner: Arc::new(Inner {
                 url,
                 secret,
                 egress,
+                waits,
             }),
         }
     }
@@ -57,9 +76,24 @@ fn value(text: &str) -> HeaderValue {
 }
 
 impl Inner {
+    /// The policy's wait at least `asked` long (its longest when none is).
+    fn wait_at_least(&self, asked: Duration) -> Option<Duration> {
+        self.waits
+            .iter()
+            .find(|w| **w >= asked)
+            .or(self.waits.last())
+            .copied()
+    }
+
     async fn deliver(&self, message: Message) -> Disposition {
         let metadata = message.metadata();
         let id = metadata.message_id().to_owned();
+        // The id is signed as sent: one a header cannot carry could never be verified.
+        if HeaderValue::from_str(&id).is_err() {
+            return dead_letter(
+                "the message id cannot be a webhook-id header (not visible ASCII)".into(),
+            );
+        }
         // Signed now, not when first sent: a retry that waited in a tier carries a fresh
         // timestamp, which receivers check against their clock.
         let timestamp = crate::unix_seconds();
@@ -89,7 +123,7 @@ impl Inner {
                 if retryable(status) {
                     let failure = Failure::retry(what);
                     Disposition::Retry {
-                        after: retry_after(&answer.headers),
+                        after: retry_after(&answer.headers).and_then(|a| self.wait_at_least(a)),
                         failure,
                     }
                 } else {

@@ -35,13 +35,19 @@ const BLOCKED: &[&str] = &[
     "203.0.113.0/24",
     "224.0.0.0/4",
     "240.0.0.0/4",
-    "::/128",
-    "::1/128",
+    // IPv4-compatible (and the unspecified and loopback addresses inside it).
+    "::/96",
+    // NAT64, which reaches IPv4 (private included) where it is deployed.
     "64:ff9b::/96",
+    "64:ff9b:1::/48",
     "100::/64",
+    // Teredo and 6to4 embed an IPv4 address; documentation.
+    "2001::/32",
     "2001:db8::/32",
+    "2002::/16",
     "fc00::/7",
     "fe80::/10",
+    "fec0::/10",
     "ff00::/8",
 ];
 
@@ -145,7 +151,13 @@ impl Egress {
     /// Check `url`'s form and where it resolves now (what registration asks).
     pub async fn check(&self, url: &str) -> Result<(), EgressError> {
         let target = Target::parse(url)?;
-        self.resolve(&target).await.map(drop)
+        match tokio::time::timeout(self.timeout, self.resolve(&target)).await {
+            Ok(resolved) => resolved.map(drop),
+            Err(_) => Err(EgressError::Resolve {
+                host: target.host,
+                error: format!("no answer within {:?}", self.timeout),
+            }),
+        }
     }
 
     /// Whether `ip` may be reached.
@@ -159,7 +171,8 @@ impl Egress {
             || !self.blocked.iter().any(|n| n.contains(&ip))
     }
 
-    async fn resolve(&self, target: &Target) -> Result<SocketAddr, EgressError> {
+    /// Every address `target` resolves to, each checked; refused if any is not allowed.
+    async fn resolve(&self, target: &Target) -> Result<Vec<SocketAddr>, EgressError> {
         let resolved: Vec<SocketAddr> = match target.host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, target.port)],
             Err(_) => tokio::net::lookup_host((target.host.as_str(), target.port))
@@ -177,17 +190,18 @@ impl Egress {
                 ip: bad.ip(),
             });
         }
-        resolved
-            .first()
-            .copied()
-            .ok_or_else(|| EgressError::Resolve {
+        if resolved.is_empty() {
+            return Err(EgressError::Resolve {
                 host: target.host.clone(),
                 error: "no address".into(),
-            })
+            });
+        }
+        Ok(resolved)
     }
 
-    /// POST `body` with `headers` to `url`: resolve and check, connect to the checked
-    /// address, send, read the answer (up to a bound), all within the timeout.
+    /// POST `body` with `headers` to `url`: resolve and check, connect to a checked
+    /// address (the next one if it refuses), send, read the answer (up to a bound), all
+    /// within the timeout.
     pub async fn post(
         &self,
         url: &str,
@@ -195,9 +209,11 @@ impl Egress {
         body: Bytes,
     ) -> Result<Answer, EgressError> {
         let target = Target::parse(url)?;
-        let addr = self.resolve(&target).await?;
-        match tokio::time::timeout(self.timeout, self.exchange(&target, addr, headers, body)).await
-        {
+        let attempt = async {
+            let addrs = self.resolve(&target).await?;
+            self.exchange(&target, &addrs, headers, body).await
+        };
+        match tokio::time::timeout(self.timeout, attempt).await {
             Ok(answer) => answer,
             Err(_) => Err(EgressError::Transport(format!(
                 "no answer within {:?}",
@@ -209,14 +225,21 @@ impl Egress {
     async fn exchange(
         &self,
         target: &Target,
-        addr: SocketAddr,
+        addrs: &[SocketAddr],
         headers: HeaderMap,
         body: Bytes,
     ) -> Result<Answer, EgressError> {
         let transport = |e: &dyn std::fmt::Display| EgressError::Transport(e.to_string());
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| transport(&format!("cannot connect to {addr}: {e}")))?;
+        let mut connected = Err(transport(&"no address"));
+        for addr in addrs {
+            connected = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| transport(&format!("cannot connect to {addr}: {e}")));
+            if connected.is_ok() {
+                break;
+            }
+        }
+        let tcp = connected?;
         let _ = tcp.set_nodelay(true);
         let mut request = Request::builder()
             .method(Method::POST)
@@ -358,18 +381,23 @@ mod tests {
             "http://169.254.169.254/latest/meta-data",
             "http://[::1]/",
             "http://[::ffff:10.0.0.1]/",
+            "http://[::ffff:a00:1]/",
+            "http://[::10.0.0.1]/",
+            "http://[64:ff9b::a00:1]/",
+            "http://[2002:a00:1::]/",
             "http://[fe80::1]/",
+            "http://[fec0::1]/",
             "http://192.168.1.1/",
+            "http://100.64.0.1/",
+            // Numeric spellings the resolver reads as 127.0.0.1 and 0.0.0.0, without DNS.
             "http://2130706433/",
             "http://0x7f.1/",
+            "http://0177.0.0.1/",
             "http://0/",
         ] {
             let refused = egress.check(url).await;
             assert!(
-                matches!(
-                    refused,
-                    Err(EgressError::Refused { .. } | EgressError::Resolve { .. })
-                ),
+                matches!(refused, Err(EgressError::Refused { .. })),
                 "{url}: {refused:?}"
             );
         }

@@ -121,7 +121,7 @@ impl WebhookHost {
             .max_attempts(webhook.retry.max_attempts);
         let subscription = webhook.bindings.iter().fold(
             Subscription::new(webhook_queue(&webhook.name))
-                .retry(retry)
+                .retry(retry.clone())
                 .prefetch(20)
                 .concurrency(8),
             |s, pattern| s.bind(pattern),
@@ -130,6 +130,8 @@ impl WebhookHost {
             webhook.url.clone(),
             webhook.secret().to_owned(),
             self.egress.clone(),
+            &retry,
+            Duration::from_millis(webhook.retry.max_delay_ms),
         );
         Registration::service(subscription, deliver)
     }
