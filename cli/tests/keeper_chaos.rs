@@ -286,13 +286,15 @@ async fn postgres_stopped_for_ten_seconds_loses_nothing() {
     let producing = tokio::spawn(produce(env.publisher().await, EVENTS));
     until_long(|| async { events_recorded(&store).await >= 3_000 }).await;
     let outage = PostgresStopped::stop();
+    let stopped_at = Instant::now();
     eprintln!("PostgreSQL stopped");
     assert!(
         store.count_events(&EventFilter::new()).await.is_err(),
         "the database is down"
     );
-    // The outage itself lasts 10 s: events keep coming meanwhile.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // The outage itself lasts 10 s from the stop (the check above can take a while: the
+    // store's pool waits for a connection before it gives up): events keep coming meanwhile.
+    tokio::time::sleep_until((stopped_at + Duration::from_secs(10)).into()).await;
     assert!(
         !producing.is_finished(),
         "the outage fell in the middle of the stream"

@@ -272,17 +272,17 @@ async fn webhooks_are_signed_retried_dead_lettered_and_guarded(db: Db) {
         r#"{"order_id":3}"#,
     ];
     let mut ids = HashMap::new();
+    let publish = |body: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let path = "/api/v1/events/order.placed";
+            let answer = call(addr, "POST", path, Some(&admin), &[], body.as_bytes()).await;
+            assert_eq!(answer.status, 202, "{}", answer.body);
+            answer
+        }
+    };
     for body in bodies {
-        let answer = call(
-            addr,
-            "POST",
-            "/api/v1/events/order.placed",
-            Some(&admin),
-            &[],
-            body.as_bytes(),
-        )
-        .await;
-        assert_eq!(answer.status, 202, "{}", answer.body);
+        let answer = publish(body).await;
         let order = serde_json::from_str::<serde_json::Value>(body).unwrap()["order_id"]
             .as_u64()
             .unwrap();
@@ -382,17 +382,7 @@ async fn webhooks_are_signed_retried_dead_lettered_and_guarded(db: Db) {
     let again = register(body.clone()).await;
     assert_eq!(again.status, 201, "{}", again.body);
     let secret = again.json()["secret"].as_str().unwrap().to_owned();
-    let body4 = r#"{"order_id":4}"#;
-    let answer = call(
-        addr,
-        "POST",
-        "/api/v1/events/order.placed",
-        Some(&admin),
-        &[],
-        body4.as_bytes(),
-    )
-    .await;
-    assert_eq!(answer.status, 202, "{}", answer.body);
+    publish(r#"{"order_id":4}"#).await;
     let fourth = tokio::time::timeout(PATIENCE, requests.recv())
         .await
         .expect("the webhook made again delivers")

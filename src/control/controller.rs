@@ -199,14 +199,7 @@ impl Controller {
     /// Send `control` to every controlled runtime, confirmed by the broker. Those running
     /// the worker apply it if its revision is newer than theirs.
     pub async fn send(&self, control: &WorkerControl) -> Result<()> {
-        let ch = crate::lock(&self.inner.channel).clone();
-        let Some(ch) = ch.filter(Channel::is_open) else {
-            return Err(Error::Control(
-                "the controller is not connected to the broker (it reconnects on its own); \
-                 try again"
-                    .into(),
-            ));
-        };
+        let ch = self.channel()?;
         let body = serde_json::to_vec(control).map_err(Error::Serialize)?;
         let key = format!("command.{}", control.worker);
         let properties = BasicProperties::default()
@@ -235,25 +228,13 @@ impl Controller {
     /// Ask every controlled runtime to announce itself now (a process that has been silent
     /// is heard from before a decision that must not miss it).
     pub async fn ping(&self) -> Result<()> {
+        ping(&self.channel()?).await
+    }
+
+    /// The live session's channel.
+    fn channel(&self) -> Result<Channel> {
         let ch = crate::lock(&self.inner.channel).clone();
-        let Some(ch) = ch.filter(Channel::is_open) else {
-            return Err(Error::Control(
-                "the controller is not connected to the broker (it reconnects on its own); \
-                 try again"
-                    .into(),
-            ));
-        };
-        let unconfirmed = ch
-            .publish(
-                CONTROL_EXCHANGE,
-                "ping",
-                b"{}",
-                BasicProperties::default(),
-                false,
-            )
-            .await?;
-        drop(unconfirmed);
-        Ok(())
+        ch.filter(Channel::is_open).ok_or_else(not_connected)
     }
 
     /// Wait until every live process running `worker` has announced `revision` (or a
@@ -304,11 +285,7 @@ impl Controller {
     pub async fn delete_queues(&self, queues: &[String]) -> Result<Vec<(String, u32)>> {
         let conn = crate::lock(&self.inner.conn).clone();
         let Some(conn) = conn.filter(Connection::is_connected) else {
-            return Err(Error::Control(
-                "the controller is not connected to the broker (it reconnects on its own); \
-                 try again"
-                    .into(),
-            ));
+            return Err(not_connected());
         };
         let mut deleted = Vec::with_capacity(queues.len());
         for queue in queues {
@@ -332,6 +309,29 @@ impl Controller {
             let _ = task.await;
         }
     }
+}
+
+fn not_connected() -> Error {
+    Error::Control(
+        "the controller is not connected to the broker (it reconnects on its own); try again"
+            .into(),
+    )
+}
+
+/// Ask every controlled runtime to announce itself (not confirmed: a lost ping costs a
+/// heartbeat's wait).
+async fn ping(ch: &Channel) -> Result<()> {
+    let unconfirmed = ch
+        .publish(
+            CONTROL_EXCHANGE,
+            "ping",
+            b"{}",
+            BasicProperties::default(),
+            false,
+        )
+        .await?;
+    drop(unconfirmed);
+    Ok(())
 }
 
 fn alive(seen: &Seen) -> bool {
@@ -401,16 +401,7 @@ async fn session(
     *crate::lock(&inner.channel) = Some(ch.clone());
     *crate::lock(&inner.conn) = Some(conn.clone());
     // Every controlled runtime announces itself at once.
-    let ping = ch
-        .publish(
-            CONTROL_EXCHANGE,
-            "ping",
-            b"{}",
-            BasicProperties::default(),
-            false,
-        )
-        .await?;
-    drop(ping);
+    ping(&ch).await?;
     if let Some(ready) = ready.take() {
         let _ = ready.send(Ok(()));
     }

@@ -116,6 +116,16 @@ fn states(addr: &str, token: &str, worker: &str) -> Vec<String> {
         .collect()
 }
 
+/// `POST /api/v1/workers/{worker}/{action}` with `body`: answered 200, and applied by both
+/// processes. The change as answered.
+async fn control(addr: &str, token: &str, worker: &str, action: &str, body: &str) -> Value {
+    let path = format!("/api/v1/workers/{worker}/{action}");
+    let (status, change) = call(addr, "POST", &path, token, body);
+    assert_eq!(status, 200, "{change}");
+    applied_by_both(addr, token, worker, &change).await;
+    change
+}
+
 /// Wait until both processes announce the revision of `change` (the API's answer lists
 /// who had within its few seconds; a loaded machine may take longer).
 async fn applied_by_both(addr: &str, token: &str, worker: &str, change: &Value) {
@@ -204,29 +214,13 @@ async fn paused_workers_stop_everywhere_and_the_registration_outlives_restarts(d
     }
 
     // Paused through the API: both processes stop consuming.
-    let (status, change) = call(
-        &addr,
-        "POST",
-        &format!("/api/v1/workers/{queue}/pause"),
-        &token,
-        "",
-    );
-    assert_eq!(status, 200, "{change}");
-    applied_by_both(&addr, &token, &queue, &change).await;
-    assert_eq!(change["control"]["state"], "paused");
+    let paused = control(&addr, &token, &queue, "pause", "").await;
+    assert_eq!(paused["control"]["state"], "paused");
     assert_eq!(consumers(&queue).await, 0);
     assert_eq!(states(&addr, &token, &queue), ["paused", "paused"]);
 
     // Resumed: both consume again.
-    let (status, change) = call(
-        &addr,
-        "POST",
-        &format!("/api/v1/workers/{queue}/resume"),
-        &token,
-        "",
-    );
-    assert_eq!(status, 200, "{change}");
-    applied_by_both(&addr, &token, &queue, &change).await;
+    control(&addr, &token, &queue, "resume", "").await;
     assert_eq!(consumers(&queue).await, 2);
 
     // A binding added routes a new event type to the running worker.
@@ -240,15 +234,14 @@ async fn paused_workers_stop_everywhere_and_the_registration_outlives_restarts(d
         invoice,
     );
     assert_eq!(status, 202, "{early}");
-    let (status, change) = call(
+    control(
         &addr,
-        "POST",
-        &format!("/api/v1/workers/{queue}/bindings"),
         &token,
+        &queue,
+        "bindings",
         r#"{"pattern":"invoice.#"}"#,
-    );
-    assert_eq!(status, 200, "{change}");
-    applied_by_both(&addr, &token, &queue, &change).await;
+    )
+    .await;
     let (status, answer) = call(
         &addr,
         "POST",
@@ -273,15 +266,7 @@ async fn paused_workers_stop_everywhere_and_the_registration_outlives_restarts(d
     assert_eq!(story["handlings"], serde_json::json!([]), "{story}");
 
     // Paused again, then everything restarts: the workers come up paused, and bound.
-    let (status, change) = call(
-        &addr,
-        "POST",
-        &format!("/api/v1/workers/{queue}/pause"),
-        &token,
-        "",
-    );
-    assert_eq!(status, 200, "{change}");
-    applied_by_both(&addr, &token, &queue, &change).await;
+    control(&addr, &token, &queue, "pause", "").await;
     stop(serve).await;
     for worker in workers {
         stop(worker).await;
