@@ -5,9 +5,10 @@ use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use rabbitry_store::{DeadLetter, DeadLetterState, EventFilter, RedriveError, StoredSchedule};
+use rabbitry_store::{DeadLetter, DeadLetterState, RedriveError, StoredSchedule};
 use serde::{Deserialize, Serialize};
 
+use crate::records::EventQuery;
 use crate::{ApiError, AppState, Caller};
 
 /// The waiting dead letter `seq` (404 if there is none, 409 if it is not waiting).
@@ -174,24 +175,13 @@ pub(crate) async fn replay(
             (found, n)
         }
         None => {
-            let limit = match r.limit.unwrap_or(100) {
-                n @ 1..=1000 => n,
-                n => {
-                    return Err(ApiError::bad_request(format!(
-                        "limit={n}: ask for 1 to 1000"
-                    )));
-                }
-            };
-            let mut filter = EventFilter::new().limit(limit);
-            if let Some(t) = r.event_type {
-                filter = filter.event_type(t);
+            let filter = EventQuery {
+                event_type: r.event_type,
+                correlation_id: r.correlation_id,
+                since: r.since,
+                limit: r.limit,
             }
-            if let Some(c) = r.correlation_id {
-                filter = filter.correlation_id(c);
-            }
-            if let Some(since) = r.since {
-                filter = filter.since(since);
-            }
+            .filter()?;
             let events = state.store.events(&filter).await?;
             (events, state.store.count_events(&filter).await?)
         }

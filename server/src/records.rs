@@ -32,11 +32,28 @@ fn limit(asked: Option<u32>) -> Result<u32, ApiError> {
 #[serde(deny_unknown_fields)]
 pub(crate) struct EventQuery {
     #[serde(rename = "type")]
-    event_type: Option<String>,
-    correlation_id: Option<String>,
+    pub(crate) event_type: Option<String>,
+    pub(crate) correlation_id: Option<String>,
     /// Unix milliseconds.
-    since: Option<i64>,
-    limit: Option<u32>,
+    pub(crate) since: Option<i64>,
+    pub(crate) limit: Option<u32>,
+}
+
+impl EventQuery {
+    /// The store's filter for it; 400 for a limit out of bounds.
+    pub(crate) fn filter(self) -> Result<EventFilter, ApiError> {
+        let mut filter = EventFilter::new().limit(limit(self.limit)?);
+        if let Some(t) = self.event_type {
+            filter = filter.event_type(t);
+        }
+        if let Some(c) = self.correlation_id {
+            filter = filter.correlation_id(c);
+        }
+        if let Some(since) = self.since {
+            filter = filter.since(since);
+        }
+        Ok(filter)
+    }
 }
 
 pub(crate) async fn events(
@@ -46,17 +63,7 @@ pub(crate) async fn events(
 ) -> Result<Json<Vec<StoredEvent>>, ApiError> {
     caller.require_read()?;
     let Query(q) = q.map_err(query_error)?;
-    let mut filter = EventFilter::new().limit(limit(q.limit)?);
-    if let Some(t) = q.event_type {
-        filter = filter.event_type(t);
-    }
-    if let Some(c) = q.correlation_id {
-        filter = filter.correlation_id(c);
-    }
-    if let Some(since) = q.since {
-        filter = filter.since(since);
-    }
-    Ok(Json(state.store.events(&filter).await?))
+    Ok(Json(state.store.events(&q.filter()?).await?))
 }
 
 /// One event and every handling of it.
