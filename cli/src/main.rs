@@ -121,6 +121,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the AsyncAPI 3.0 document of the topology the controlled runtimes on the
+    /// exchange announce (their queues, bindings and, with --schemas, payload schemas).
+    Asyncapi {
+        /// A directory of JSON Schemas, one per event type, named `<type>.json`.
+        #[arg(long, env = "RABBITRY_SCHEMAS", value_name = "DIR")]
+        schemas: Option<std::path::PathBuf>,
+        /// How long to listen for the runtimes' announcements.
+        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+        wait: Duration,
+    },
     /// Publish recorded events again, as new messages marked `x-replayed-from` (the
     /// keeper does not audit them twice): to one worker's queue only, or to the exchange
     /// (every subscriber) with their original routing keys.
@@ -508,6 +518,23 @@ async fn run(cli: Cli) -> Result<(), Failed> {
         Command::Sagas { command } => sagas::run(&cli.store, command).await,
         Command::Schedules { command } => schedules::run(&cli.store, command).await,
         Command::Tokens { command } => tokens::run(&cli.store, command).await,
+        Command::Asyncapi { schemas, wait } => {
+            let schemas = match schemas {
+                Some(dir) => load_schemas(&dir)?,
+                None => rabbitry::Schemas::new(),
+            };
+            // Every controlled runtime announces itself when the controller starts.
+            let controller = rabbitry::control::Controller::start(cli.url).await?;
+            tokio::time::sleep(wait).await;
+            let workers = controller.workers();
+            controller.close().await;
+            let document = rabbitry_server::asyncapi_document(&cli.exchange, &workers, &schemas);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&document).unwrap_or_default()
+            );
+            Ok(())
+        }
     }
 }
 

@@ -24,6 +24,7 @@
 //! GET    /api/v1/webhooks                 registered webhooks, never their secrets (read)
 //! POST   /api/v1/webhooks                 {"name", "url", "bindings", "retry"?}: the secret, once (admin)
 //! DELETE /api/v1/webhooks/{name}          stop and forget one (admin)
+//! GET    /api/v1/asyncapi.json            the AsyncAPI 3.0 document of the announced topology (read)
 //! GET    /api/v1/openapi.json             the OpenAPI 3.1 document of all this, without a token
 //! GET    /health, /ready, /metrics        probes and Prometheus metrics, without a token
 //! ```
@@ -71,6 +72,7 @@
 //! ```
 
 mod actions;
+mod asyncapi;
 mod auth;
 mod cache;
 mod error;
@@ -94,6 +96,7 @@ use axum::routing::{delete, get, post};
 use rabbitry::Publisher;
 use rabbitry_store::Store;
 
+pub use asyncapi::document as asyncapi_document;
 pub use auth::Caller;
 pub use error::ApiError;
 pub use ipnet::IpNet;
@@ -199,6 +202,7 @@ impl Api {
             .route("/health", get(health))
             .route("/ready", get(ready))
             .route("/api/v1/openapi.json", get(openapi))
+            .route("/api/v1/asyncapi.json", get(asyncapi))
             .route("/metrics", get(metrics))
             .route("/api/v1/events", get(records::events))
             .route(
@@ -276,6 +280,23 @@ async fn metrics(
         )),
         None => Err(ApiError::not_found("no metrics are kept by this process")),
     }
+}
+
+/// `GET /api/v1/asyncapi.json` (read): the AsyncAPI 3.0 document of what the controlled
+/// runtimes on this server's exchange announce.
+async fn asyncapi(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.require_read()?;
+    let controller = state.controller.as_ref().ok_or_else(|| {
+        ApiError::not_found("this server does not control workers (start it with a controller)")
+    })?;
+    Ok(Json(asyncapi::document(
+        state.publisher.exchange(),
+        &controller.workers(),
+        &state.schemas,
+    )))
 }
 
 async fn openapi() -> Json<serde_json::Value> {

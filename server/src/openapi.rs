@@ -328,6 +328,11 @@ fn control_plane() -> (Value, Value) {
             "parameters": [path_param("name", json!({"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}), "The webhook")],
             "responses": guarded(json!({"204": {"description": "Deleted"}, "400": error("A malformed name"), "404": error("No such webhook, or this server hosts none")}))
         }},
+        "/api/v1/asyncapi.json": {"get": {
+            "summary": "The AsyncAPI 3.0 document of the topology the controlled runtimes announce",
+            "security": bearer,
+            "responses": guarded(json!({"200": ok("The AsyncAPI document", json!({"type": "object"})), "404": error("This server does not control workers")}))
+        }},
         "/api/v1/replay": {"post": {
             "summary": "Publish recorded events again as new messages marked x-replayed-from, oldest first, to one worker's queue or to the exchange (admin)",
             "security": bearer,

@@ -611,7 +611,7 @@ async fn dead_letters_are_redriven_and_purged_and_schedules_kept_over_http(db: D
     let doc = doc.json();
     assert_eq!(doc["openapi"], "3.1.0");
     let paths = doc["paths"].as_object().unwrap();
-    assert_eq!(paths.len(), 25, "{:?}", paths.keys().collect::<Vec<_>>());
+    assert_eq!(paths.len(), 26, "{:?}", paths.keys().collect::<Vec<_>>());
     let mut operations = 0;
     for (template, item) in paths {
         let path = template
@@ -641,7 +641,7 @@ async fn dead_letters_are_redriven_and_purged_and_schedules_kept_over_http(db: D
             );
         }
     }
-    assert_eq!(operations, 29);
+    assert_eq!(operations, 30);
     running.stop().await;
     db.done(store).await;
 }
