@@ -400,6 +400,23 @@ async fn webhooks_are_signed_retried_dead_lettered_and_guarded(db: Db) {
         .unwrap(),
         "signed with the new secret"
     );
+    // Gone with every queue it declared (its default policy's retry tiers included).
+    let answer = call(
+        addr,
+        "DELETE",
+        &format!("/api/v1/workers/{queue}?delete_queues=true"),
+        Some(&admin),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let deleted = answer.json()["deleted_queues"].as_array().unwrap().len();
+    assert!(
+        deleted > 3,
+        "the worker queue, its tiers, its DLQ, its record: {}",
+        answer.body
+    );
 
     let _ = stop.send(());
     server.await.unwrap().unwrap();
